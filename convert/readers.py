@@ -1,0 +1,84 @@
+"""Reading PyTorch checkpoints safely.
+
+``.safetensors`` is read with NumPy alone (no torch import). ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin`` are read
+with ``torch.load(weights_only=True)``, which refuses pickles that would run arbitrary code; anything else is
+rejected. Tensors come back as float32-or-native NumPy arrays keyed by their state-dict names.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Mapping
+
+import numpy as np
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used: unreadable, unsafe, wrong family, or wrong keys/shapes."""
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+def load_state_dict(path: str | os.PathLike, unwrap: tuple[str, ...] = ("state_dict",)) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint as ``{key: array}``.
+
+    ``unwrap``: top-level keys whose value is the real state dict (``{"state_dict": ...}`` in Lightning
+    checkpoints, ``{"ema": ...}`` in LaVie's); the first one present is taken.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return dict(load_file(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if not path.endswith(TORCH_SUFFIXES):
+        raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors or one of {TORCH_SUFFIXES}")
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle needs more than tensors and plain containers "
+            f"(weights_only=True), so it could run arbitrary code ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({e})") from None
+    return _flatten_state(obj, path, unwrap)
+
+
+def _flatten_state(obj, path: str, unwrap: tuple[str, ...]) -> dict[str, np.ndarray]:
+    import torch
+
+    if isinstance(obj, Mapping):
+        for key in unwrap:
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict (a mapping of tensors), got {type(obj).__name__}")
+    out = {k: _torch_to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not out:
+        raise CheckpointError(f"{path}: contains no tensors")
+    return out
+
+
+def iter_prefixed(state: Mapping[str, np.ndarray], prefix: str) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key without prefix, value)`` for every key that starts with ``prefix``."""
+    for k, v in state.items():
+        if k.startswith(prefix):
+            yield k[len(prefix):], v

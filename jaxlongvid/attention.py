@@ -1,0 +1,402 @@
+"""The temporal-attention core shared by every model family and every long-video method.
+
+``temporal_attention(q, k, v, encoding=..., method=...)`` works on ``[..., N, heads, dim]``: attention over the N
+frames, independently for every leading index (video x pixel). What differs between methods is only:
+
+* the relative-position map ``P[m, i, j]`` (one or several, see :mod:`jaxlongvid.positions`), which every
+  position encoding reads instead of ``j - i``;
+* the mask (static, or built from IFS keyframes at run time);
+* the merge: average of the softmax probabilities over the M maps (LongDiff), FreeNoise window fusion, or
+  FreeLong's spectral blend of a global and a local branch.
+
+Position encodings, each exact for any map:
+
+* RoPE on the first ``rope_dim`` dims of each head, interleaved pairs (LaVie). When a map is a multiple of
+  ``j - i`` it is applied as the usual rotation of absolute positions. Any other map ``P`` uses the
+  per-frequency decomposition ``q . R(theta P) k = sum_k A_k cos(theta_k P) + B_k sin(theta_k P)`` with
+  ``A_k = qa ka + qb kb`` and ``B_k = qb ka - qa kb`` for the pair ``(a, b)`` of frequency k. That holds for
+  integer and fractional maps alike. Its intermediate is ``rope_dim`` times a logit matrix, so the batch of
+  sequences is processed in chunks (``jax.lax.map`` with a batch size) that keep it under ``chunk_bytes``.
+* T5 bucketed bias (LaVie): ``table[bucket(P)]`` per head, fractional maps rounded.
+* Relative key/value tables (VideoCrafter1): row ``clamp(round(P), -R, R) + R``; the value term is the
+  probability mass on each row times the table.
+
+Softmax and the probability average run in float32 whatever the compute dtype. Masked keys get exactly zero
+probability. ``implementation="cudnn"`` routes maps that need no per-frequency RoPE through
+``jax.nn.dot_product_attention`` (one fused call per map, outputs averaged, which equals averaging
+probabilities because the output is linear in them); anything else takes the jnp path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlongvid import masks
+from jaxlongvid.methods import Method, MethodPlan, get_method
+from jaxlongvid.positions import t5_bucket
+from jaxlongvid.spectral import freelong_blend
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a model's temporal attention encodes frame positions (static)."""
+
+    rope_dim: int = 0  # rotary dims at the start of each head (0: no RoPE); LaVie: 32
+    rope_theta: float = 10000.0
+    t5_buckets: int = 0  # T5 relative-bias buckets (0: none); LaVie: 32
+    t5_max_distance: int = 32
+    rel_distance: int = 0  # R of relative K/V tables with 2R+1 rows (0: none); VideoCrafter1: 16
+    native_frames: int = 16  # N0: the clip length the model was trained on
+
+    def __post_init__(self):
+        if self.rope_dim < 0 or self.rope_dim % 2:
+            raise ValueError(f"Encoding.rope_dim must be an even number >= 0, got {self.rope_dim}")
+        if self.t5_buckets < 0 or self.t5_buckets % 4:
+            raise ValueError(f"Encoding.t5_buckets must be a multiple of 4 >= 0, got {self.t5_buckets}")
+        if self.rel_distance < 0:
+            raise ValueError(f"Encoding.rel_distance must be >= 0, got {self.rel_distance}")
+        if self.native_frames < 2:
+            raise ValueError(f"Encoding.native_frames must be >= 2, got {self.native_frames}")
+
+    def rope_freqs(self) -> np.ndarray:
+        """``theta ** (-2k / rope_dim)``, k = 0 .. rope_dim/2 - 1 (float64, static)."""
+        return self.rope_theta ** (-np.arange(0, self.rope_dim, 2, dtype=np.float64) / self.rope_dim)
+
+
+# ---- position encodings -----------------------------------------------------------------------------------
+def _linear_coefficient(pmap: np.ndarray) -> Optional[float]:
+    """c if ``pmap == c * (j - i)`` exactly, else None (then RoPE cannot be an absolute rotation)."""
+    n = pmap.shape[-1]
+    if n == 1:
+        return 1.0
+    c = float(pmap[0, 1])
+    d = np.arange(n)[None, :] - np.arange(n)[:, None]
+    return c if np.array_equal(pmap.astype(np.float64), c * d.astype(np.float64)) else None
+
+
+def rotate(x: jnp.ndarray, pos: np.ndarray, freqs: np.ndarray) -> jnp.ndarray:
+    """Rotate interleaved pairs of ``x`` [..., N, H, 2K] by angle ``pos[n] * freqs[k]``."""
+    ang = jnp.asarray(np.asarray(pos, np.float64)[:, None] * freqs[None, :], jnp.float32)  # [N, K]
+    cos, sin = jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]  # [N, 1, K]
+    x = x.astype(jnp.float32)
+    a, b = x[..., 0::2], x[..., 1::2]
+    return jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(x.shape)
+
+
+def _mapped_rope_logits(q: jnp.ndarray, k: jnp.ndarray, pmap: np.ndarray, freqs: np.ndarray) -> jnp.ndarray:
+    """``q_i . R(theta P_ij) k_j`` for an arbitrary map: [..., N, H, 2K] x2 -> [..., H, N, N] (float32)."""
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    qa, qb, ka, kb = q[..., 0::2], q[..., 1::2], k[..., 0::2], k[..., 1::2]
+    pair = lambda x, y: jnp.einsum("...ihk,...jhk->...hijk", x, y)
+    a = pair(qa, ka) + pair(qb, kb)
+    b = pair(qb, ka) - pair(qa, kb)
+    ang = np.asarray(pmap, np.float64)[..., None] * freqs  # [N, N, K]
+    cos, sin = jnp.asarray(np.cos(ang), jnp.float32), jnp.asarray(np.sin(ang), jnp.float32)
+    return jnp.sum(a * cos + b * sin, axis=-1)
+
+
+def _content_logits(q, k, pmap, encoding: Encoding, rel_k) -> jnp.ndarray:
+    """Unscaled ``q . k`` with RoPE and relative-key terms under map ``pmap``: [..., H, N, N] float32."""
+    r = encoding.rope_dim
+    dot = lambda x, y: jnp.einsum("...ihd,...jhd->...hij", x, y, preferred_element_type=jnp.float32)
+    if r:
+        if r > q.shape[-1]:
+            raise ValueError(f"Encoding.rope_dim ({r}) exceeds the head dim ({q.shape[-1]})")
+        freqs = encoding.rope_freqs()
+        c = _linear_coefficient(pmap)
+        if c is not None:
+            pos = c * np.arange(q.shape[-3])
+            logits = dot(rotate(q[..., :r], pos, freqs), rotate(k[..., :r], pos, freqs))
+        else:
+            logits = _mapped_rope_logits(q[..., :r], k[..., :r], pmap, freqs)
+        if r < q.shape[-1]:
+            logits = logits + dot(q[..., r:], k[..., r:])
+    else:
+        logits = dot(q, k)
+    if rel_k is not None:
+        rows = _rel_rows(pmap, encoding.rel_distance)  # [N, N]
+        qk_table = jnp.einsum("...ihd,rd->...hir", q, rel_k, preferred_element_type=jnp.float32)
+        idx = jnp.broadcast_to(jnp.asarray(rows), qk_table.shape[:-1] + (rows.shape[-1],))
+        logits = logits + jnp.take_along_axis(qk_table, idx, axis=-1)
+    return logits
+
+
+def _rel_rows(pmap: np.ndarray, max_distance: int) -> np.ndarray:
+    return (np.clip(np.rint(pmap), -max_distance, max_distance) + max_distance).astype(np.int32)
+
+
+def _t5_bias(pmap: np.ndarray, encoding: Encoding, table) -> jnp.ndarray:
+    """``table[bucket(P)]`` as [H, N, N] float32."""
+    buckets = t5_bucket(pmap, encoding.t5_buckets, encoding.t5_max_distance)
+    return jnp.moveaxis(jnp.asarray(table, jnp.float32)[jnp.asarray(buckets)], -1, 0)
+
+
+def _check_tables(encoding: Encoding, heads: int, dim: int, t5_table, rel_k, rel_v):
+    def need(flag, value, name, shape):
+        if flag and value is None:
+            raise ValueError(f"encoding needs {name} of shape {shape}, got None")
+        if not flag and value is not None:
+            raise ValueError(f"{name} was given but the encoding does not use it")
+        if flag and tuple(value.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+
+    need(encoding.t5_buckets > 0, t5_table, "t5_table", (encoding.t5_buckets, heads))
+    rows = 2 * encoding.rel_distance + 1
+    need(encoding.rel_distance > 0, rel_k, "rel_k", (rows, dim))
+    need(encoding.rel_distance > 0, rel_v, "rel_v", (rows, dim))
+
+
+# ---- attention under M maps and a mask ---------------------------------------------------------------------
+def _masked_softmax(logits: jnp.ndarray, mask) -> jnp.ndarray:
+    if mask is not None:  # [..., N, N] over the leading dims: add the head axis
+        logits = jnp.where(mask[..., None, :, :], logits, -jnp.inf)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _attend_reference(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v):
+    """Plain jnp: probabilities averaged over the maps, then applied to v (and the relative V table)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    probs = 0.0
+    rel_mass = 0.0
+    for pmap in maps:
+        logits = _content_logits(q, k, pmap, encoding, rel_k) * scale
+        if t5_table is not None:
+            logits = logits + _t5_bias(pmap, encoding, t5_table)
+        p = _masked_softmax(logits, mask) / len(maps)
+        probs = probs + p
+        if rel_v is not None:
+            onehot = jax.nn.one_hot(_rel_rows(pmap, encoding.rel_distance), rel_v.shape[0], dtype=p.dtype)
+            rel_mass = rel_mass + jnp.einsum("...hij,ijr->...hir", p, onehot)
+    out = jnp.einsum("...hij,...jhd->...ihd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    if rel_v is not None:
+        out = out + jnp.einsum("...hir,rd->...ihd", rel_mass, rel_v.astype(jnp.float32))
+    return out.astype(v.dtype)
+
+
+def _attend_fused(q, k, v, maps, mask, encoding, t5_table, rel_k, implementation):
+    """One ``jax.nn.dot_product_attention`` call per map (RoPE as absolute rotation, the rest as bias)."""
+    lead = q.shape[:-3]
+    flat = lambda x: x.reshape((-1,) + x.shape[-3:])
+    qf, kf, vf = flat(q), flat(k), flat(v)
+    r = encoding.rope_dim
+    out = 0.0
+    for pmap in maps:
+        qm, km = qf, kf
+        if r:
+            pos = _linear_coefficient(pmap) * np.arange(q.shape[-3])
+            freqs = encoding.rope_freqs()
+            qm = jnp.concatenate([rotate(qf[..., :r], pos, freqs).astype(q.dtype), qf[..., r:]], -1)
+            km = jnp.concatenate([rotate(kf[..., :r], pos, freqs).astype(k.dtype), kf[..., r:]], -1)
+        bias = None
+        if t5_table is not None:
+            bias = _t5_bias(pmap, encoding, t5_table)[None]
+        if rel_k is not None:
+            rows = _rel_rows(pmap, encoding.rel_distance)
+            qk_table = jnp.einsum("bihd,rd->bhir", qf, rel_k, preferred_element_type=jnp.float32)
+            idx = jnp.broadcast_to(jnp.asarray(rows), qk_table.shape[:-1] + (rows.shape[-1],))
+            rel = jnp.take_along_axis(qk_table, idx, axis=-1) / math.sqrt(q.shape[-1])
+            bias = rel if bias is None else bias + rel
+        m = None
+        if mask is not None:
+            m = jnp.broadcast_to(mask, lead + mask.shape[-2:]).reshape((-1, 1) + mask.shape[-2:])
+        if bias is not None:
+            bias = bias.astype(q.dtype)
+        out = out + jax.nn.dot_product_attention(
+            qm, km, vf, bias=bias, mask=m, implementation=implementation).astype(jnp.float32)
+    return (out / len(maps)).astype(v.dtype).reshape(q.shape[:-1] + v.shape[-1:])
+
+
+def _needs_mapped_rope(maps, encoding) -> bool:
+    return bool(encoding.rope_dim) and any(_linear_coefficient(p) is None for p in maps)
+
+
+def _attend(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, implementation, chunk_bytes):
+    """Attention of every leading index under ``maps`` and ``mask`` ([..., N, N] bool or None)."""
+    if implementation is not None and rel_v is None and not _needs_mapped_rope(maps, encoding):
+        return _attend_fused(q, k, v, maps, mask, encoding, t5_table, rel_k, implementation)
+    args = (maps, encoding, t5_table, rel_k, rel_v)
+    if not _needs_mapped_rope(maps, encoding):
+        return _attend_reference(q, k, v, maps, mask, *args[1:])
+    # Per-frequency RoPE materialises rope_dim logit-sized arrays per sequence: bound it by chunking.
+    lead = q.shape[:-3]
+    n, h = q.shape[-3], q.shape[-2]
+    count = int(np.prod(lead)) if lead else 1
+    per_seq = 4 * h * n * n * encoding.rope_dim
+    batch = max(1, min(count, chunk_bytes // per_seq))
+    if batch >= count:
+        return _attend_reference(q, k, v, maps, mask, *args[1:])
+    flat = lambda x: x.reshape((count,) + x.shape[len(lead):])
+    operands = {"q": flat(q), "k": flat(k), "v": flat(v)}
+    if mask is not None:
+        operands["mask"] = flat(jnp.broadcast_to(mask, lead + mask.shape[-2:]))
+
+    def one(x):
+        return _attend_reference(x["q"], x["k"], x["v"], maps, x.get("mask"), *args[1:])
+
+    out = jax.lax.map(one, operands, batch_size=batch)
+    return out.reshape(q.shape[:-1] + v.shape[-1:])
+
+
+# ---- public entry -------------------------------------------------------------------------------------------
+def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="direct", t5_table=None, rel_k=None,
+                       rel_v=None, keyframes=None, mask=None, spatial_shape: Optional[tuple[int, int]] = None,
+                       implementation: Optional[str] = None, chunk_bytes: int = 1 << 30):
+    """Attention over frames of ``q, k, v: [..., N, heads, dim]`` under a long-video method.
+
+    Args:
+      encoding: the model's position encoding (static).
+      method: preset name or :class:`~jaxlongvid.methods.Method` (a plan must be resolved to one layer's
+        Method first, see ``method_for_layer``).
+      t5_table: ``[buckets, heads]`` T5 bias table, when ``encoding.t5_buckets``.
+      rel_k, rel_v: ``[2R+1, dim]`` relative key/value tables, when ``encoding.rel_distance``.
+      keyframes: int ``[..., n]`` IFS keyframes, broadcastable over the leading dims (methods with IFS).
+      mask: optional extra bool mask ``[..., N, N]`` (AND-ed with the method's).
+      spatial_shape: ``(h, w)`` for FreeLong: the last leading dim must then be the flattened ``h * w``.
+      implementation: None for the jnp path; ``"cudnn"`` (or ``"xla"``) for fused attention where possible.
+      chunk_bytes: memory bound for the per-frequency RoPE intermediate.
+    Returns:
+      ``[..., N, heads, dim]`` in v's dtype.
+    """
+    method = get_method(method)
+    if isinstance(method, MethodPlan):
+        raise TypeError("temporal_attention takes one layer's Method; resolve a MethodPlan with method_for_layer")
+    if q.ndim < 3 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"q, k, v must be [..., N, heads, dim] with equal shapes (v may differ in dim), got "
+                         f"q {q.shape}, k {k.shape}, v {v.shape}")
+    n, heads, dim = q.shape[-3:]
+    _check_tables(encoding, heads, dim, t5_table, rel_k, rel_v)
+    if rel_v is not None and v.shape[-1] != dim:
+        raise ValueError(f"rel_v needs v's dim ({v.shape[-1]}) to equal q's ({dim})")
+    attend = lambda q_, k_, v_, maps, m: _attend(q_, k_, v_, maps, m, encoding, t5_table, rel_k, rel_v,
+                                                 implementation, chunk_bytes)
+    n0 = encoding.native_frames
+    if method.merge == "freenoise":
+        return _freenoise(q, k, v, method, n0, attend)
+
+    full_mask = _combine_masks(method.static_mask(n), mask)
+    if method.needs_keyframes:
+        if keyframes is None:
+            raise ValueError(f"method {method.name!r} uses IFS and needs keyframes [..., n]")
+        full_mask = _combine_masks(masks.ifs_mask(n, keyframes, method.window), full_mask)
+    elif keyframes is not None:
+        raise ValueError(f"keyframes were given but method {method.name!r} does not use IFS")
+    maps = method.position_maps(n, n0)
+    out = attend(q, k, v, maps, full_mask)
+    if method.merge == "freelong":
+        local = _combine_masks(masks.local_window(n, method.local_window), full_mask)
+        out = _freelong(out, attend(q, k, v, maps, local), method, spatial_shape)
+    return out
+
+
+def _combine_masks(a, b):
+    if a is None or b is None:
+        return b if a is None else jnp.asarray(a)
+    return jnp.asarray(a) & jnp.asarray(b)
+
+
+def _freenoise(q, k, v, method: Method, native_frames: int, attend):
+    """Each window attends within itself; outputs fused with pyramid weights, normalised per frame."""
+    n = q.shape[-3]
+    windows = masks.context_windows(n, method.context_window, method.context_stride)
+    size = windows[0][1] - windows[0][0]
+    idx = np.array([np.arange(s, e) for s, e in windows])  # [nW, W]
+    take = lambda x: jnp.take(x, jnp.asarray(idx), axis=-3)  # [..., nW, W, H, D]
+    inner = method.replace(merge="none")
+    out_w = attend(take(q), take(k), take(v), inner.position_maps(size, native_frames), _to_jnp(
+        inner.static_mask(size)))
+    weights = masks.pyramid_weights(size)
+    scatter = np.zeros((len(windows), size, n), np.float32)
+    for w, (s, e) in enumerate(windows):
+        scatter[w, np.arange(size), np.arange(s, e)] = weights
+    scatter /= scatter.sum(axis=(0, 1))[None, None, :]
+    out = jnp.einsum("wtf,...wthd->...fhd", jnp.asarray(scatter), out_w.astype(jnp.float32))
+    return out.astype(v.dtype)
+
+
+def _to_jnp(x):
+    return None if x is None else jnp.asarray(x)
+
+
+def _freelong(global_out, local_out, method: Method, spatial_shape):
+    """Spectral blend over (frames, h, w); the leading dim before N is the flattened h*w."""
+    if spatial_shape is None:
+        raise ValueError("method 'freelong' needs spatial_shape=(h, w) and q laid out as [..., h*w, N, H, D]")
+    h, w = spatial_shape
+    shape = global_out.shape
+    if shape[-4] != h * w:
+        raise ValueError(f"spatial_shape {spatial_shape} does not match the spatial axis of size {shape[-4]}")
+    # [..., h*w, N, H, D] -> [..., N, h, w, H*D]
+    to_video = lambda x: jnp.moveaxis(x.reshape(shape[:-4] + (h, w, shape[-3], -1)), -2, -4)
+    blended = freelong_blend(to_video(global_out), to_video(local_out), method.freelong_d_t,
+                             method.freelong_d_s)
+    return jnp.moveaxis(blended, -4, -2).reshape(shape)
+
+
+# ---- the Flax module that every model's temporal attention uses ------------------------------------------
+import flax.linen as nn  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from jaxlongvid import sharding  # noqa: E402
+from jaxlongvid.keyframes import select_keyframes  # noqa: E402
+
+
+class TemporalAttention(nn.Module):
+    """Multi-head self-attention over frames of a ``[B, N, h, w, C]`` video tensor (channels last).
+
+    Parameters (names follow the PyTorch originals so converters are rename tables): ``to_q``, ``to_k``,
+    ``to_v`` (no bias by default), ``to_out`` (with bias), and, per the encoding, ``t5_bias`` ``[buckets,
+    heads]``, ``rel_k`` / ``rel_v`` ``[2R+1, head_dim]``. Normalisation before the attention belongs to the
+    calling block, which passes its un-normalised input as ``features`` for IFS keyframe selection.
+
+    Under a mesh with a ``frames`` axis the sequences are resharded over pixels for the attention (every
+    query needs every frame), and the caller's layout is restored by the compiler afterwards.
+    """
+
+    num_heads: int
+    head_dim: int
+    encoding: Encoding = Encoding()
+    method: Method = Method("direct")  # this layer's method (resolve plans with method_for_layer)
+    qkv_bias: bool = False
+    out_bias: bool = True
+    implementation: Optional[str] = None
+    dtype: jnp.dtype = jnp.float32  # compute dtype; softmax statistics stay float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, features: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+        b, n, h, w, c = x.shape
+        inner = self.num_heads * self.head_dim
+        seq = jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b, h * w, n, c)
+        seq = sharding.constrain(seq, P(sharding.DATA, sharding.FRAMES))
+
+        def project(name, bias):
+            y = nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=name)(seq)
+            return y.reshape(b, h * w, n, self.num_heads, self.head_dim)
+
+        q, k, v = project("to_q", self.qkv_bias), project("to_k", self.qkv_bias), project("to_v", self.qkv_bias)
+        enc = self.encoding
+        t5 = rel_k = rel_v = None
+        if enc.t5_buckets:
+            t5 = self.param("t5_bias", nn.initializers.normal(0.02), (enc.t5_buckets, self.num_heads))
+        if enc.rel_distance:
+            rows = 2 * enc.rel_distance + 1
+            init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+            rel_k = self.param("rel_k", init, (rows, self.head_dim))
+            rel_v = self.param("rel_v", init, (rows, self.head_dim))
+        keyframes = None
+        if self.method.needs_keyframes:
+            f = x if features is None else features
+            f = jnp.transpose(f, (0, 1, 4, 2, 3)).reshape(b, n, f.shape[-1], h * w)  # [B, N, C, hw]
+            segments = self.method.segments(n, enc.native_frames)
+            keyframes = jax.vmap(lambda one: select_keyframes(one, segments))(f)[:, None, :]  # [B, 1, n]
+        out = temporal_attention(q, k, v, encoding=enc, method=self.method, t5_table=t5, rel_k=rel_k,
+                                 rel_v=rel_v, keyframes=keyframes, spatial_shape=(h, w),
+                                 implementation=self.implementation)
+        out = nn.Dense(c, use_bias=self.out_bias, dtype=self.dtype, name="to_out")(
+            out.reshape(b, h * w, n, inner))
+        return jnp.transpose(out.reshape(b, h, w, n, c), (0, 3, 1, 2, 4))

@@ -1,0 +1,95 @@
+"""Frame masks for temporal attention: ``mask[i, j]`` is True where query frame ``i`` may attend key frame ``j``.
+
+Masks that depend only on the frame count are static NumPy arrays; the IFS mask depends on keyframes chosen
+from the features at run time, so it is built with ``jax.numpy`` and accepts traced keyframes. Every mask here
+keeps the diagonal, so no query row is ever fully masked.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlongvid.positions import _check_int, distance
+
+
+def window(num_frames: int, radius: int) -> np.ndarray:
+    """``|i - j| <= radius``."""
+    r = _check_int("window", radius, 0)
+    return np.abs(distance(num_frames)) <= r
+
+
+def ifs_mask(num_frames: int, keyframes, window: int) -> jnp.ndarray:
+    """LongDiff's IFS mask: ``|i - j| <= window`` or ``j`` is a keyframe.
+
+    ``keyframes`` is int ``[..., n]`` (traced or concrete); the result is bool ``[..., N, N]``.
+    """
+    r = _check_int("window", window, 0)
+    n = _check_int("num_frames", num_frames, 1)
+    keyframes = jnp.asarray(keyframes)
+    if keyframes.ndim < 1:
+        raise ValueError(f"keyframes must have shape [..., n], got {keyframes.shape}")
+    is_key = jnp.any(keyframes[..., :, None] == jnp.arange(n), axis=-2)  # [..., N] over key frames j
+    local = jnp.asarray(np.abs(distance(n)) <= r)
+    return local | is_key[..., None, :]
+
+
+def tiered(num_frames: int, tiers: Sequence[tuple[int, int]], sink_frames: int = 0) -> np.ndarray:
+    """Tiered sparse mask (FreeLOC's TSA for frame attention).
+
+    ``tiers`` is a list of ``(max_distance, stride)`` in increasing distance: a key at ``|d| <= max_distance``
+    of the first tier that reaches it is kept when ``|d| % stride == 0`` (stride 1 = dense). Keys beyond the last
+    tier are dropped. The first ``sink_frames`` frames are visible to every query.
+    """
+    n = _check_int("num_frames", num_frames, 1)
+    sink = _check_int("sink_frames", sink_frames, 0)
+    if not tiers:
+        raise ValueError("tiers must list at least one (max_distance, stride) pair")
+    a = np.abs(distance(n))
+    mask = np.zeros((n, n), dtype=bool)
+    covered = np.zeros((n, n), dtype=bool)
+    last = -1
+    for max_d, stride in tiers:
+        max_d = _check_int("tier max_distance", max_d, 0)
+        stride = _check_int("tier stride", stride, 1)
+        if max_d <= last:
+            raise ValueError(f"tiers must have increasing max_distance, got {list(tiers)}")
+        last = max_d
+        here = (a <= max_d) & ~covered
+        mask |= here & (a % stride == 0)
+        covered |= here
+    mask[:, :sink] = True
+    return mask
+
+
+def local_window(num_frames: int, radius: int) -> np.ndarray:
+    """FreeLong's local branch: each query sees ``2 * radius + 1`` consecutive frames centred on it, the
+    window shifted inward at the edges so it always has full width (all frames when N is smaller)."""
+    n = _check_int("num_frames", num_frames, 1)
+    r = _check_int("window", radius, 0)
+    width = min(2 * r + 1, n)
+    start = np.clip(np.arange(n) - r, 0, n - width)
+    j = np.arange(n)
+    return (j[None, :] >= start[:, None]) & (j[None, :] < start[:, None] + width)
+
+
+def context_windows(num_frames: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """FreeNoise windows ``[i * stride, i * stride + size)``, plus one ending at N if the stride misses it."""
+    n = _check_int("num_frames", num_frames, 1)
+    size = _check_int("context_window", size, 1)
+    stride = _check_int("context_stride", stride, 1)
+    if n <= size:
+        return [(0, n)]
+    starts = list(range(0, n - size + 1, stride))
+    if starts[-1] + size < n:
+        starts.append(n - size)
+    return [(s, s + size) for s in starts]
+
+
+def pyramid_weights(size: int) -> np.ndarray:
+    """FreeNoise's triangular fusion weights ``1, 2, .., ceil(W/2), .., 2, 1`` over one window."""
+    size = _check_int("context_window", size, 1)
+    i = np.arange(size)
+    return np.minimum(i + 1, size - i).astype(np.float32)
