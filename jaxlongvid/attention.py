@@ -159,20 +159,27 @@ def _masked_softmax(logits: jnp.ndarray, mask) -> jnp.ndarray:
     return jax.nn.softmax(logits, axis=-1)
 
 
-def _attend_reference(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v):
-    """Plain jnp: probabilities averaged over the maps, then applied to v (and the relative V table)."""
+def _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, with_rel_rows=0):
+    """Softmax probabilities averaged over the maps ([..., H, N, N] float32), and (when ``with_rel_rows``) the
+    averaged probability mass on each relative-table row ([..., H, N, rows])."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    probs = 0.0
-    rel_mass = 0.0
+    probs = rel_mass = 0.0
     for pmap in maps:
         logits = _content_logits(q, k, pmap, encoding, rel_k) * scale
         if t5_table is not None:
             logits = logits + _t5_bias(pmap, encoding, t5_table)
         p = _masked_softmax(logits, mask) / len(maps)
         probs = probs + p
-        if rel_v is not None:
-            onehot = jax.nn.one_hot(_rel_rows(pmap, encoding.rel_distance), rel_v.shape[0], dtype=p.dtype)
+        if with_rel_rows:
+            onehot = jax.nn.one_hot(_rel_rows(pmap, encoding.rel_distance), with_rel_rows, dtype=p.dtype)
             rel_mass = rel_mass + jnp.einsum("...hij,ijr->...hir", p, onehot)
+    return probs, rel_mass
+
+
+def _attend_reference(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v):
+    """Plain jnp: probabilities averaged over the maps, then applied to v (and the relative V table)."""
+    rows = 0 if rel_v is None else rel_v.shape[0]
+    probs, rel_mass = _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, rows)
     out = jnp.einsum("...hij,...jhd->...ihd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     if rel_v is not None:
         out = out + jnp.einsum("...hir,rd->...ihd", rel_mass, rel_v.astype(jnp.float32))
@@ -243,6 +250,30 @@ def _attend(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, implementatio
     return out.reshape(q.shape[:-1] + v.shape[-1:])
 
 
+def _method_mask_and_maps(method: Method, encoding: Encoding, n: int, keyframes, mask):
+    """The method's full mask (static part, IFS part, caller's part) and its position maps for N frames."""
+    full_mask = _combine_masks(method.static_mask(n), mask)
+    if method.needs_keyframes:
+        if keyframes is None:
+            raise ValueError(f"method {method.name!r} uses IFS and needs keyframes [..., n]")
+        full_mask = _combine_masks(masks.ifs_mask(n, keyframes, method.window), full_mask)
+    elif keyframes is not None:
+        raise ValueError(f"keyframes were given but method {method.name!r} does not use IFS")
+    return full_mask, method.position_maps(n, encoding.native_frames)
+
+
+def attention_probabilities(q, k, *, encoding: Encoding = Encoding(), method="direct", t5_table=None,
+                            rel_k=None, keyframes=None, mask=None):
+    """The attention weights ``[..., heads, N, N]`` (float32) that ``temporal_attention`` applies to v, for
+    methods without a window/spectral merge. Used by tests (masked keys are exactly 0) and layer probing."""
+    method = get_method(method)
+    if not isinstance(method, Method) or method.merge != "none":
+        raise ValueError("attention_probabilities needs one layer's Method with merge='none'")
+    _check_tables(encoding, q.shape[-2], q.shape[-1], t5_table, rel_k, rel_k)
+    full_mask, maps = _method_mask_and_maps(method, encoding, q.shape[-3], keyframes, mask)
+    return _probabilities(q, k, maps, full_mask, encoding, t5_table, rel_k)[0]
+
+
 # ---- public entry -------------------------------------------------------------------------------------------
 def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="direct", t5_table=None, rel_k=None,
                        rel_v=None, keyframes=None, mask=None, spatial_shape: Optional[tuple[int, int]] = None,
@@ -275,18 +306,11 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
         raise ValueError(f"rel_v needs v's dim ({v.shape[-1]}) to equal q's ({dim})")
     attend = lambda q_, k_, v_, maps, m: _attend(q_, k_, v_, maps, m, encoding, t5_table, rel_k, rel_v,
                                                  implementation, chunk_bytes)
-    n0 = encoding.native_frames
     if method.merge == "freenoise":
-        return _freenoise(q, k, v, method, n0, attend)
-
-    full_mask = _combine_masks(method.static_mask(n), mask)
-    if method.needs_keyframes:
-        if keyframes is None:
-            raise ValueError(f"method {method.name!r} uses IFS and needs keyframes [..., n]")
-        full_mask = _combine_masks(masks.ifs_mask(n, keyframes, method.window), full_mask)
-    elif keyframes is not None:
-        raise ValueError(f"keyframes were given but method {method.name!r} does not use IFS")
-    maps = method.position_maps(n, n0)
+        if keyframes is not None or mask is not None:
+            raise ValueError("method with merge='freenoise' takes no keyframes or extra mask")
+        return _freenoise(q, k, v, method, encoding.native_frames, attend)
+    full_mask, maps = _method_mask_and_maps(method, encoding, n, keyframes, mask)
     out = attend(q, k, v, maps, full_mask)
     if method.merge == "freelong":
         local = _combine_masks(masks.local_window(n, method.local_window), full_mask)
