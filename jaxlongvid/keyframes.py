@@ -5,7 +5,7 @@ Choices where the paper is silent (also in the README's method notes):
   integers by truncation (as a uint8 image would be) for the 256-bin entropy histogram;
 - frame 0 has no previous frame: its frame difference is taken to frame 1;
 - entropy and frame difference are each z-scored over the N frames (a constant term scores 0) before adding;
-- segments are ``[floor(k N / n), floor((k + 1) N / n))``; ties go to the earliest frame.
+- segment k holds the frames t with ``floor(t n / N) == k``; ties go to the earliest frame.
 """
 
 from __future__ import annotations

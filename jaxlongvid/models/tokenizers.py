@@ -1,0 +1,349 @@
+"""Tokenizers in pure Python (nothing is fetched): CLIP byte-level BPE and a word-level one for the tiny model.
+
+Common interface: ``encode(list_of_str) -> np.int32 [B, context_length]`` (BOS, the tokens, EOS, then padding;
+over-long prompts keep BOS + the first ``context_length - 2`` tokens + EOS), ``save(dir)``, ``Class.load(dir)``.
+``load_tokenizer(path)`` picks the kind from the small ``jaxlongvid_tokenizer.json`` that ``save`` writes, and also
+opens an HF ``tokenizer/`` folder or an OpenCLIP ``bpe_simple_vocab_16e6.txt.gz`` directly.
+
+``CLIPTokenizer`` reproduces both CLIP front ends, which differ only in text cleaning, special-token names and
+padding:
+
+* HF ``CLIPTokenizer`` (``clean="hf"``): NFC, runs of whitespace -> one space, lower case; pads with the folder's
+  pad token (SD 1.x: ``<|endoftext|>``, SD 2.x: ``!``);
+* open_clip ``SimpleTokenizer`` (``clean="openclip"``): ``ftfy.fix_text`` when ftfy is installed (else NFC, which is
+  what fix_text amounts to on ordinary text), HTML entities unescaped twice, whitespace collapsed, lower case; pads
+  with 0.
+
+Both then split words with CLIP's pattern (special tokens, the contractions 's 't 're 've 'm 'll 'd, runs of
+letters, single digits, runs of other non-space characters), map each UTF-8 byte to a printable character
+(the GPT-2 byte table), and merge symbol pairs by rank, the last symbol of a word carrying ``</w>``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import json
+import os
+import re
+import unicodedata
+from typing import Iterable, Sequence
+
+import numpy as np
+
+CONFIG_NAME = "jaxlongvid_tokenizer.json"
+OPENCLIP_NUM_MERGES = 49152 - 256 - 2  # open_clip reads this many merge lines (vocab 49408 with the specials)
+CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Byte -> printable character: printable Latin-1 bytes map to themselves, the other 68 bytes to 256, 257, ...
+    in byte order (so no byte becomes whitespace or a control character). The dict lists the printable bytes
+    first: that order is the order of the first 256 vocabulary entries."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _is_letter(ch: str) -> bool:
+    return unicodedata.category(ch)[0] == "L"
+
+
+def _is_number(ch: str) -> bool:
+    return unicodedata.category(ch)[0] == "N"
+
+
+def split_words(text: str, specials: Sequence[str] = ()) -> list[str]:
+    """CLIP's pre-tokenizer pattern, alternatives tried in order at each position:
+    ``special|'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+``; whitespace separates and is dropped."""
+    words, i, n = [], 0, len(text)
+    while i < n:
+        fixed = next((s for s in (*specials, *CONTRACTIONS) if text.startswith(s, i)), None)
+        if fixed is not None:
+            j = i + len(fixed)
+        elif _is_letter(text[i]):
+            j = i + 1
+            while j < n and _is_letter(text[j]):
+                j += 1
+        elif _is_number(text[i]):
+            j = i + 1
+        elif text[i].isspace():
+            i += 1
+            continue
+        else:
+            j = i + 1
+            while j < n and not (text[j].isspace() or _is_letter(text[j]) or _is_number(text[j])):
+                j += 1
+        words.append(text[i:j])
+        i = j
+    return words
+
+
+def _fix_text(text: str) -> str:
+    try:
+        import ftfy
+    except ImportError:
+        return unicodedata.normalize("NFC", text)
+    return ftfy.fix_text(text)
+
+
+def clean_text(text: str, style: str) -> str:
+    if style == "hf":
+        return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).lower()
+    if style == "openclip":
+        text = html.unescape(html.unescape(_fix_text(text)))
+        return " ".join(text.split()).lower()
+    raise ValueError(f"unknown text cleaning {style!r}; expected 'hf' or 'openclip'")
+
+
+def _pad_batch(rows: Iterable[list[int]], bos: int, eos: int, pad: int, length: int) -> np.ndarray:
+    rows = list(rows)
+    out = np.full((len(rows), length), pad, np.int32)
+    for r, ids in enumerate(rows):
+        seq = [bos, *ids[: length - 2], eos]
+        out[r, : len(seq)] = seq
+    return out
+
+
+def _as_list(texts) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+def _special_token(value) -> str | None:
+    """A special token as HF configs store it: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class CLIPTokenizer:
+    """CLIP byte-level BPE over a vocabulary and a ranked merge list (see the module docstring)."""
+
+    kind = "clip_bpe"
+
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, bos_token: str,
+                 eos_token: str, pad_id: int, unk_id: int | None = None, context_length: int = 77,
+                 clean: str = "hf"):
+        missing = [t for t in (bos_token, eos_token) if t not in vocab]
+        if missing:
+            raise ValueError(f"CLIPTokenizer: special tokens {missing} are not in the vocabulary")
+        if context_length < 2:
+            raise ValueError(f"CLIPTokenizer: context_length must be >= 2, got {context_length}")
+        clean_text("", clean)  # validates the style
+        self.vocab = dict(vocab)
+        self.merges = [tuple(m) for m in merges]
+        self.ranks = {m: r for r, m in enumerate(self.merges)}
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id, self.eos_id = vocab[bos_token], vocab[eos_token]
+        self.pad_id = int(pad_id)
+        self.unk_id = self.eos_id if unk_id is None else int(unk_id)
+        self.context_length = int(context_length)
+        self.clean = clean
+        self.byte_table = bytes_to_unicode()
+        self._cache: dict[str, list[str]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    # -- constructors --
+    @classmethod
+    def from_hf_dir(cls, folder: str, context_length: int | None = None) -> "CLIPTokenizer":
+        """An HF ``tokenizer/`` folder: ``vocab.json``, ``merges.txt`` and (optionally) ``special_tokens_map.json``
+        / ``tokenizer_config.json`` for the special tokens and ``model_max_length``."""
+        paths = {name: os.path.join(folder, name) for name in ("vocab.json", "merges.txt")}
+        missing = [n for n, p in paths.items() if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{folder}: not an HF CLIP tokenizer folder, missing {missing}")
+        with open(paths["vocab.json"], encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(paths["merges.txt"], encoding="utf-8") as f:
+            merges = _parse_merges(f.read().split("\n"))
+        settings = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the later file wins
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    settings.update(json.load(f))
+        bos = _special_token(settings.get("bos_token")) or "<|startoftext|>"
+        eos = _special_token(settings.get("eos_token")) or "<|endoftext|>"
+        pad = _special_token(settings.get("pad_token")) or eos
+        unk = _special_token(settings.get("unk_token")) or eos
+        for label, tok in (("pad", pad), ("unk", unk)):
+            if tok not in vocab:
+                raise ValueError(f"{folder}: {label} token {tok!r} is not in vocab.json")
+        if context_length is None:
+            max_len = settings.get("model_max_length", 77)
+            context_length = int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e6 else 77
+        return cls(vocab, merges, bos_token=bos, eos_token=eos, pad_id=vocab[pad], unk_id=vocab[unk],
+                   context_length=context_length, clean="hf")
+
+    @classmethod
+    def from_openclip_bpe(cls, path: str, context_length: int = 77) -> "CLIPTokenizer":
+        """open_clip's ``bpe_simple_vocab_16e6.txt.gz`` (a header line, then merges): the vocabulary is the 256 byte
+        symbols, the same with ``</w>``, one entry per merge, then ``<start_of_text>``, ``<end_of_text>``."""
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = _parse_merges(lines[1: 1 + OPENCLIP_NUM_MERGES], header=False)
+        symbols = list(bytes_to_unicode().values())
+        tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+        tokens += ["<start_of_text>", "<end_of_text>"]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        return cls(vocab, merges, bos_token="<start_of_text>", eos_token="<end_of_text>", pad_id=0,
+                   context_length=context_length, clean="openclip")
+
+    # -- tokenizing --
+    def _bpe(self, word: str) -> list[str]:
+        if word in self._cache:
+            return self._cache[word]
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            best = min(zip(symbols, symbols[1:]), key=lambda pair: self.ranks.get(pair, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence, left to right
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        self._cache[word] = symbols
+        return symbols
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of one text, without BOS/EOS or padding."""
+        specials = (self.bos_token, self.eos_token)
+        ids = []
+        for word in split_words(clean_text(text, self.clean), specials):
+            if word in specials:
+                ids.append(self.vocab[word])
+                continue
+            mapped = "".join(self.byte_table[b] for b in word.encode("utf-8"))
+            ids.extend(self.vocab.get(s, self.unk_id) for s in self._bpe(mapped))
+        return ids
+
+    def encode(self, texts) -> np.ndarray:
+        return _pad_batch((self.tokenize(t) for t in _as_list(texts)), self.bos_id, self.eos_id, self.pad_id,
+                          self.context_length)
+
+    # -- files --
+    def save(self, folder: str) -> None:
+        """``vocab.json`` + ``merges.txt`` (HF format) and ``jaxlongvid_tokenizer.json``."""
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(self.vocab, f, ensure_ascii=False)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
+        settings = dict(kind=self.kind, bos_token=self.bos_token, eos_token=self.eos_token, pad_id=self.pad_id,
+                        unk_id=self.unk_id, context_length=self.context_length, clean=self.clean)
+        with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=1)
+
+    @classmethod
+    def load(cls, folder: str) -> "CLIPTokenizer":
+        settings = _read_settings(folder, cls.kind)
+        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+            merges = _parse_merges(f.read().split("\n"))
+        return cls(vocab, merges, **settings)
+
+
+def _parse_merges(lines: Sequence[str], header: bool = True) -> list[tuple[str, str]]:
+    """``"a b"`` lines -> pairs; skips HF's ``#version`` header and blank lines."""
+    merges = []
+    for line in lines:
+        if not line.strip() or (header and line.startswith("#version")):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"bad merge line {line!r}: expected two symbols")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+class WordTokenizer:
+    """Word-level tokenizer over a fixed vocabulary (the bundled tiny model): lower case, words are runs of letters
+    and digits, unknown words -> ``<unk>``. Ids: 0 ``<pad>``, 1 ``<unk>``, 2 ``<bos>``, 3 ``<eos>``, then the words."""
+
+    kind = "word"
+    SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
+    pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
+
+    def __init__(self, words: Sequence[str], context_length: int = 16):
+        words = list(words)
+        bad = [w for w in words if w != w.lower() or self.split(w) != [w]]
+        dupes = sorted({w for w in words if words.count(w) > 1})
+        if bad or dupes:
+            raise ValueError(f"WordTokenizer: vocabulary words must be distinct lower-case letter/digit runs; "
+                             f"bad {bad[:10]}, duplicated {dupes[:10]}")
+        if context_length < 2:
+            raise ValueError(f"WordTokenizer: context_length must be >= 2, got {context_length}")
+        self.words = words
+        self.context_length = int(context_length)
+        self.ids = {w: i for i, w in enumerate(self.SPECIALS + tuple(words))}
+
+    @staticmethod
+    def split(text: str) -> list[str]:
+        return re.findall(r"[^\W_]+", text.lower())
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str], context_length: int = 16) -> "WordTokenizer":
+        """The sorted set of words in ``texts`` as the vocabulary."""
+        return cls(sorted({w for t in texts for w in cls.split(t)}), context_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.ids)
+
+    def tokenize(self, text: str) -> list[int]:
+        return [self.ids.get(w, self.unk_id) for w in self.split(text)]
+
+    def encode(self, texts) -> np.ndarray:
+        return _pad_batch((self.tokenize(t) for t in _as_list(texts)), self.bos_id, self.eos_id, self.pad_id,
+                          self.context_length)
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(dict(kind=self.kind, context_length=self.context_length, words=self.words), f, indent=1)
+
+    @classmethod
+    def load(cls, folder: str) -> "WordTokenizer":
+        return cls(**_read_settings(folder, cls.kind))
+
+
+def _read_settings(folder: str, kind: str) -> dict:
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}")
+    with open(path, encoding="utf-8") as f:
+        settings = json.load(f)
+    if settings.pop("kind", None) != kind:
+        raise ValueError(f"{path}: not a {kind!r} tokenizer")
+    return settings
+
+
+TOKENIZERS = {CLIPTokenizer.kind: CLIPTokenizer, WordTokenizer.kind: WordTokenizer}
+
+
+def load_tokenizer(path: str):
+    """A tokenizer saved by ``save`` (kind read from ``jaxlongvid_tokenizer.json``), an HF ``tokenizer/`` folder
+    (``vocab.json`` + ``merges.txt``), or an OpenCLIP ``bpe_simple_vocab_16e6.txt.gz`` file."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
+            kind = json.load(f).get("kind")
+        if kind not in TOKENIZERS:
+            raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; known: {sorted(TOKENIZERS)}")
+        return TOKENIZERS[kind].load(path)
+    if os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")):
+        return CLIPTokenizer.from_hf_dir(path)
+    if os.path.isfile(path) and path.endswith((".txt.gz", ".txt")):
+        return CLIPTokenizer.from_openclip_bpe(path)
+    raise FileNotFoundError(f"{path}: no tokenizer here (expected {CONFIG_NAME}, an HF vocab.json + merges.txt "
+                            f"folder, or an OpenCLIP bpe_simple_vocab_16e6.txt.gz)")

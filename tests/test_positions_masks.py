@@ -1,0 +1,214 @@
+"""Position maps, masks, keyframes, noise and the spectral blend against hand-worked cases and references."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from jaxlongvid import keyframes, masks, noise, positions, spectral
+from jaxlongvid.methods import PRESETS, Method, MethodPlan, get_method, method_for_layer
+
+
+# ---- position maps -------------------------------------------------------------------------------------------
+def test_identity_and_clip_hand_worked():
+    np.testing.assert_array_equal(positions.identity(3), [[0, 1, 2], [-1, 0, 1], [-2, -1, 0]])
+    np.testing.assert_array_equal(positions.clip(4, 2)[0], [0, 1, 2, 2])
+    np.testing.assert_array_equal(positions.clip(4, 2)[3], [-2, -2, -1, 0])
+
+
+def test_group_hand_worked():
+    # N = 7, G = 3: s = ceil(6 / 2) = 3; d = 0..6 -> 0, 1, 1, 1, 2, 2, 2
+    np.testing.assert_array_equal(positions.group(7, 3)[0], [0, 1, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(positions.group(7, 3)[6], [-2, -2, -2, -1, -1, -1, 0])
+    # paper default: N = 128, G = 16 -> s = 9, groups -15..15
+    assert positions.group_size(128, 16) == 9
+    g = positions.group(128, 16)
+    assert g.min() == -15 and g.max() == 15
+
+
+def test_group_shift_hand_worked():
+    p = positions.group_shift(7, 3)  # s = 3 copies
+    assert p.shape == (3, 7, 7) and p.dtype == np.int32
+    # row 0 (d = j): copy m is ceil(max(d - m, 0) / 3)
+    np.testing.assert_array_equal(p[0, 0], [0, 1, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(p[1, 0], [0, 0, 1, 1, 1, 2, 2])
+    np.testing.assert_array_equal(p[2, 0], [0, 0, 0, 1, 1, 1, 2])
+    # the lower triangle shifts down: column 0 of copy 1 is the negated row
+    np.testing.assert_array_equal(p[1, :, 0], -p[1, 0])
+
+
+@pytest.mark.parametrize("n,g", [(16, 16), (17, 16), (64, 16), (128, 16), (100, 7), (33, 5)])
+def test_group_shift_properties(n, g):
+    p = positions.group_shift(n, g)
+    s = positions.group_size(n, g)
+    assert p.shape == (s, n, n)
+    np.testing.assert_array_equal(p, -np.swapaxes(p, 1, 2))  # antisymmetric in every copy
+    assert np.abs(p).max() <= g - 1  # inside the trained range
+    np.testing.assert_array_equal(p[0], positions.group(n, g))
+    # the assignment record identifies the distance: distinct d <-> distinct tuples, equal d <-> equal tuples
+    d = positions.distance(n)
+    records = {}
+    for i in range(n):
+        for j in range(n):
+            rec = tuple(p[:, i, j])
+            assert records.setdefault(rec, d[i, j]) == d[i, j]
+    assert len(records) == 2 * n - 1
+
+
+def test_group_shift_rejects_short_video():
+    with pytest.raises(ValueError, match="num_frames"):
+        positions.group_shift(8, 16)
+    with pytest.raises(ValueError, match="num_groups"):
+        positions.group_shift(16, 1)
+
+
+def test_interpolate():
+    p = positions.interpolate(31, 16)
+    assert p.dtype == np.float32
+    np.testing.assert_allclose(p[0, -1], 15.0)
+    np.testing.assert_allclose(p[0, 2], 1.0)
+    np.testing.assert_array_equal(positions.interpolate(8, 16), positions.identity(8))
+
+
+def test_vrpr_hand_worked():
+    # W1, W2, G1, G2 = 10, 14, 2, 8, cap 15
+    row = positions.vrpr(60, 10, 14, 2, 8, 15)[0]
+    expected = []
+    for d in range(60):
+        if d < 10:
+            expected.append(d)
+        elif d < 14:
+            expected.append(10 + (d - 10) // 2)
+        else:
+            expected.append(min(15, 14 - 2 + (d - 14) // 8))
+    np.testing.assert_array_equal(row, expected)
+    p = positions.vrpr(60, 10, 14, 2, 8, 15)
+    np.testing.assert_array_equal(p, -p.T)
+    # monotone in |d| (no distance falls in a gap) and capped
+    assert np.all(np.diff(row) >= 0) and row.max() == 15
+
+
+def test_t5_bucket_matches_reference_and_fixture_table():
+    d = np.arange(-40, 41)
+    got = positions.t5_bucket(d)
+    np.testing.assert_array_equal(got, [reference.t5_bucket_one(int(x)) for x in d])
+    # the fixture README's table: d <= 0 halves and d > 0 halves
+    table = {0: 0, 1: 1, 7: 7, 8: 8, 9: 8, 10: 9, 12: 10, 14: 11, 16: 12, 19: 12, 20: 13, 22: 13, 23: 14}
+    for m, b in table.items():
+        assert positions.t5_bucket(np.array([-m]))[0] == b
+        if m:
+            assert positions.t5_bucket(np.array([m]))[0] == b + 16
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_bad_window_names_parameter(bad):
+    with pytest.raises((ValueError, TypeError), match="window"):
+        masks.window(8, bad)
+
+
+# ---- masks ---------------------------------------------------------------------------------------------------
+def test_tiered_mask_hand_worked():
+    m = masks.tiered(12, [(2, 1), (6, 2)], sink_frames=1)
+    row5 = [j for j in range(12) if m[5, j]]
+    # dense |d| <= 2: 3..7; stride-2 tier 2 < |d| <= 6: d = -4, 4, 6 -> 1, 9, 11; sink 0
+    assert row5 == [0, 1, 3, 4, 5, 6, 7, 9, 11]
+    with pytest.raises(ValueError, match="increasing"):
+        masks.tiered(12, [(6, 1), (2, 2)])
+
+
+def test_ifs_mask_matches_loops():
+    n, window = 20, 3
+    kf = np.array([[2, 9, 17], [0, 11, 19]])
+    got = np.asarray(masks.ifs_mask(n, kf, window))
+    for b in range(2):
+        for i in range(n):
+            for j in range(n):
+                assert got[b, i, j] == (abs(i - j) <= window or j in kf[b])
+
+
+def test_local_window_edges():
+    m = masks.local_window(30, 8)
+    assert np.all(m.sum(1) == 17)
+    assert m[0, :17].all() and m[29, 13:].all() and m[15, 7:24].all() and not m[15, 6]
+
+
+def test_context_windows():
+    assert masks.context_windows(24, 16, 4) == [(0, 16), (4, 20), (8, 24)]
+    assert masks.context_windows(26, 16, 4) == [(0, 16), (4, 20), (8, 24), (10, 26)]
+    assert masks.context_windows(10, 16, 4) == [(0, 10)]
+    np.testing.assert_array_equal(masks.pyramid_weights(6), [1, 2, 3, 3, 2, 1])
+
+
+# ---- keyframes -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,segments", [(16, 1), (64, 4), (50, 3)])
+def test_keyframes_match_reference(n, segments):
+    rng = np.random.default_rng(n)
+    feats = rng.standard_normal((n, 6, 20)).astype(np.float32) * rng.uniform(0.2, 3, (n, 1, 1))
+    got = np.asarray(jax.jit(keyframes.select_keyframes, static_argnums=1)(feats, segments))
+    np.testing.assert_array_equal(got, reference.keyframes(feats, segments))
+    assert got.dtype == np.int32 and got.shape == (segments,)
+
+
+def test_keyframes_pick_the_informative_frame():
+    feats = np.zeros((32, 4, 16), np.float32)
+    feats[20] = np.random.default_rng(0).standard_normal((4, 16))  # one textured frame in segment 1
+    got = np.asarray(keyframes.select_keyframes(feats, 2))
+    assert got[1] in (20, 21)  # itself (entropy) or its successor (largest difference back to flat)
+    with pytest.raises(ValueError, match="num_segments"):
+        keyframes.select_keyframes(feats, 40)
+
+
+# ---- noise and spectral blend -----------------------------------------------------------------------------------
+def test_freenoise_noise_structure():
+    shape, w, s = (2, 30, 3, 3, 4), 8, 3
+    x = np.asarray(noise.freenoise(jax.random.key(0), shape, w, s))
+    base = np.asarray(jax.random.normal(jax.random.split(jax.random.key(0))[0], shape))
+    np.testing.assert_array_equal(x[:, :w], base[:, :w])  # the first window is fresh noise
+    for k in range(w, 30, s):
+        length = min(s, 30 - k)
+        src = {x[0, f].tobytes() for f in range(k - w, k - w + s)}
+        assert all(x[0, f].tobytes() in src for f in range(k, k + length))
+        # and the same permutation for every batch element
+        idx = [next(f for f in range(k - w, k - w + s) if np.array_equal(x[0, f], x[0, t])) for t in
+               range(k, k + length)]
+        for t, f in zip(range(k, k + length), idx):
+            np.testing.assert_array_equal(x[1, t], x[1, f])
+    again = np.asarray(noise.freenoise(jax.random.key(0), shape, w, s))
+    np.testing.assert_array_equal(x, again)
+    assert not np.array_equal(x, np.asarray(noise.freenoise(jax.random.key(1), shape, w, s)))
+
+
+def test_freelong_blend_matches_reference():
+    rng = np.random.default_rng(0)
+    g, loc = rng.standard_normal((2, 2, 9, 5, 6, 3))
+    got = np.asarray(spectral.freelong_blend(jnp.asarray(g, jnp.float32), jnp.asarray(loc, jnp.float32),
+                                             0.25, 0.4))
+    for b in range(2):
+        ref = reference.freelong_blend(g[b], loc[b], 0.25, 0.4)
+        np.testing.assert_allclose(got[b], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(spectral.freelong_blend(jnp.asarray(g), jnp.asarray(g)), g, atol=1e-5)
+
+
+# ---- methods -----------------------------------------------------------------------------------------------------
+def test_presets_and_errors():
+    assert {"direct", "freenoise", "freelong", "longdiff", "freeloc", "longdiff-no-pm", "longdiff-no-ifs",
+            "clip", "interpolate", "group-only"} <= set(PRESETS)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        get_method("nope")
+    with pytest.raises(ValueError, match="Method.mask"):
+        Method(mask="sparse")
+    with pytest.raises(ValueError, match="Method.window"):
+        Method(window=-1)
+    assert hash(PRESETS["longdiff"]) == hash(Method("longdiff", positions="group_shift", mask="ifs"))
+    ld = PRESETS["longdiff"]
+    assert ld.position_maps(128, 16).shape == (9, 128, 128)
+    assert ld.position_maps(16, 16).shape == (1, 16, 16)  # native length: identity
+    assert ld.segments(128, 16) == 8
+    plan = MethodPlan(default=PRESETS["freeloc"], layers=((0, PRESETS["direct"]), ("up.1", ld)))
+    assert method_for_layer(plan, 0).name == "direct"
+    assert method_for_layer(plan, 3, "up.1").name == "longdiff"
+    assert method_for_layer(plan, 3, "down.0").name == "freeloc"
+    assert math.isclose(PRESETS["freelong"].freelong_d_t, 0.25)
