@@ -1,0 +1,275 @@
+"""Training recipe of the bundled tiny text-to-video model.
+
+    python -m jaxlongvid.tiny.train --workdir runs/tiny --max-minutes 9 [--resume] [--export DIR]
+
+Pixel-space epsilon-prediction diffusion (LaVie's linear beta schedule) of 16-frame 32x32 clips from
+:mod:`jaxlongvid.tiny.data`, with a LaVie-style 3D UNet (RoPE + T5-bias temporal attention) and a small
+CLIP-style text encoder over the caption vocabulary, trained jointly from scratch. optax AdamW with warm-up and
+gradient clipping, an EMA of the weights, classifier-free-guidance caption dropout. An orbax checkpoint of the
+whole training state is written every ``--save-minutes`` and when ``--max-minutes`` runs out, so one run spans
+several short device commands: each resumes from the latest checkpoint in ``--workdir``. Batches are drawn
+from a seed per step, so a resumed run sees the same data as an uninterrupted one.
+
+``--resume`` without a checkpoint in the workdir starts from the weights shipped in the package (EMA weights;
+the optimizer moments are not shipped, so they restart at zero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlongvid.models import text as text_model
+from jaxlongvid.models.tokenizers import WordTokenizer
+from jaxlongvid.models.unet3d import UNet3D, UNet3DConfig
+from jaxlongvid.schedulers import SchedulerConfig, alphas_cumprod
+from jaxlongvid.tiny import data as tiny_data
+from jaxlongvid.tiny.vocab import WORDS
+
+CONTEXT_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Everything that defines the tiny model and its training run."""
+
+    size: int = 32  # pixels per side
+    frames: int = 16  # training clip length = the model's native frame count
+    batch: int = 32
+    learning_rate: float = 3e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
+    seed: int = 0
+
+    def unet(self) -> UNet3DConfig:
+        return UNet3DConfig(family="tiny", in_channels=3, out_channels=3, block_channels=(32, 64, 128),
+                            layers_per_block=1, attention_levels=(False, True, True), attention_heads=(1, 2, 4),
+                            cross_attention_dim=64, norm_groups=16, native_frames=self.frames)
+
+    def text(self) -> text_model.TextConfig:
+        return text_model.TextConfig.tiny(vocab_size=len(WordTokenizer.SPECIALS) + len(WORDS),
+                                          context_length=CONTEXT_LENGTH)
+
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig.lavie(kind="ddim")
+
+
+def tokenizer() -> WordTokenizer:
+    return WordTokenizer(list(WORDS), context_length=CONTEXT_LENGTH)
+
+
+def init_params(cfg: TinyConfig, key) -> dict:
+    k_unet, k_text = jax.random.split(key)
+    unet = UNet3D(cfg.unet())
+    x = jnp.zeros((1, cfg.frames, cfg.size, cfg.size, 3))
+    ctx = jnp.zeros((1, CONTEXT_LENGTH, cfg.text().width))
+    return {"unet": unet.init(k_unet, x, jnp.zeros((1,), jnp.int32), ctx)["params"],
+            "text": text_model.init_params(cfg.text(), k_text)}
+
+
+def make_optimizer(cfg: TinyConfig):
+    lr = optax.warmup_constant_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(lr, weight_decay=cfg.weight_decay))
+
+
+def make_train_step(cfg: TinyConfig, optimizer, dtype):
+    unet = UNet3D(cfg.unet(), dtype=dtype)
+    text_cfg = cfg.text()
+    abar = jnp.asarray(alphas_cumprod(cfg.scheduler()))
+
+    def loss_fn(params, videos, tokens, key):
+        k_t, k_noise = jax.random.split(key)
+        b = videos.shape[0]
+        t = jax.random.randint(k_t, (b,), 0, abar.shape[0])
+        noise = jax.random.normal(k_noise, videos.shape)
+        a = abar[t][:, None, None, None, None]
+        noisy = jnp.sqrt(a) * videos + jnp.sqrt(1.0 - a) * noise
+        context = text_model.TextEncoder(text_cfg, dtype).apply({"params": params["text"]}, tokens)
+        pred = unet.apply({"params": params["unet"]}, noisy, t, context.astype(jnp.float32))
+        return jnp.mean((pred.astype(jnp.float32) - noise) ** 2)
+
+    @jax.jit
+    def train_step(state, videos, tokens, key):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], videos, tokens, key)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p, state["ema"], params)
+        return {"params": params, "ema": ema, "opt_state": opt_state, "step": state["step"] + 1}, loss
+
+    return train_step
+
+
+def batch_for_step(cfg: TinyConfig, tok: WordTokenizer, step: int):
+    """The batch of training step ``step`` (deterministic in the seed and the step)."""
+    rng = np.random.default_rng([cfg.seed, step])
+    videos, captions, _ = tiny_data.sample_batch(rng, cfg.batch, frames=cfg.frames, size=cfg.size,
+                                                 dtype="float32")
+    drop = rng.random(len(captions)) < cfg.caption_dropout
+    captions = ["" if d else c for c, d in zip(captions, drop)]
+    return videos, tok.encode(captions)
+
+
+def _prefetch(cfg, tok, start, workers=8, depth=16):
+    """Batches for steps start, start+1, ... made on background threads, yielded in step order."""
+    out: dict[int, tuple] = {}
+    cond = threading.Condition()
+    next_step = [start]
+
+    def work():
+        while True:
+            with cond:
+                while len(out) >= depth:
+                    cond.wait()
+                step = next_step[0]
+                next_step[0] += 1
+            item = batch_for_step(cfg, tok, step)
+            with cond:
+                out[step] = item
+                cond.notify_all()
+
+    for _ in range(workers):
+        threading.Thread(target=work, daemon=True).start()
+    step = start
+    while True:
+        with cond:
+            while step not in out:
+                cond.wait()
+            item = out.pop(step)
+            cond.notify_all()
+        yield item
+        step += 1
+
+
+def _checkpointer(workdir):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=1))
+
+
+def save_state(manager, state):
+    import orbax.checkpoint as ocp
+
+    manager.save(int(state["step"]), args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+
+
+def restore_state(manager, template):
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def export_pipeline(cfg: TinyConfig, ema_params, out_dir, train_info: dict):
+    """Write the EMA weights as a loadable pipeline (what ``jaxlongvid.load`` reads)."""
+    from jaxlongvid.pipeline import Pipeline, PipelineConfig, save
+
+    pipe = Pipeline(
+        config=PipelineConfig(family="tiny", unet=cfg.unet(), text=cfg.text(), vae=None, scheduler=cfg.scheduler(),
+                              height=cfg.size, width=cfg.size, num_frames=cfg.frames, num_inference_steps=25,
+                              guidance_scale=5.0, extra={"train": train_info}),
+        params={"unet": ema_params["unet"], "text": ema_params["text"]},
+        tokenizer=tokenizer(),
+    )
+    save(pipe, out_dir)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", default="runs/tiny")
+    ap.add_argument("--max-minutes", type=float, default=9.0, help="stop (and save) after this long")
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--save-minutes", type=float, default=3.0)
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--resume", action="store_true", help="continue from the workdir, else the shipped weights")
+    ap.add_argument("--export", default=None, help="write the EMA weights as a pipeline directory at the end")
+    ap.add_argument("--dtype", default="bfloat16" if jax.default_backend() == "gpu" else "float32")
+    ap.add_argument("--batch", type=int, default=None)
+    args = ap.parse_args(argv)
+    cfg = TinyConfig() if args.batch is None else TinyConfig(batch=args.batch)
+    t_start = time.time()
+    tok = tokenizer()
+    optimizer = make_optimizer(cfg)
+    params = init_params(cfg, jax.random.key(cfg.seed))
+    state = {"params": params, "ema": params, "opt_state": optimizer.init(params),
+             "step": jnp.zeros((), jnp.int32)}
+    os.makedirs(args.workdir, exist_ok=True)
+    manager = _checkpointer(args.workdir)
+    restored = restore_state(manager, state) if args.resume else None
+    if restored is not None:
+        state = restored
+        print(f"resumed from {args.workdir} at step {int(state['step'])}", flush=True)
+    elif args.resume:
+        from jaxlongvid.pipeline import load
+
+        shipped = load("tiny")
+        weights = {"unet": shipped.params["unet"], "text": shipped.params["text"]}
+        step = int(shipped.config.extra.get("train", {}).get("steps", 0))
+        state = {"params": weights, "ema": weights, "opt_state": optimizer.init(weights),
+                 "step": jnp.asarray(step, jnp.int32)}
+        print(f"no checkpoint in {args.workdir}: resumed from the shipped weights (step {step}, fresh optimizer "
+              "moments)", flush=True)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    print(f"params: {n_params:,}  dtype: {args.dtype}  batch: {cfg.batch}  backend: {jax.default_backend()}",
+          flush=True)
+    train_step = make_train_step(cfg, optimizer, jnp.dtype(args.dtype))
+    log_path = os.path.join(args.workdir, "loss.csv")
+    new_log = not os.path.exists(log_path)
+    log = open(log_path, "a")
+    if new_log:
+        log.write("step,loss,seconds\n")
+    start_step = int(state["step"])
+    batches = _prefetch(cfg, tok, start_step)
+    last_save = time.time()
+    losses = []
+    step = start_step
+    key = jax.random.key(cfg.seed + 1)
+
+    def finished():
+        return (args.max_steps is not None and step >= args.max_steps) or \
+            time.time() - t_start > args.max_minutes * 60
+
+    while not finished():
+        videos, tokens = next(batches)
+        state, loss = train_step(state, videos, tokens, jax.random.fold_in(key, step))
+        step += 1
+        losses.append(loss)
+        if step % args.log_every == 0:
+            mean = float(np.mean(jax.device_get(losses)))
+            losses = []
+            elapsed = time.time() - t_start
+            print(f"step {step}  loss {mean:.4f}  {elapsed:.0f}s", flush=True)
+            log.write(f"{step},{mean:.6f},{elapsed:.1f}\n")
+            log.flush()
+        if finished() or time.time() - last_save > args.save_minutes * 60:
+            save_state(manager, state)
+            last_save = time.time()
+            print(f"saved step {step}", flush=True)
+    log.close()
+    if args.export:
+        export_pipeline(cfg, jax.device_get(state["ema"]), args.export,
+                        {"steps": step, "batch": cfg.batch, "config": dataclasses.asdict(cfg)})
+        print(f"exported EMA weights to {args.export}", flush=True)
+    print(json.dumps({"steps": step, "minutes": round((time.time() - t_start) / 60, 2)}))
+
+
+if __name__ == "__main__":
+    main()
