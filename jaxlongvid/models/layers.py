@@ -37,12 +37,13 @@ def shard_frames(x: jnp.ndarray) -> jnp.ndarray:
 def timestep_sinusoid(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
     """``[B] -> [B, dim]`` float32: ``[cos(t f_k), sin(t f_k)]`` with ``f_k = exp(-ln(max_period) k / half)``.
 
-    The frequencies are computed in float32 with the originals' order of operations (they multiply timesteps
-    up to 1000, so one ulp of difference in a frequency would show in the embedding).
+    The exponent is computed in float32 in the originals' order of operations and its exponential rounded
+    correctly to float32 (via float64), which is what PyTorch's float32 ``exp`` gives here: the frequencies
+    multiply timesteps up to 1000, so one ulp of difference in a frequency would show in the embedding.
     """
     half = dim // 2
     exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
-    freqs = np.exp(exponent).astype(np.float32)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
     args = jnp.asarray(t, jnp.float32)[:, None] * jnp.asarray(freqs)[None, :]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:

@@ -8,8 +8,9 @@ opens an HF ``tokenizer/`` folder or an OpenCLIP ``bpe_simple_vocab_16e6.txt.gz`
 ``CLIPTokenizer`` reproduces both CLIP front ends, which differ only in text cleaning, special-token names and
 padding:
 
-* HF ``CLIPTokenizer`` (``clean="hf"``): NFC, runs of whitespace -> one space, lower case; pads with the folder's
-  pad token (SD 1.x: ``<|endoftext|>``, SD 2.x: ``!``);
+* HF ``CLIPTokenizer`` (``clean="hf"``): its special tokens (BOS, EOS, pad, unk) are cut out of the raw text first
+  (so with SD 2.x's pad token ``!`` each ``!`` becomes id 0, as in transformers), then NFC, runs of whitespace ->
+  one space, lower case; pads with the folder's pad token (SD 1.x: ``<|endoftext|>``, SD 2.x: ``!``);
 * open_clip ``SimpleTokenizer`` (``clean="openclip"``): ``ftfy.fix_text`` when ftfy is installed (else NFC, which is
   what fix_text amounts to on ordinary text), HTML entities unescaped twice, whitespace collapsed, lower case; pads
   with 0.
@@ -140,6 +141,7 @@ class CLIPTokenizer:
         self.context_length = int(context_length)
         self.clean = clean
         self.byte_table = bytes_to_unicode()
+        self.raw_specials = self._raw_special_tokens()
         self._cache: dict[str, list[str]] = {}
 
     @property
@@ -214,16 +216,43 @@ class CLIPTokenizer:
         self._cache[word] = symbols
         return symbols
 
+    def _raw_special_tokens(self) -> list[str]:
+        """HF matches its special tokens (BOS, EOS, pad, unk) in the raw text before anything else, so with
+        SD 2.x's pad token ``!`` every ``!`` is cut out as id 0. open_clip only knows its two in its word pattern."""
+        if self.clean != "hf":
+            return []
+        names = {i: t for t, i in self.vocab.items()}
+        tokens = {names[i] for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i in names}
+        return sorted(tokens, key=len, reverse=True)  # longest first, as HF's trie matches
+
+    def _split_specials(self, text: str) -> list[str]:
+        """``text`` cut into special tokens and the pieces between them."""
+        specials = self.raw_specials
+        pieces, start, i = [], 0, 0
+        while i < len(text):
+            hit = next((t for t in specials if text.startswith(t, i)), None)
+            if hit is None:
+                i += 1
+                continue
+            pieces += [text[start:i], hit]
+            i = start = i + len(hit)
+        return pieces + [text[start:]]
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of one text, without BOS/EOS or padding."""
-        specials = (self.bos_token, self.eos_token)
+        specials = set(self.raw_specials)
+        inline = (self.bos_token, self.eos_token)
         ids = []
-        for word in split_words(clean_text(text, self.clean), specials):
-            if word in specials:
-                ids.append(self.vocab[word])
+        for piece in self._split_specials(text):
+            if piece in specials:
+                ids.append(self.vocab[piece])
                 continue
-            mapped = "".join(self.byte_table[b] for b in word.encode("utf-8"))
-            ids.extend(self.vocab.get(s, self.unk_id) for s in self._bpe(mapped))
+            for word in split_words(clean_text(piece, self.clean), inline):
+                if word in inline:
+                    ids.append(self.vocab[word])
+                    continue
+                mapped = "".join(self.byte_table[b] for b in word.encode("utf-8"))
+                ids.extend(self.vocab.get(s, self.unk_id) for s in self._bpe(mapped))
         return ids
 
     def encode(self, texts) -> np.ndarray:

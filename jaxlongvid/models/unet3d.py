@@ -41,10 +41,12 @@ named by its parameter path (``temporal_layer_names(config)``), runs ``method_fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -362,10 +364,10 @@ class UNet3D(nn.Module):
         return shard_frames(out.astype(jnp.float32))
 
 
+@functools.lru_cache(maxsize=16)
 def init_shapes(config: UNet3DConfig, frames: int = 2) -> Any:
-    """The parameter shape tree of ``UNet3D(config)`` via ``jax.eval_shape`` (no weights are materialised)."""
-    import jax
-
+    """The parameter shape tree of ``UNet3D(config)`` via ``jax.eval_shape`` (no weights are materialised;
+    cached per config: treat the result as read-only)."""
     size = config.downsample_factor
     x = jax.ShapeDtypeStruct((1, frames, size, size, config.in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -376,6 +378,4 @@ def init_shapes(config: UNet3DConfig, frames: int = 2) -> Any:
 
 
 def count_parameters(params) -> int:
-    import jax
-
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))

@@ -251,13 +251,19 @@ class AutoencoderKL(nn.Module):
 
 # ---- pure functions on params -----------------------------------------------------------------------------
 def _map_images(fn, x, chunk: int):
-    """Apply ``fn`` (batch of images -> batch of images) over all leading dims, ``chunk`` images at a time."""
+    """Apply ``fn`` (batch of images -> batch of images) over all leading dims, ``chunk`` images at a time.
+    The batch is zero-padded to a multiple of ``chunk`` (every layer works per image, so padding cannot leak
+    into real images) so ``fn`` is traced and compiled once."""
     lead = x.shape[:-3]
     flat = x.reshape((-1,) + x.shape[-3:])
-    if chunk <= 0 or chunk >= flat.shape[0]:
+    n = flat.shape[0]
+    if chunk <= 0 or chunk >= n:
         out = fn(flat)
     else:
-        out = jax.lax.map(lambda one: fn(one[None])[0], flat, batch_size=chunk)
+        steps = -(-n // chunk)
+        padded = jnp.pad(flat, ((0, steps * chunk - n),) + ((0, 0),) * 3)
+        out = jax.lax.map(fn, padded.reshape((steps, chunk) + flat.shape[1:]))
+        out = out.reshape((steps * chunk,) + out.shape[2:])[:n]
     return out.reshape(lead + out.shape[1:])
 
 

@@ -7,17 +7,17 @@ frames) follow exactly the motion law of the 16-frame training clips.
 
 The world is a torus: an object moving left leaves at the left edge and comes back at the right. Linear motion
 is the only law that reaches an edge (bouncing reflects inside the frame, circling orbits the centre), and
-:func:`random_scene` places linear movers so that the clip it plans for stays clear of the edges; longer
-renders of the same scene wrap.
+:func:`random_object` places linear movers so that the clip it plans for keeps them whole in frame; longer
+renders of the same scene wrap. Every object is whole in frame at frame 0.
 
-Motion laws (x, y in image-side units, t the frame index):
+Motion laws (x, y in image-side units, t the frame index; an object's "box" is its bounding box):
 - ``left/right/up/down``: p(t) = p0 + v t (mod 1), |v| in [0.028, 0.036] per frame along one axis;
-- ``bouncing``: each axis a triangle wave between the walls (the object's extent inside the frame), per-axis
-  speed in [0.045, 0.065], so each axis reverses at least every 17 frames;
-- ``circling``: p(t) = c + R (cos(phase + 2 pi t / P), sin(...)), R in [0.15, 0.22], |P| in [20, 32] frames
-  (sign = direction);
+- ``bouncing``: each axis a triangle wave between the walls where the box touches the frame, per-axis speed
+  in [0.045, 0.065], so each axis reverses at least every 17 frames;
+- ``circling``: p(t) = c + R (cos(phase + 2 pi t / P), sin(...)), c within 0.03 of the middle, R in
+  [0.14, 0.22] (capped so the box stays in frame), |P| in [20, 32] frames (its sign is the direction);
 - ``still``: p(t) = p0.
-The slowest moving object covers 0.028 of the side per frame, above VBench's dynamic-degree threshold of
+The slowest moving object covers 0.0275 of the side per frame, above VBench's dynamic-degree threshold of
 6/256 of the side per frame.
 
 Rendering is vectorised over clips, frames and pixels with NumPy: shapes are signed-distance functions with a
@@ -38,9 +38,10 @@ MAX_OBJECTS = 2
 EXTENT_RANGE = (0.14, 0.2)  # object half-size (circle radius), fraction of the side
 LINEAR_SPEED = (0.028, 0.036)
 BOUNCE_SPEED = (0.045, 0.065)  # per axis
-ORBIT_RADIUS = (0.15, 0.22)
+ORBIT_RADIUS = (0.14, 0.22)  # capped so the shape stays in frame (at least 0.16 of the side is left)
+ORBIT_CENTRE_JITTER = 0.03
 ORBIT_PERIOD = (20.0, 32.0)
-TWO_OBJECT_PROBABILITY = 0.25
+TWO_OBJECT_PROBABILITY = 0.6  # tried; about 0.18 of scenes end with two (the second must keep clear)
 CAPTION_WITHOUT_BACKGROUND_PROBABILITY = 0.1
 
 _DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
@@ -119,6 +120,24 @@ def _check_choice(what, value, allowed):
         raise ValueError(f"unknown {what} {value!r}; expected one of {list(allowed)}")
 
 
+# distance from an object's centre to its farthest point, in extents (the triangle's apex is the farthest)
+_BOUNDING_RADIUS = {"circle": 1.0, "square": _SQUARE_HALF_SIDE * np.sqrt(2), "checkered square":
+                    _SQUARE_HALF_SIDE * np.sqrt(2), "diamond": _DIAMOND_HALF_DIAGONAL,
+                    "triangle": 2.0 * _TRIANGLE_HEIGHT / 3.0}
+
+
+def margins(shape: str, extent: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding box of a shape around its centre: (distance to the left and top sides, to the right and
+    bottom sides), each ``[x, y]`` in the extent's units. A centre in ``[lo, 1 - hi]`` keeps it in frame."""
+    if shape == "triangle":  # apex up; the centre is the centroid, a third of the height above the base
+        half_base = _TRIANGLE_HALF_BASE * extent
+        return (np.asarray([half_base, 2 * _TRIANGLE_HEIGHT * extent / 3]),
+                np.asarray([half_base, _TRIANGLE_HEIGHT * extent / 3]))
+    half = {"circle": 1.0, "square": _SQUARE_HALF_SIDE, "checkered square": _SQUARE_HALF_SIDE,
+            "diamond": _DIAMOND_HALF_DIAGONAL}[shape] * extent
+    return np.asarray([half, half]), np.asarray([half, half])
+
+
 # ---- motion laws ------------------------------------------------------------------------------------------
 
 
@@ -140,7 +159,8 @@ def trajectory(obj: SceneObject, frames: int) -> np.ndarray:
     elif obj.motion in vocab.LINEAR_MOTIONS:
         positions = start + velocity * t
     elif obj.motion == "bouncing":
-        positions = _triangle_wave(start, velocity, obj.extent, 1.0 - obj.extent, t)
+        low, high = margins(obj.shape, obj.extent)
+        positions = _triangle_wave(start, velocity, low, 1.0 - high, t)
     else:  # circling
         angle = obj.phase + 2.0 * np.pi * t[:, 0] / obj.period
         positions = start + obj.radius * np.stack([np.cos(angle), np.sin(angle)], axis=-1)
@@ -156,82 +176,73 @@ def _as_rng(rng_or_seed) -> np.random.Generator:
     return np.random.default_rng(rng_or_seed)
 
 
-def _reverses_inside(obj: SceneObject, frames: int) -> bool:
-    """Whether a bouncing object reverses on some axis with at least two frames of travel either side."""
-    steps = np.diff(trajectory(obj, frames), axis=0)
-    for axis in range(2):
-        signs = np.sign(steps[:, axis])
-        flips = np.nonzero(signs[1:] != signs[:-1])[0] + 1  # first step after a reversal
-        if np.any((flips >= 2) & (flips <= len(signs) - 2)):
-            return True
-    return False
-
-
 def random_object(rng, colour: str, shape: str, motion: str, frames: int = 16) -> SceneObject:
-    """An object with the given identity and a random instance of its motion law.
+    """An object with the given identity and a random instance of its motion law, whole in frame.
 
-    Linear movers are placed so that ``frames`` frames stay clear of the edges (when the travel allows);
-    bouncing objects are drawn until a reversal falls inside the clip (with two frames either side).
+    Still, bouncing and circling objects stay whole in frame at any length. Linear movers are placed (and
+    slowed within the speed range where needed) so that ``frames`` frames keep them whole, which 16 frames
+    always allow; longer renders wrap. Bouncing objects are placed so that one axis reverses at a random time
+    in [2.5, frames - 3.5]: the clip shows a bounce with at least two frames of travel on either side.
     """
     rng = _as_rng(rng)
     e = float(rng.uniform(*EXTENT_RANGE))
-    lo, hi = e, 1.0 - e
+    lo, hi = margins(shape, e)
+    hi = 1.0 - hi  # centres in [lo, hi] keep the whole shape in frame
     if motion == "still":
-        return SceneObject(colour, shape, motion, e, tuple(rng.uniform(lo, hi, 2)))
+        return SceneObject(colour, shape, motion, e, tuple(rng.uniform(lo, hi)))
     if motion in vocab.LINEAR_MOTIONS:
         direction = np.asarray(_DIRECTIONS[motion])
-        speed = float(rng.uniform(*LINEAR_SPEED))
-        travel = speed * max(frames - 1, 0)
-        start = rng.uniform(lo, hi, 2)
         axis = int(np.argmax(np.abs(direction)))
-        room = (hi - lo) - travel
+        speed = float(rng.uniform(*LINEAR_SPEED))
+        if frames > 1:  # slow down (within the speed range) if the clip would not fit otherwise
+            speed = min(speed, max(LINEAR_SPEED[0], (hi[axis] - lo[axis]) / (frames - 1)))
+        travel = speed * max(frames - 1, 0)
+        start = rng.uniform(lo, hi)
+        room = (hi[axis] - lo[axis]) - travel
         offset = rng.uniform(0.0, room) if room > 0 else 0.0
-        start[axis] = lo + offset if direction[axis] > 0 else hi - offset
+        start[axis] = lo[axis] + offset if direction[axis] > 0 else hi[axis] - offset
         return SceneObject(colour, shape, motion, e, tuple(start), tuple(speed * direction))
     if motion == "bouncing":
-        for _ in range(200):
-            velocity = rng.uniform(*BOUNCE_SPEED, 2) * rng.choice([-1.0, 1.0], 2)
-            obj = SceneObject(colour, shape, motion, e, tuple(rng.uniform(lo, hi, 2)), tuple(velocity))
-            if frames < 6 or _reverses_inside(obj, frames):
-                return obj
-        return obj
+        velocity = rng.uniform(*BOUNCE_SPEED, 2) * rng.choice([-1.0, 1.0], 2)
+        start = rng.uniform(lo, hi)
+        if frames >= 6:
+            # unfolded coordinate u(t) = u0 + v t reflects at multiples of the span: u0 = (-v t_b) mod span
+            axis, bounce_time = int(rng.integers(2)), rng.uniform(2.5, frames - 3.5)
+            start[axis] = lo[axis] + np.mod(-velocity[axis] * bounce_time, hi[axis] - lo[axis])
+        return SceneObject(colour, shape, motion, e, tuple(start), tuple(velocity))
     # circling
-    radius = float(rng.uniform(*ORBIT_RADIUS))
-    centre = 0.5 + rng.uniform(-0.05, 0.05, 2)
+    centre = 0.5 + rng.uniform(-ORBIT_CENTRE_JITTER, ORBIT_CENTRE_JITTER, 2)
+    room = min(np.min(centre - lo), np.min(hi - centre))  # the orbit keeps the shape in frame
+    radius = float(min(rng.uniform(*ORBIT_RADIUS), room))
     period = float(rng.uniform(*ORBIT_PERIOD) * rng.choice([-1.0, 1.0]))
     return SceneObject(colour, shape, motion, e, tuple(centre), radius=radius, period=period,
                        phase=float(rng.uniform(0.0, 2.0 * np.pi)))
 
 
-# distance from an object's centre to its farthest point, in extents (the triangle's apex is the farthest)
-_BOUNDING_RADIUS = {"circle": 1.0, "square": _SQUARE_HALF_SIDE * np.sqrt(2), "checkered square":
-                    _SQUARE_HALF_SIDE * np.sqrt(2), "diamond": _DIAMOND_HALF_DIAGONAL,
-                    "triangle": 2.0 * _TRIANGLE_HEIGHT / 3.0}
-
-
-def _apart(first: SceneObject, second: SceneObject, frames: int) -> bool:
-    """Whether two objects never touch during ``frames`` frames (bounding circles on the torus)."""
-    gap = np.mod(trajectory(first, frames) - trajectory(second, frames) + 0.5, 1.0) - 0.5
-    reach = first.extent * _BOUNDING_RADIUS[first.shape] + second.extent * _BOUNDING_RADIUS[second.shape]
-    return bool(np.all(np.linalg.norm(gap, axis=1) > reach + 0.02))
-
-
-def _objects_apart(rng, identities, frames):
-    """Objects for (colour, shape, motion) triples; a second one is redrawn (up to 100 times, then left out)
-    until it does not touch the first during ``frames`` frames, so every object of a planned clip is whole."""
-    objects = [random_object(rng, *identities[0], frames)]
+def _objects_apart(rng, identities, frames, tries: int = 25, keep_all: bool = False):
+    """Objects for (colour, shape, motion) triples; a second one is redrawn up to ``tries`` times until it does
+    not touch the first during ``frames`` frames (bounding circles on the torus), so every object of a planned
+    clip is whole. If no draw keeps clear, the second is left out, or with ``keep_all`` kept as last drawn."""
+    first = random_object(rng, *identities[0], frames)
+    objects, path = [first], trajectory(first, frames)
     for identity in identities[1:]:
-        for _ in range(100):
+        for _ in range(tries):
             second = random_object(rng, *identity, frames)
-            if _apart(objects[0], second, frames):
+            gap = np.mod(path - trajectory(second, frames) + 0.5, 1.0) - 0.5
+            reach = first.extent * _BOUNDING_RADIUS[first.shape] + second.extent * _BOUNDING_RADIUS[second.shape]
+            if np.min(np.sum(gap * gap, axis=1)) > (reach + 0.02) ** 2:
                 objects.append(second)
                 break
+        else:
+            if keep_all:
+                objects.append(second)
     return tuple(objects)
 
 
 def random_scene(rng, frames: int = 16, num_objects: int | None = None) -> Scene:
-    """A random scene: uniform background, colours, shapes and motions; two objects with probability 1/4
-    (kept apart during ``frames`` frames, see :func:`_objects_apart`)."""
+    """A random scene: background, colours, shapes and motions drawn uniformly; a second object is tried with
+    probability 0.6 and kept if it can stay clear of the first during ``frames`` frames (about 0.18 of the
+    scenes end with two; see :func:`_objects_apart`)."""
     rng = _as_rng(rng)
     if num_objects is None:
         num_objects = 2 if rng.random() < TWO_OBJECT_PROBABILITY else 1
@@ -244,13 +255,13 @@ def random_scene(rng, frames: int = 16, num_objects: int | None = None) -> Scene
 def scene_from_prompt(prompt: str | PromptSpec, rng, frames: int = 16) -> Scene:
     """A random scene that matches ``prompt``: what it leaves open (motion, background) is drawn at random.
 
-    If two prompted objects cannot be kept apart, the second is left out (rare; see :func:`_objects_apart`).
+    Two prompted objects are kept apart during ``frames`` frames when 25 draws allow it (else they may touch).
     """
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     rng = _as_rng(rng)
     identities = [(o.colour, o.shape, o.motion or str(rng.choice(list(vocab.MOTIONS)))) for o in spec.objects]
     background = spec.background or str(rng.choice(vocab.BACKGROUNDS))
-    return Scene(_objects_apart(rng, identities, frames), background, int(rng.integers(2**31)))
+    return Scene(_objects_apart(rng, identities, frames, keep_all=True), background, int(rng.integers(2**31)))
 
 
 # ---- captions ---------------------------------------------------------------------------------------------
@@ -338,10 +349,13 @@ def background_image(scene: Scene, size: int) -> np.ndarray:
         ramp = ramp[::-1] if rng.random() < 0.5 else ramp
         return np.ascontiguousarray(np.broadcast_to(ramp[None, :] if rng.random() < 0.5 else ramp[:, None],
                                                     (size, size)), np.float32)
-    if name == "striped":  # two grey levels, horizontal or vertical bands
+    if name == "striped":  # two grey levels, horizontal or vertical bands, box-filtered over each pixel
         period = float(rng.choice([1 / 8, 1 / 6]))
-        band = np.where(np.mod(u + rng.random() * period, period) < period / 2, 70.0, 180.0)
-        band = band.astype(np.float32)
+        shift = rng.random() * period
+        edges = np.arange(size + 1, dtype=np.float64) / size + shift
+        dark_so_far = np.floor(edges / period) * period / 2 + np.minimum(np.mod(edges, period), period / 2)
+        dark = np.diff(dark_so_far) * size  # fraction of each pixel in a dark band
+        band = (180.0 - 110.0 * dark).astype(np.float32)
         return np.ascontiguousarray(np.broadcast_to(band[None, :] if rng.random() < 0.5 else band[:, None],
                                                     (size, size)))
     # textured: smooth random grey field, bilinear from an 8x8 grid on the torus (resolution-free)
@@ -375,6 +389,14 @@ def _shape_sdf(shape: str, dx: np.ndarray, dy: np.ndarray, e: np.ndarray) -> np.
     return np.maximum(side, dy - h / 3.0)
 
 
+def _box_filtered_square_wave(u, cell):
+    """Mean over [u - 1/2, u + 1/2] of the wave that is +1 on [0, cell) and -1 on [cell, 2 cell), periodic;
+    its integral is the triangle wave cell - |(u mod 2 cell) - cell|."""
+    def integral(v):
+        return cell - np.abs(np.mod(v, 2.0 * cell) - cell)
+    return integral(u + 0.5) - integral(u - 0.5)
+
+
 def _coverage(objects, frames, size):
     """Coverage ``alpha`` and colour ``rgb`` of objects that share one shape, ``float32 [n, F, H, W(, 3)]``."""
     centres = np.stack([trajectory(o, frames) for o in objects]).astype(np.float32) * size  # [n, F, 2]
@@ -391,8 +413,9 @@ def _coverage(objects, frames, size):
     if shape in vocab.PATTERNED_SHAPES:
         half_side = _SQUARE_HALF_SIDE * extent
         cell = 2.0 * half_side / _CHECKER_CELLS
-        parity = (np.floor((dx + half_side) / cell) + np.floor((dy + half_side) / cell)) % 2
-        shade = 1.0 - (1.0 - vocab.DARK_CELL_FACTOR) * parity
+        # checker = product of two +-1 square waves, each box-filtered over the pixel (anti-aliased cells)
+        product = _box_filtered_square_wave(dx + half_side, cell) * _box_filtered_square_wave(dy + half_side, cell)
+        shade = 1.0 - (1.0 - vocab.DARK_CELL_FACTOR) * (1.0 - product) / 2.0
         return alpha, rgb * shade[..., None]
     return alpha, np.broadcast_to(rgb, alpha.shape + (3,))
 
