@@ -9,6 +9,8 @@ identity, so the same model code runs unsharded.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, PartitionSpec as P
 
 FRAMES = "frames"
@@ -30,3 +32,84 @@ def constrain(x: jax.Array, spec: P) -> jax.Array:
     if not names <= set(mesh.axis_names):
         return x
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+# ---- the sampler's mesh and global arrays -----------------------------------------------------------------------
+# Only global-array APIs are used below (NamedSharding, jax.make_array_from_callback, process_allgather), so the
+# same code runs on one host or, after ``jax.distributed.initialize()``, on many: every process calls
+# ``jaxlongvid.sample`` with the same arguments, builds the same mesh over ``jax.devices()`` (all processes'
+# devices) and gets the whole video back.
+VIDEO = P(DATA, FRAMES)  # [B, F, H, W, C]: batch over "data", frames over "frames"
+
+
+def mesh_for_devices(devices, guided: bool = True) -> jax.sharding.Mesh:
+    """A mesh over ``devices`` (a count of the first ``jax.devices()``, or a sequence of devices).
+
+    With classifier-free guidance and an even count, the cond/uncond pair gets a ``data`` axis of 2 and the
+    rest goes to ``frames``; otherwise every device is on ``frames``.
+    """
+    available = jax.devices()
+    if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)):
+        devices = list(devices)
+        if not devices:
+            raise ValueError("devices is empty")
+    else:
+        if devices < 1:
+            raise ValueError(f"devices must be >= 1, got {devices}")
+        if devices > len(available):
+            raise ValueError(f"asked for {devices} devices but only {len(available)} are visible "
+                             f"({available[0].platform}); on CPU, set XLA_FLAGS="
+                             f"--xla_force_host_platform_device_count={devices} before jax starts")
+        devices = available[:devices]
+    count = len(devices)
+    data = 2 if guided and count % 2 == 0 else 1
+    return make_mesh(count // data, data, devices=devices)
+
+
+def axis_size(mesh, name: str) -> int:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1) if mesh is not None else 1
+
+
+def check_mesh(mesh, num_frames: int, batch: int) -> None:
+    """Clear errors, before anything is traced, when the video does not split evenly over the mesh."""
+    if mesh is None:
+        return
+    unknown = set(mesh.axis_names) - {FRAMES, DATA}
+    if unknown:
+        raise ValueError(f"the mesh has axes {mesh.axis_names}; the sampler uses only {FRAMES!r} and {DATA!r} "
+                         f"(unknown: {sorted(unknown)})")
+    frames = axis_size(mesh, FRAMES)
+    if num_frames % frames:
+        raise ValueError(f"num_frames={num_frames} is not divisible by the mesh's {FRAMES!r} axis ({frames} "
+                         f"devices); frames are split evenly over devices (padding would change the attention), "
+                         f"so use a multiple of {frames} frames or another mesh")
+    data = axis_size(mesh, DATA)
+    if batch % data:
+        raise ValueError(f"the model batch of {batch} (prompts x 2 with guidance) is not divisible by the mesh's "
+                         f"{DATA!r} axis ({data} devices)")
+
+
+def named(mesh, spec: P = P()):
+    """``NamedSharding(mesh, spec)``; None without a mesh."""
+    return None if mesh is None else jax.sharding.NamedSharding(mesh, spec)
+
+
+def put(x, sharding_or_none):
+    """A host array as a global ``jax.Array`` with that sharding (every process passes the same ``x``)."""
+    x = np.asarray(x)
+    if sharding_or_none is None:
+        return jnp.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding_or_none, lambda index: x[index])
+
+
+def put_tree(tree, sharding_or_none):
+    return jax.tree_util.tree_map(lambda x: put(x, sharding_or_none), tree)
+
+
+def to_host(x) -> np.ndarray:
+    """The whole of a (possibly multi-host) global array as NumPy, on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -64,7 +64,9 @@ class TinyConfig:
                                           context_length=CONTEXT_LENGTH)
 
     def scheduler(self) -> SchedulerConfig:
-        return SchedulerConfig.lavie(kind="ddim")
+        # x0 clipped to [-1, 1] while sampling, as pixel-space DDPM/DDIM models do: without it the early,
+        # high-noise steps leave colour casts over whole frames.
+        return SchedulerConfig.lavie(kind="ddim").replace(clip_sample=True)
 
 
 def tokenizer() -> WordTokenizer:
@@ -123,33 +125,22 @@ def batch_for_step(cfg: TinyConfig, tok: WordTokenizer, step: int):
     return videos, tok.encode(captions)
 
 
-def _prefetch(cfg, tok, start, workers=8, depth=16):
-    """Batches for steps start, start+1, ... made on background threads, yielded in step order."""
-    out: dict[int, tuple] = {}
-    cond = threading.Condition()
-    next_step = [start]
+def _batch_job(cfg: TinyConfig, step: int):
+    return batch_for_step(cfg, tokenizer(), step)
 
-    def work():
-        while True:
-            with cond:
-                while len(out) >= depth:
-                    cond.wait()
-                step = next_step[0]
-                next_step[0] += 1
-            item = batch_for_step(cfg, tok, step)
-            with cond:
-                out[step] = item
-                cond.notify_all()
 
-    for _ in range(workers):
-        threading.Thread(target=work, daemon=True).start()
+def _prefetch(cfg: TinyConfig, start: int, workers: int, depth: int = 32):
+    """Batches for steps start, start+1, ... rendered in worker processes (spawned: the parent holds GPU state; NumPy rendering holds the GIL, so
+    threads do not keep a GPU busy), yielded in step order."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    pending = {s: pool.submit(_batch_job, cfg, s) for s in range(start, start + depth)}
     step = start
     while True:
-        with cond:
-            while step not in out:
-                cond.wait()
-            item = out.pop(step)
-            cond.notify_all()
+        item = pending.pop(step).result()
+        pending[step + depth] = pool.submit(_batch_job, cfg, step + depth)
         yield item
         step += 1
 
@@ -179,17 +170,16 @@ def restore_state(manager, template):
 
 
 def export_pipeline(cfg: TinyConfig, ema_params, out_dir, train_info: dict):
-    """Write the EMA weights as a loadable pipeline (what ``jaxlongvid.load`` reads)."""
+    """Write the EMA weights as a loadable pipeline (what ``jaxlongvid.load`` reads); ``train_info`` goes into
+    the pipeline config's ``extra["train"]``."""
     from jaxlongvid.pipeline import Pipeline, PipelineConfig, save
 
-    pipe = Pipeline(
-        config=PipelineConfig(family="tiny", unet=cfg.unet(), text=cfg.text(), vae=None, scheduler=cfg.scheduler(),
-                              height=cfg.size, width=cfg.size, num_frames=cfg.frames, num_inference_steps=25,
-                              guidance_scale=5.0, extra={"train": train_info}),
-        params={"unet": ema_params["unet"], "text": ema_params["text"]},
-        tokenizer=tokenizer(),
-    )
-    save(pipe, out_dir)
+    config = PipelineConfig(family="tiny", unet=cfg.unet(), text=cfg.text(), vae=None, scheduler=cfg.scheduler(),
+                            num_frames=cfg.frames, num_inference_steps=25, guidance_scale=5.0, height=cfg.size,
+                            width=cfg.size, extra={"train": train_info})
+    pipe = Pipeline(config=config, params={"unet": ema_params["unet"], "text": ema_params["text"]},
+                    tokenizer=tokenizer())
+    save(pipe, out_dir, overwrite=True)
 
 
 def main(argv=None):
@@ -203,10 +193,11 @@ def main(argv=None):
     ap.add_argument("--export", default=None, help="write the EMA weights as a pipeline directory at the end")
     ap.add_argument("--dtype", default="bfloat16" if jax.default_backend() == "gpu" else "float32")
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+                    help="data-rendering processes")
     args = ap.parse_args(argv)
     cfg = TinyConfig() if args.batch is None else TinyConfig(batch=args.batch)
     t_start = time.time()
-    tok = tokenizer()
     optimizer = make_optimizer(cfg)
     params = init_params(cfg, jax.random.key(cfg.seed))
     state = {"params": params, "ema": params, "opt_state": optimizer.init(params),
@@ -237,7 +228,7 @@ def main(argv=None):
     if new_log:
         log.write("step,loss,seconds\n")
     start_step = int(state["step"])
-    batches = _prefetch(cfg, tok, start_step)
+    batches = _prefetch(cfg, start_step, args.workers)
     last_save = time.time()
     losses = []
     step = start_step

@@ -1,0 +1,202 @@
+"""The ``jaxlongvid`` command: ``sample``, ``info`` and ``convert``.
+
+Examples::
+
+    jaxlongvid sample --prompt "a red circle bouncing" --frames 64 --method longdiff --out circle.mp4
+    jaxlongvid sample --model ckpt/lavie --prompt "a corgi on the beach" --frames 128 --method freeloc \\
+        --devices 8 --out corgi.mp4
+    jaxlongvid info --model ckpt/lavie
+    jaxlongvid convert lavie --unet lavie_base.pt --sd stable-diffusion-v1-4 --out ckpt/lavie
+
+Subcommands are registered in :data:`SUBCOMMANDS`: a function that adds its parser to the subparsers object and
+sets ``func`` (called with the parsed arguments, returns an exit code). Adding one (e.g. ``bench``) is one
+function and one list entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+EXIT_ERROR = 1  # a request that cannot be served (bad value, missing file); argparse uses 2 for bad syntax
+
+
+class CommandError(Exception):
+    """A request the command cannot serve (printed as one line, exit code 1)."""
+
+
+# ---- sample ------------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate a video from a text prompt",
+                       description="Generate a video from a text prompt and write it as .mp4, .gif or a .png "
+                                   "contact sheet. Unset options take the model's defaults.")
+    p.add_argument("--prompt", required=True, help="the text prompt")
+    p.add_argument("--frames", type=_positive_int, help="number of frames (default: the model's)")
+    p.add_argument("--method", default="direct",
+                   help="long-video method: direct, freenoise, freelong, longdiff, freeloc, sliding-window, "
+                        "longdiff-no-pm, longdiff-no-ifs, clip, interpolate, group-only (default: direct)")
+    p.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
+    p.add_argument("--model", default="tiny", help="a pipeline directory, or 'tiny' for the bundled model")
+    p.add_argument("--steps", type=_positive_int, help="denoising steps")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--negative-prompt", help="negative prompt (default: the model's, usually empty)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--eta", type=float, help="DDIM eta (default: the model's)")
+    p.add_argument("--devices", type=_positive_int,
+                   help="shard the frames over this many devices (a frames x data mesh; frames must divide "
+                        "evenly). On CPU this also sets XLA's host device count (XLA_FLAGS)")
+    p.add_argument("--height", type=_positive_int, help="frame height in pixels")
+    p.add_argument("--width", type=_positive_int, help="frame width in pixels")
+    p.add_argument("--cond-fps", type=_positive_int, help="fps the model is conditioned on (VideoCrafter2)")
+    p.add_argument("--fps", type=float, default=8.0, help="playback fps of the written video (default: 8)")
+    p.add_argument("--sheet-every", type=_positive_int, help=".png: put every K-th frame on the sheet")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_sample)
+
+
+def _host_devices_for_cpu(count: Optional[int]) -> None:
+    """Let a CPU run see ``count`` host devices: XLA reads the flag when its CPU backend starts (on the first
+    device query, not at ``import jax``), so this works until then; GPU and TPU backends ignore it."""
+    if not count or count < 2:
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def run_sample(args) -> int:
+    _host_devices_for_cpu(args.devices)
+    import jax
+
+    import jaxlongvid.pipeline as pipeline_lib
+    from jaxlongvid import sampling, video
+
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in video.FORMATS:
+        raise ValueError(f"--out must end in one of {', '.join(video.FORMATS)}, got {args.out!r}")
+    pipe = pipeline_lib.load(args.model)
+    frames = sampling.sample(pipe, args.prompt, num_frames=args.frames, method=args.method, seed=args.seed,
+                             num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                             width=args.width, negative_prompt=args.negative_prompt, fps=args.cond_fps,
+                             eta=args.eta, devices=args.devices, progress=not args.no_progress)
+    if jax.process_index() == 0:
+        video.save_video(frames, args.out, fps=args.fps, every=args.sheet_every)
+        print(f"wrote {args.out}: {frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]}")
+    return 0
+
+
+# ---- info --------------------------------------------------------------------------------------------------------
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="show the installation, the devices and a model's configuration")
+    p.add_argument("--model", help="a pipeline directory, or 'tiny'")
+    p.set_defaults(func=run_info)
+
+
+def run_info(args) -> int:
+    import jax
+
+    import jaxlongvid
+    import jaxlongvid.pipeline as pipeline_lib
+    from jaxlongvid.methods import PRESETS
+
+    devices = jax.devices()
+    print(f"jaxlongvid {jaxlongvid.__version__}, jax {jax.__version__}")
+    print(f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}), "
+          f"processes: {jax.process_count()}")
+    print(f"methods: {', '.join(PRESETS)}")
+    tiny = os.path.isfile(os.path.join(pipeline_lib.TINY_DIR, pipeline_lib.CONFIG_FILE))
+    print(f"bundled tiny model: {'yes' if tiny else 'not installed'}")
+    if args.model is None:
+        return 0
+    pipe = pipeline_lib.load(args.model)
+    c = pipe.config
+    print(f"model: {pipeline_lib.resolve(args.model)}")
+    print(f"  family: {c.family}, compute dtype: {c.dtype}")
+    print(f"  denoiser: {type(c.unet).__name__}, native frames: {c.native_frames}, "
+          f"{'latent' if c.vae is not None else 'pixel'} space, {c.latent_channels} channels, "
+          f"sizes in multiples of {c.spatial_factor}")
+    print(f"  text: {type(c.text).__name__}; VAE: {type(c.vae).__name__ if c.vae is not None else 'none'}")
+    s = c.scheduler
+    print(f"  scheduler: {s.kind}, {s.beta_schedule} betas {s.beta_start}..{s.beta_end}, "
+          f"{s.prediction_type}, spacing {s.timestep_spacing}")
+    print(f"  defaults: {c.num_frames} frames, {c.height}x{c.width}, {c.num_inference_steps} steps, "
+          f"guidance {c.guidance_scale}")
+    counts = pipe.num_parameters()
+    print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" (total {sum(counts.values()):,})")
+    return 0
+
+
+# ---- convert -----------------------------------------------------------------------------------------------------
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a PyTorch checkpoint into a jaxlongvid pipeline directory")
+    families = p.add_subparsers(dest="family", required=True, metavar="FAMILY")
+
+    lavie = families.add_parser("lavie", help="LaVie base (lavie_base.pt on Stable Diffusion 1.4's folders)")
+    lavie.add_argument("--unet", required=True, help="lavie_base.pt (a UNet state dict, or {'ema': ...})")
+    lavie.add_argument("--sd", help="the stable-diffusion-v1-4 folder (vae/, text_encoder/, tokenizer/)")
+    lavie.add_argument("--config", help="a JSON file overriding the UNet config")
+    lavie.set_defaults(convert="convert_lavie", keys=("unet", "sd", "config"))
+
+    vc = families.add_parser("videocrafter", help="VideoCrafter1 / VideoCrafter2 text-to-video model.ckpt")
+    vc.add_argument("--ckpt", required=True, help="model.ckpt")
+    vc.add_argument("--version", required=True, type=int, choices=(1, 2), help="VideoCrafter 1 or 2")
+    vc.add_argument("--config", help="the inference YAML or a JSON UNet config (default: the release's)")
+    vc.set_defaults(convert="convert_videocrafter", keys=("ckpt", "version", "config"))
+
+    ms = families.add_parser("modelscope", help="ModelScope T2V / ZeroScope in diffusers format")
+    ms.add_argument("--diffusers", required=True, help="the diffusers pipeline folder (unet/, vae/, ...)")
+    ms.set_defaults(convert="convert_modelscope", keys=("diffusers",))
+
+    for family in (lavie, vc, ms):
+        family.add_argument("--out", required=True, help="the pipeline directory to write")
+        family.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+        family.set_defaults(func=run_convert)
+
+
+def run_convert(args) -> int:
+    try:
+        from convert import pipelines
+    except ModuleNotFoundError as e:
+        raise CommandError(f"jaxlongvid convert needs the converters ({e}); install with "
+                           f"pip install 'jaxlongvid[convert]'") from e
+    kwargs = {key: getattr(args, key) for key in args.keys}
+    out = getattr(pipelines, args.convert)(**kwargs, out=args.out, overwrite=args.overwrite)
+    print(f"wrote {out if out is not None else args.out}")
+    return 0
+
+
+# ---- entry -------------------------------------------------------------------------------------------------------
+SUBCOMMANDS: list[Callable] = [_add_sample, _add_info, _add_convert]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxlongvid", description="Training-free long video generation in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, CommandError) as e:
+        print(f"jaxlongvid {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""A text-to-video pipeline: static configuration + weights + tokenizer, saved as one directory.
+
+``Pipeline(config, params, tokenizer)``: ``config`` is a frozen :class:`PipelineConfig` (denoiser, optional VAE,
+text encoder and scheduler configs, default sampling settings); ``params`` is ``{"unet": ..., "text": ...,
+"vae": ...}`` (plain nested dicts of arrays, ``vae`` absent for pixel-space models); ``tokenizer`` turns prompts
+into int32 ids. Nothing here knows a model family: each sub-config is an instance of a registered config class
+(:func:`register_model`), stored in ``pipeline.json`` by class name and built back from it.
+
+On disk (:func:`save` / :func:`load`)::
+
+    DIR/pipeline.json   format tag, version, the configs (``{"class": name, "config": to_dict()}``)
+    DIR/params/         orbax checkpoint of ``params`` (host NumPy arrays: no device layout is recorded)
+    DIR/tokenizer/      the tokenizer's own files (``tokenizer.save``)
+
+``save`` writes everything into a temporary sibling directory and renames it into place at the end, so an
+interrupted save leaves no half-written pipeline behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlongvid.methods import get_method
+from jaxlongvid.schedulers import SchedulerConfig
+
+FORMAT = "jaxlongvid-pipeline"
+VERSION = 1
+CONFIG_FILE = "pipeline.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+TINY_DIR = os.path.join(os.path.dirname(__file__), "tiny", "weights")
+
+# ---- registry of model config classes -------------------------------------------------------------------------
+# name -> "module:ConfigClass:ModuleClass". The denoiser module is built as ModuleClass(config, method=..., dtype=...)
+# and called (x [B,F,H,W,C], timesteps [B], context [B,L,D], fps=None); a text module as ModuleClass(config,
+# dtype) on token ids [B, L]. VAEs go through jaxlongvid.models.vae.decode.
+_BUILTIN = {
+    "UNet3DConfig": "jaxlongvid.models.unet3d:UNet3DConfig:UNet3D",
+    "TextConfig": "jaxlongvid.models.text:TextConfig:TextEncoder",
+    "VAEConfig": "jaxlongvid.models.vae:VAEConfig:AutoencoderKL",
+}
+_REGISTERED: dict[str, tuple[type, type]] = {}
+
+
+def register_model(config_cls: type, module_cls: type, name: Optional[str] = None) -> None:
+    """Make ``config_cls`` storable in ``pipeline.json`` (under ``name``, default its class name) and say which
+    Flax module it builds. Config classes need ``to_dict()`` / ``from_dict()`` and must be frozen dataclasses."""
+    name = name or config_cls.__name__
+    for attr in ("to_dict", "from_dict"):
+        if not hasattr(config_cls, attr):
+            raise TypeError(f"{config_cls.__name__} needs a {attr}() method to be stored in {CONFIG_FILE}")
+    _REGISTERED[name] = (config_cls, module_cls)
+
+
+def _lookup(name: str) -> tuple[type, type]:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in _BUILTIN:
+        module_name, config_name, module_cls_name = _BUILTIN[name].split(":")
+        module = importlib.import_module(module_name)
+        _REGISTERED[name] = (getattr(module, config_name), getattr(module, module_cls_name))
+        return _REGISTERED[name]
+    known = sorted(set(_BUILTIN) | set(_REGISTERED))
+    raise ValueError(f"unknown model config class {name!r}; known: {known} (see jaxlongvid.pipeline.register_model)")
+
+
+def _class_name(config) -> str:
+    for name, (cls, _) in _REGISTERED.items():
+        if type(config) is cls:
+            return name
+    name = type(config).__name__
+    if name in _BUILTIN and type(config) is _lookup(name)[0]:
+        return name
+    raise ValueError(f"{type(config).__name__} is not a registered model config class "
+                     f"(see jaxlongvid.pipeline.register_model)")
+
+
+def module_class(config) -> type:
+    """The Flax module class a registered config builds."""
+    return _lookup(_class_name(config))[1]
+
+
+def _config_to_json(config) -> Optional[dict]:
+    return None if config is None else {"class": _class_name(config), "config": config.to_dict()}
+
+
+def _config_from_json(entry: Optional[dict]):
+    if entry is None:
+        return None
+    return _lookup(entry["class"])[0].from_dict(entry["config"])
+
+
+# ---- configuration ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Static description of a pipeline (hashable: a ``jax.jit`` static argument).
+
+    ``unet``: the denoiser's config (a registered class, e.g. ``UNet3DConfig``) with ``in_channels`` and
+    optionally ``downsample_factor``, ``fps_conditioning``. ``vae``: ``VAEConfig`` or None for a pixel-space
+    model whose output is the image in [-1, 1]. ``text``: the text encoder's config. The sampling settings are
+    what ``jaxlongvid.sample`` uses for arguments left out. ``extra``: free JSON metadata (training run,
+    conversion source); it takes no part in equality or hashing.
+    """
+
+    family: str
+    unet: Any
+    text: Any
+    scheduler: SchedulerConfig = SchedulerConfig()
+    vae: Any = None
+    dtype: str = "float32"  # compute dtype of the denoiser (float32 | bfloat16 | float16)
+    attention_implementation: Optional[str] = None  # passed to the denoiser when set (e.g. "cudnn" on GPU)
+    # default sampling settings
+    num_frames: int = 16
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    height: int = 320
+    width: int = 512
+    fps: Optional[int] = None  # for fps-conditioned models (VideoCrafter2: 28 in its t2v script)
+    eta: Optional[float] = None  # DDIM eta; None: the scheduler's
+    negative_prompt: str = ""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"PipelineConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.vae is not None and self.vae.latent_channels != self.unet.in_channels:
+            raise ValueError(f"the VAE has {self.vae.latent_channels} latent channels but the denoiser takes "
+                             f"{self.unet.in_channels}")
+        if self.vae is None and self.unet.in_channels != 3:
+            raise ValueError(f"a pixel-space pipeline (no VAE) needs a denoiser on 3 channels, got "
+                             f"{self.unet.in_channels}")
+
+    @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent pixel (the VAE's downsampling; 1 in pixel space)."""
+        return 1 if self.vae is None else self.vae.downsample_factor
+
+    @property
+    def spatial_factor(self) -> int:
+        """Height and width must be multiples of this (VAE factor x the denoiser's own downsampling)."""
+        return self.latent_factor * getattr(self.unet, "downsample_factor", 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.in_channels
+
+    @property
+    def uses_fps(self) -> bool:
+        return bool(getattr(self.unet, "fps_conditioning", False))
+
+    @property
+    def native_frames(self) -> Optional[int]:
+        return getattr(self.unet, "native_frames", None)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update(unet=_config_to_json(self.unet), text=_config_to_json(self.text), vae=_config_to_json(self.vae),
+                 scheduler=self.scheduler.to_dict(), extra=dict(self.extra))
+        return {"format": FORMAT, "version": VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineConfig":
+        d = dict(d)
+        if d.pop("format", None) != FORMAT:
+            raise ValueError("not a jaxlongvid pipeline config (no matching 'format' entry)")
+        version = d.pop("version", None)
+        if version != VERSION:
+            raise ValueError(f"pipeline config version {version} is not supported (this is {VERSION})")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown pipeline config fields {unknown}")
+        d.update(unet=_config_from_json(d["unet"]), text=_config_from_json(d["text"]),
+                 vae=_config_from_json(d.get("vae")), scheduler=SchedulerConfig.from_dict(d["scheduler"]))
+        return cls(**d)
+
+    def replace(self, **changes) -> "PipelineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ---- pure functions of (config, params) -----------------------------------------------------------------------
+def build_denoiser(config: PipelineConfig, method="direct"):
+    """The denoiser Flax module for ``method`` (preset name, Method or MethodPlan)."""
+    extra = {} if config.attention_implementation is None else {
+        "attention_implementation": config.attention_implementation}
+    return module_class(config.unet)(config.unet, method=get_method(method), dtype=jnp.dtype(config.dtype), **extra)
+
+
+def apply_denoiser(config: PipelineConfig, method, params, latents, timesteps, context, fps=None):
+    """Model output ``[B, F, H, W, C]`` for ``latents`` at ``timesteps`` [B] given the text ``context``."""
+    kwargs = {"fps": fps} if (fps is not None and config.uses_fps) else {}
+    return build_denoiser(config, method).apply({"params": params}, latents, timesteps, context, **kwargs)
+
+
+def apply_text_encoder(config: PipelineConfig, params, token_ids):
+    """Context ``[B, L, D]`` (float32) for token ids ``[B, L]``."""
+    module = module_class(config.text)(config.text, jnp.float32)
+    return module.apply({"params": params}, token_ids).astype(jnp.float32)
+
+
+def decode_latents(config: PipelineConfig, params, latents, chunk: int = 8):
+    """Images in about [-1, 1] ``[..., H, W, 3]``: VAE decode (``chunk`` frames at a time), or the identity in
+    pixel space."""
+    if config.vae is None:
+        return latents.astype(jnp.float32)
+    from jaxlongvid.models import vae
+
+    return vae.decode(params, config.vae, latents, chunk=chunk)
+
+
+# ---- the pipeline object ------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Pipeline:
+    """Configuration, weights and tokenizer of one text-to-video model."""
+
+    config: PipelineConfig
+    params: dict = field(repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+    _placed: dict = field(default_factory=dict, repr=False)  # mesh -> params replicated on that mesh
+
+    def __post_init__(self):
+        missing = [k for k in ("unet", "text") + (("vae",) if self.config.vae is not None else ())
+                   if k not in self.params]
+        if missing:
+            raise ValueError(f"Pipeline params lack {missing}; expected keys unet, text"
+                             f"{', vae' if self.config.vae is not None else ''}")
+
+    def denoiser(self, latents, timesteps, context, *, fps=None, method="direct"):
+        """The denoiser's output for ``latents [B, F, H, W, C]``, ``timesteps [B]``, ``context [B, L, D]``."""
+        return apply_denoiser(self.config, method, self.params["unet"], latents, timesteps, context, fps)
+
+    def encode_prompts(self, prompts) -> jnp.ndarray:
+        """Text context ``[B, L, D]`` for a list of prompts."""
+        if self.tokenizer is None:
+            raise ValueError("this pipeline has no tokenizer")
+        ids = jnp.asarray(self.tokenizer.encode(list(prompts)), jnp.int32)
+        return encode_text(self.config, self.params["text"], ids)
+
+    def decode(self, latents, chunk: int = 8):
+        return decode_latents(self.config, self.params.get("vae"), latents, chunk)
+
+    def num_parameters(self) -> dict[str, int]:
+        return {k: int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(v)))
+                for k, v in self.params.items()}
+
+
+encode_text = jax.jit(apply_text_encoder, static_argnums=0)  # (config, text params, token ids) -> context
+
+
+# ---- files --------------------------------------------------------------------------------------------------------
+def save(pipe: Pipeline, directory: str, overwrite: bool = False) -> str:
+    """Write ``pipe`` to ``directory`` (see the module docstring); returns the absolute path.
+
+    Everything goes to a temporary sibling first and is renamed into place at the end. An existing pipeline
+    is replaced only with ``overwrite=True`` (and only once the new one is complete). Multi-host: call it on
+    every process with ``directory`` on a shared file system (the checkpoint write is collective; process 0
+    writes the JSON and tokenizer and renames).
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    main = jax.process_index() == 0
+    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-save")
+    if main and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    _sync("jaxlongvid-save-start")
+    try:
+        host_params = jax.tree_util.tree_map(_to_numpy, pipe.params)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, PARAMS_DIR), host_params)
+        checkpointer.wait_until_finished()
+        if main:
+            if pipe.tokenizer is not None:
+                pipe.tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
+            with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+                json.dump(pipe.config.to_dict(), f, indent=1)
+                f.write("\n")
+            _replace_dir(tmp, directory)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _sync("jaxlongvid-save-done")
+    return directory
+
+
+def _to_numpy(x):
+    from jax.experimental import multihost_utils
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    if not os.path.exists(dst):
+        os.replace(src, dst)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
+    os.rmdir(old)
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def resolve(name_or_dir: str) -> str:
+    """A pipeline directory for a path or a bundled name (``"tiny"``), with a clear error if it is missing."""
+    path = os.fspath(name_or_dir)
+    if path == "tiny":
+        if not os.path.isfile(os.path.join(TINY_DIR, CONFIG_FILE)):
+            raise FileNotFoundError(
+                f"the bundled tiny model is not in this installation ({TINY_DIR} has no {CONFIG_FILE}); "
+                f"train it with `python -m jaxlongvid.tiny.train` or pass a pipeline directory")
+        return TINY_DIR
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such pipeline directory (or use the bundled name 'tiny')")
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        raise FileNotFoundError(f"{path}: not a jaxlongvid pipeline (no {CONFIG_FILE}); convert a checkpoint "
+                                f"with `jaxlongvid convert ...` first")
+    return path
+
+
+def load_config(name_or_dir: str) -> PipelineConfig:
+    with open(os.path.join(resolve(name_or_dir), CONFIG_FILE), encoding="utf-8") as f:
+        return PipelineConfig.from_dict(json.load(f))
+
+
+def load(name_or_dir: str) -> Pipeline:
+    """Read a pipeline written by :func:`save` (or ``"tiny"``). Parameters land on the default device."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(resolve(name_or_dir))
+    config = load_config(path)
+    params_dir = os.path.join(path, PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"{path}: the pipeline has no {PARAMS_DIR}/ checkpoint")
+    params = ocp.StandardCheckpointer().restore(params_dir)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    tokenizer = None
+    if os.path.isdir(os.path.join(path, TOKENIZER_DIR)):
+        from jaxlongvid.models.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(os.path.join(path, TOKENIZER_DIR))
+    return Pipeline(config, params, tokenizer)
