@@ -71,13 +71,16 @@ class Encoding:
 
 # ---- position encodings -----------------------------------------------------------------------------------
 def _linear_coefficient(pmap: np.ndarray) -> Optional[float]:
-    """c if ``pmap == c * (j - i)`` exactly, else None (then RoPE cannot be an absolute rotation)."""
+    """c if ``pmap == c * (j - i)`` (to float32 rounding of the map), else None (then RoPE cannot be an
+    absolute rotation)."""
     n = pmap.shape[-1]
     if n == 1:
         return 1.0
     c = float(pmap[0, 1])
-    d = np.arange(n)[None, :] - np.arange(n)[:, None]
-    return c if np.array_equal(pmap.astype(np.float64), c * d.astype(np.float64)) else None
+    d = (np.arange(n)[None, :] - np.arange(n)[:, None]).astype(np.float64)
+    if np.issubdtype(pmap.dtype, np.integer):
+        return c if np.array_equal(pmap, c * d) else None
+    return c if np.allclose(pmap, c * d, rtol=1e-6, atol=1e-6 * max(1.0, abs(c) * n)) else None
 
 
 def rotate(x: jnp.ndarray, pos: np.ndarray, freqs: np.ndarray) -> jnp.ndarray:
@@ -418,9 +421,40 @@ class TemporalAttention(nn.Module):
             f = jnp.transpose(f, (0, 1, 4, 2, 3)).reshape(b, n, f.shape[-1], h * w)  # [B, N, C, hw]
             segments = self.method.segments(n, enc.native_frames)
             keyframes = jax.vmap(lambda one: select_keyframes(one, segments))(f)[:, None, :]  # [B, 1, n]
+        if self.is_mutable_collection("intermediates"):  # layer probing only (jaxlongvid.probing)
+            self._sow_probe_statistics(q, k, t5, rel_k, keyframes)
         out = temporal_attention(q, k, v, encoding=enc, method=self.method, t5_table=t5, rel_k=rel_k,
                                  rel_v=rel_v, keyframes=keyframes, spatial_shape=(h, w),
                                  implementation=self.implementation)
         out = nn.Dense(c, use_bias=self.out_bias, dtype=self.dtype, name="to_out")(
             out.reshape(b, h * w, n, inner))
         return jnp.transpose(out.reshape(b, h, w, n, c), (0, 3, 1, 2, 4))
+
+    def _sow_probe_statistics(self, q, k, t5, rel_k, keyframes):
+        """Statistics that FreeLOC's layer probing reads, sown only while ``intermediates`` is mutable
+        (``apply(..., mutable=["intermediates"])``), so ordinary calls compute none of this:
+
+        * ``attention_entropy`` ``[B, heads, N]``: entropy (nats) of each query frame's attention weights under
+          this layer's method, averaged over pixels (methods with merge 'none');
+        * at N <= N0 only, ``logits_sq`` and ``shift_change_sq`` ``[B, heads]``: the squared Frobenius norm of
+          the logits under the model's own positions (no mask), and of their change when every relative
+          distance d becomes d + sign(d) * N0 (all beyond the trained +-(N0 - 1)).
+        """
+        enc = self.encoding
+        if self.method.merge == "none":
+            p = attention_probabilities(q, k, encoding=enc, method=self.method, t5_table=t5, rel_k=rel_k,
+                                        keyframes=keyframes)  # [B, hw, heads, N, N]
+            plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+            self.sow("intermediates", "attention_entropy", -jnp.mean(jnp.sum(plogp, axis=-1), axis=1))
+        n = q.shape[-3]
+        if n <= enc.native_frames:
+            d = np.arange(n)[None, :] - np.arange(n)[:, None]
+
+            def logits(pmap):
+                out = _content_logits(q, k, pmap, enc, rel_k) / math.sqrt(self.head_dim)
+                return out if t5 is None else out + _t5_bias(pmap, enc, t5)
+
+            ori = logits(d)
+            change = logits(d + np.sign(d) * enc.native_frames) - ori
+            self.sow("intermediates", "logits_sq", jnp.sum(jnp.square(ori), axis=(1, 3, 4)))
+            self.sow("intermediates", "shift_change_sq", jnp.sum(jnp.square(change), axis=(1, 3, 4)))
