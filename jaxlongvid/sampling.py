@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlongvid import noise as noise_lib
 from jaxlongvid import schedulers, sharding
+from jaxlongvid.positions import _check_int as _int
 from jaxlongvid.methods import Method, MethodPlan, get_method
 from jaxlongvid.pipeline import Pipeline, PipelineConfig, apply_denoiser, decode_latents, encode_text
 
@@ -78,14 +79,6 @@ class Request:
     @property
     def model_batch(self) -> int:
         return len(self.prompts) * (2 if self.guided else 1)
-
-
-def _int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _seed(seed) -> int:

@@ -39,12 +39,13 @@ about 1e-5 absolute per step (see ``tests/test_schedulers.py``).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
+
+from jaxlongvid.configs import JsonConfig
 
 KINDS = ("ddim", "ddpm", "dpmsolver++")
 BETA_SCHEDULES = ("linear", "scaled_linear")
@@ -54,7 +55,7 @@ SOLVER_TYPES = ("midpoint", "heun")
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(JsonConfig):
     """A sampler and its noise schedule (static; usable as a ``jax.jit`` static argument)."""
 
     kind: str = "ddim"  # ddim | ddpm | dpmsolver++
@@ -108,20 +109,6 @@ class SchedulerConfig:
         return cls(kind=kind, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                    timestep_spacing=_default_spacing(kind), steps_offset=1, set_alpha_to_one=False,
                    clip_sample=False)
-
-    def replace(self, **changes) -> "SchedulerConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SchedulerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown SchedulerConfig fields {sorted(unknown)}")
-        return cls(**d)
 
 
 def _default_spacing(kind: str) -> str:

@@ -16,7 +16,6 @@ LayerNorm statistics and softmax run in float32 whatever the compute dtype.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -25,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlongvid.configs import JsonConfig
 from jaxlongvid.models.tokenizers import CLIPTokenizer, WordTokenizer, load_tokenizer  # noqa: F401 (re-export)
 
 ACTIVATIONS = {
@@ -34,7 +34,7 @@ ACTIVATIONS = {
 
 
 @dataclass(frozen=True)
-class TextConfig:
+class TextConfig(JsonConfig):
     """Hyper-parameters of a CLIP-style causal text transformer."""
 
     vocab_size: int = 49408
@@ -74,17 +74,6 @@ class TextConfig:
         """A small encoder to train from scratch with a :class:`WordTokenizer` (the bundled tiny model)."""
         return cls(vocab_size=vocab_size, context_length=context_length, width=64, num_layers=2, num_heads=4,
                    mlp_dim=256, activation="gelu")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TextConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TextConfig.from_dict: unknown fields {unknown}")
-        return cls(**d)
 
 
 def _layer_norm(x, eps: float, name: str, dtype):

@@ -40,7 +40,6 @@ named by its parameter path (``temporal_layer_names(config)``), runs ``method_fo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -51,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlongvid.attention import Encoding
+from jaxlongvid.configs import JsonConfig
 from jaxlongvid.methods import Method, MethodPlan, get_method, method_for_layer
 from jaxlongvid.models.layers import (ResnetBlock, SpatialTransformer, TemporalTransformer, TimestepEmbedding,
                                       GroupNorm, conv2d, shard_frames, timestep_sinusoid, upsample_nearest)
@@ -60,7 +60,7 @@ DEFAULT_FPS = 16  # VideoCrafter2's UNetModel.forward default when no fps is giv
 
 
 @dataclass(frozen=True)
-class UNet3DConfig:
+class UNet3DConfig(JsonConfig):
     """Static architecture of a :class:`UNet3D` (hashable; ``to_dict`` / ``from_dict`` for JSON).
 
     Defaults are LaVie base. ``attention_heads[level]`` is the number of heads at a level (head dim =
@@ -139,22 +139,6 @@ class UNet3DConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (self.num_levels - 1)
-
-    # ---- (de)serialisation ---------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNet3DConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"UNet3DConfig.from_dict: unknown fields {unknown}")
-        return cls(**d)
-
-    def replace(self, **changes) -> "UNet3DConfig":
-        return dataclasses.replace(self, **changes)
 
     # ---- the released architectures ------------------------------------------------------------------------
     @classmethod

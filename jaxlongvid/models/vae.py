@@ -14,7 +14,6 @@ any leading dimensions (``[B, H, W, 3]`` or ``[B, F, H, W, 3]``) and run the fra
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,11 +22,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlongvid.configs import JsonConfig
+
 NORM_EPS = 1e-6  # every GroupNorm of the KL autoencoder
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(JsonConfig):
     """Hyper-parameters of a KL autoencoder (names as in diffusers' ``AutoencoderKL`` config)."""
 
     in_channels: int = 3
@@ -61,19 +62,6 @@ class VAEConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"VAEConfig.from_dict: unknown fields {unknown}")
-        return cls(**d)
 
 
 # ---- building blocks --------------------------------------------------------------------------------------
