@@ -277,6 +277,41 @@ def attention_probabilities(q, k, *, encoding: Encoding = Encoding(), method="di
     return _probabilities(q, k, maps, full_mask, encoding, t5_table, rel_k)[0]
 
 
+def attention_logsumexp(q, k, *, encoding: Encoding = Encoding(), method="direct", t5_table=None, rel_k=None,
+                        keyframes=None, mask=None):
+    """``logsumexp_j`` of the masked logits, ``[..., heads, N]`` float32 (-inf where a row sees no key), for a
+    single-map method. With :func:`merge_passes` it combines attention computed over disjoint key sets."""
+    method = get_method(method)
+    if not isinstance(method, Method) or method.merge != "none":
+        raise ValueError("attention_logsumexp needs one layer's Method with merge='none'")
+    _check_tables(encoding, q.shape[-2], q.shape[-1], t5_table, rel_k, rel_k)
+    full_mask, maps = _method_mask_and_maps(method, encoding, q.shape[-3], keyframes, mask)
+    if len(maps) != 1:
+        raise ValueError(f"method {method.name!r} averages {len(maps)} maps: its passes cannot be merged by "
+                         "log-sum-exp")
+    logits = _content_logits(q, k, maps[0], encoding, rel_k) / math.sqrt(q.shape[-1])
+    if t5_table is not None:
+        logits = logits + _t5_bias(maps[0], encoding, t5_table)
+    if full_mask is not None:
+        logits = jnp.where(full_mask[..., None, :, :], logits, -jnp.inf)
+    return jax.nn.logsumexp(logits, axis=-1)
+
+
+def merge_passes(outputs, lses):
+    """Merge attention passes over DISJOINT key sets into the attention over their union (FreeLOC-style).
+
+    ``outputs``: ``[P, ..., N, heads, dim]``, each pass's softmax-weighted values; ``lses``: ``[P, ..., heads,
+    N]`` from :func:`attention_logsumexp`. Pass p's weight for a query is ``exp(lse_p - logsumexp_p lse_p)``;
+    a pass whose row saw no key (lse = -inf) contributes nothing, even if its output is NaN.
+    """
+    lses = jnp.asarray(lses, jnp.float32)
+    total = jax.nn.logsumexp(lses, axis=0)
+    weights = jnp.where(jnp.isneginf(lses), 0.0, jnp.exp(lses - total))  # [P, ..., H, N]
+    weights = jnp.swapaxes(weights, -1, -2)[..., None]  # [P, ..., N, H, 1]
+    outputs = jnp.asarray(outputs, jnp.float32)
+    return jnp.sum(jnp.where(weights > 0, weights * outputs, 0.0), axis=0)
+
+
 # ---- public entry -------------------------------------------------------------------------------------------
 def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="direct", t5_table=None, rel_k=None,
                        rel_v=None, keyframes=None, mask=None, spatial_shape: Optional[tuple[int, int]] = None,

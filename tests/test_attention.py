@@ -12,7 +12,8 @@ import pytest
 
 import reference
 from jaxlongvid import masks
-from jaxlongvid.attention import Encoding, TemporalAttention, attention_probabilities, temporal_attention
+from jaxlongvid.attention import (Encoding, TemporalAttention, attention_logsumexp, attention_probabilities,
+                                  merge_passes, temporal_attention)
 from jaxlongvid.methods import PRESETS, Method
 
 RTOL = 2e-5
@@ -257,3 +258,24 @@ def test_bad_input_errors_name_the_problem():
         temporal_attention(q, k, v, encoding=Encoding(rope_dim=16), method="direct")
     with pytest.raises(ValueError, match="rope_dim"):
         Encoding(rope_dim=3)
+
+
+def test_merge_passes_over_disjoint_tiers_equals_one_softmax():
+    """FreeLOC-style: the tiers of the tiered mask as separate passes, merged by log-sum-exp."""
+    enc, dim = ENCODINGS["rope_t5"]
+    q, k, v, tables = _inputs(64, dim)
+    t5 = tables["t5_table"]
+    method = PRESETS["freeloc"]
+    tiered = method.static_mask(64)
+    a = np.abs(np.arange(64)[None, :] - np.arange(64)[:, None])
+    parts = [tiered & (a <= 8), tiered & (a > 8) & (a <= 24), tiered & (a > 24)]  # local, middle, sink only
+    assert np.array_equal(parts[0] | parts[1] | parts[2], tiered) and not (parts[0] & parts[1]).any()
+    kw = dict(encoding=enc, method=method, t5_table=t5)
+    outs = [temporal_attention(q, k, v, mask=m, **kw) for m in parts]
+    lses = [attention_logsumexp(q, k, mask=m, **kw) for m in parts]
+    merged = merge_passes(jnp.stack(outs), jnp.stack(lses))
+    whole = temporal_attention(q, k, v, **kw)
+    assert np.isnan(np.asarray(outs[2])).any()  # rows near the start see no key beyond the middle tier
+    np.testing.assert_allclose(merged, whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="averages 5 maps"):
+        attention_logsumexp(q, k, encoding=enc, method="longdiff-no-ifs", t5_table=t5)
