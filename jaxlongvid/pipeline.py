@@ -39,6 +39,7 @@ VERSION = 1
 CONFIG_FILE = "pipeline.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
+OPTIONAL_COMPONENTS = ("vae", "text")  # what a partial conversion may leave out (PipelineConfig.missing)
 TINY_DIR = os.path.join(os.path.dirname(__file__), "tiny", "weights")
 
 # ---- registry of model config classes -------------------------------------------------------------------------
@@ -108,9 +109,11 @@ class PipelineConfig:
 
     ``unet``: the denoiser's config (a registered class, e.g. ``UNet3DConfig``) with ``in_channels`` and
     optionally ``downsample_factor``, ``fps_conditioning``. ``vae``: ``VAEConfig`` or None for a pixel-space
-    model whose output is the image in [-1, 1]. ``text``: the text encoder's config. The sampling settings are
-    what ``jaxlongvid.sample`` uses for arguments left out. ``extra``: free JSON metadata (training run,
-    conversion source); it takes no part in equality or hashing.
+    model whose output is the image in [-1, 1]. ``text``: the text encoder's config. ``missing``: components a
+    partial conversion left out (``"vae"``, ``"text"``; their configs are None): such a pipeline runs
+    ``pipe.denoiser`` but cannot sample. The sampling settings are what ``jaxlongvid.sample`` uses for arguments
+    left out. ``extra``: free JSON metadata (training run, conversion source); it takes no part in equality or
+    hashing.
     """
 
     family: str
@@ -129,15 +132,22 @@ class PipelineConfig:
     fps: Optional[int] = None  # for fps-conditioned models (VideoCrafter2: 28 in its t2v script)
     eta: Optional[float] = None  # DDIM eta; None: the scheduler's
     negative_prompt: str = ""
+    missing: tuple[str, ...] = ()  # components left out by a partial (denoiser-only) conversion: "vae", "text"
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"PipelineConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        object.__setattr__(self, "missing", tuple(self.missing))
+        unknown = [m for m in self.missing if m not in OPTIONAL_COMPONENTS]
+        present = [m for m in self.missing if m in OPTIONAL_COMPONENTS and getattr(self, m) is not None]
+        if unknown or present:
+            raise ValueError(f"PipelineConfig.missing lists {unknown + present}: it may only name absent "
+                             f"components among {OPTIONAL_COMPONENTS}")
         if self.vae is not None and self.vae.latent_channels != self.unet.in_channels:
             raise ValueError(f"the VAE has {self.vae.latent_channels} latent channels but the denoiser takes "
                              f"{self.unet.in_channels}")
-        if self.vae is None and self.unet.in_channels != 3:
+        if self.vae is None and "vae" not in self.missing and self.unet.in_channels != 3:
             raise ValueError(f"a pixel-space pipeline (no VAE) needs a denoiser on 3 channels, got "
                              f"{self.unet.in_channels}")
 
@@ -166,7 +176,7 @@ class PipelineConfig:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d.update(unet=_config_to_json(self.unet), text=_config_to_json(self.text), vae=_config_to_json(self.vae),
-                 scheduler=self.scheduler.to_dict(), extra=dict(self.extra))
+                 scheduler=self.scheduler.to_dict(), missing=list(self.missing), extra=dict(self.extra))
         return {"format": FORMAT, "version": VERSION, **d}
 
     @classmethod
@@ -229,11 +239,10 @@ class Pipeline:
     _placed: dict = field(default_factory=dict, repr=False)  # mesh -> params replicated on that mesh
 
     def __post_init__(self):
-        missing = [k for k in ("unet", "text") + (("vae",) if self.config.vae is not None else ())
-                   if k not in self.params]
+        expected = ["unet"] + [k for k in ("text", "vae") if getattr(self.config, k) is not None]
+        missing = [k for k in expected if k not in self.params]
         if missing:
-            raise ValueError(f"Pipeline params lack {missing}; expected keys unet, text"
-                             f"{', vae' if self.config.vae is not None else ''}")
+            raise ValueError(f"Pipeline params lack {missing}; expected keys {', '.join(expected)}")
 
     def denoiser(self, latents, timesteps, context, *, fps=None, method="direct"):
         """The denoiser's output for ``latents [B, F, H, W, C]``, ``timesteps [B]``, ``context [B, L, D]``."""
@@ -241,6 +250,8 @@ class Pipeline:
 
     def encode_prompts(self, prompts) -> jnp.ndarray:
         """Text context ``[B, L, D]`` for a list of prompts."""
+        if self.config.text is None:
+            raise ValueError("this pipeline has no text encoder")
         if self.tokenizer is None:
             raise ValueError("this pipeline has no tokenizer")
         ids = jnp.asarray(self.tokenizer.encode(list(prompts)), jnp.int32)

@@ -106,6 +106,9 @@ def check_request(pipe: Pipeline, prompt, *, num_frames=None, method="direct", s
                   eta=None) -> Request:
     """Fill in the pipeline's defaults and check every argument; raises a clear error naming the problem."""
     config = pipe.config
+    if config.missing:
+        raise ValueError(f"this pipeline has no {' and no '.join(config.missing)} (a denoiser-only conversion): "
+                         f"it runs pipe.denoiser but cannot sample; convert it again with those components")
     d = config  # its sampling settings are the defaults
     prompts, single = _prompts(prompt)
     negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
