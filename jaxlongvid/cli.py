@@ -1,4 +1,4 @@
-"""The ``jaxlongvid`` command: ``sample``, ``info`` and ``convert``.
+"""The ``jaxlongvid`` command: ``sample``, ``info``, ``convert`` and ``bench shapes``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
         --devices 8 --out corgi.mp4
     jaxlongvid info --model ckpt/lavie
     jaxlongvid convert lavie --unet lavie_base.pt --sd stable-diffusion-v1-4 --out ckpt/lavie
+    jaxlongvid bench shapes --frames 64,128 --methods direct,longdiff --prompts 8 --seeds 2 --out bench/
 
 Subcommands are registered in :data:`SUBCOMMANDS`: a function that adds its parser to the subparsers object and
 sets ``func`` (called with the parsed arguments, returns an exit code). Adding one (e.g. ``bench``) is one
@@ -177,8 +178,28 @@ def run_convert(args) -> int:
     return 0
 
 
+# ---- bench -------------------------------------------------------------------------------------------------------
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark")
+    suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    shapes = suites.add_parser("shapes", help="ShapesBench: sample and score every (method, frames, prompt, seed)",
+                               description="ShapesBench on the tiny model's synthetic world: writes results.csv, "
+                                           "table.md and one plot per metric; a rerun resumes the CSV.")
+    from jaxlongvid.bench import runner  # light: NumPy and the tiny world's tables, no models
+
+    runner.add_arguments(shapes)
+    shapes.set_defaults(func=run_bench_shapes)
+
+
+def run_bench_shapes(args) -> int:
+    _host_devices_for_cpu(args.devices)
+    from jaxlongvid.bench import runner
+
+    return runner.run_from_args(args)
+
+
 # ---- entry -------------------------------------------------------------------------------------------------------
-SUBCOMMANDS: list[Callable] = [_add_sample, _add_info, _add_convert]
+SUBCOMMANDS: list[Callable] = [_add_sample, _add_info, _add_convert, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,141 @@
+"""The bundled tiny model: its weights load with the training recipe's architecture, their digest is the one the
+model card quotes, a short sample runs, the evaluation judges clean renders as passing, and training resumes
+from the shipped weights."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import jaxlongvid
+from jaxlongvid.bench import runner
+from jaxlongvid.tiny import data, evaluate, train
+
+CARD = os.path.join(os.path.dirname(evaluate.__file__), "MODEL_CARD.md")
+SHORT = dict(num_frames=8, num_inference_steps=3, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return jaxlongvid.load("tiny")
+
+
+def test_bundled_weights_load_with_the_recipe_architecture(pipe):
+    cfg = train.TinyConfig()
+    expected = jax.eval_shape(lambda: train.init_params(cfg, jax.random.key(0)))
+    shipped = {"unet": pipe.params["unet"], "text": pipe.params["text"]}
+    shapes = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), shipped)
+    assert shapes == jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), expected)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(shipped))
+    c = pipe.config
+    assert (c.family, c.vae, c.native_frames, c.height, c.width) == ("tiny", None, 16, 32, 32)
+    assert c.unet == cfg.unet() and c.text == cfg.text()
+    assert c.scheduler.kind == "ddim" and c.scheduler.clip_sample
+    assert pipe.tokenizer.encode(["a red circle moving right"]).tolist() == \
+        train.tokenizer().encode(["a red circle moving right"]).tolist()
+
+
+def _card_digest() -> str:
+    with open(CARD) as f:
+        found = re.findall(r"SHA-256[^`\n]*`([0-9a-f]{64})`", f.read())
+    assert len(found) == 1, f"MODEL_CARD.md should quote exactly one SHA-256 digest, found {found}"
+    return found[0]
+
+
+def test_weights_digest_matches_model_card():
+    assert evaluate.weights_digest(evaluate.PARAMS_DIR) == _card_digest()
+
+
+def test_weights_digest_sees_contents_names_and_files(tmp_path):
+    tree = tmp_path / "w"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.bin").write_bytes(b"abc")
+    (tree / "sub" / "b.bin").write_bytes(b"def")
+    base = evaluate.weights_digest(str(tree))
+    assert evaluate.weights_digest(str(tree)) == base and re.fullmatch(r"[0-9a-f]{64}", base)
+    (tree / "a.bin").write_bytes(b"abd")
+    changed = evaluate.weights_digest(str(tree))
+    (tree / "a.bin").write_bytes(b"abc")
+    (tree / "sub" / "b.bin").rename(tree / "sub" / "c.bin")
+    renamed = evaluate.weights_digest(str(tree))
+    (tree / "extra").write_bytes(b"")
+    added = evaluate.weights_digest(str(tree))
+    assert len({base, changed, renamed, added}) == 4
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        evaluate.weights_digest(str(tmp_path / "missing"))
+
+
+def test_short_sample_gives_uint8_frames(pipe):
+    prompts = runner.prompts(2)
+    video = jaxlongvid.sample(pipe, prompts, **SHORT)
+    assert video.dtype == np.uint8 and video.shape == (2, 8, 32, 32, 3)
+    assert video.std() > 5.0  # an image, not a constant
+    np.testing.assert_array_equal(video, jaxlongvid.sample(pipe, prompts, **SHORT))  # same seed, same clips
+
+
+def test_evaluate_command_writes_its_outputs(pipe, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert evaluate.main(["--prompts", "2", "--frames", "8", "--steps", "3", "--batch", "2", "--long-frames", "0",
+                          "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == 1 and len(results[0]["rows"]) == 2
+    assert [r["prompt"] for r in results[0]["rows"]] == runner.prompts(2)
+    assert results[0]["settings"]["guidance"] == pipe.config.guidance_scale
+    assert "issue 5" in (out / "report.md").read_text()
+    import imageio.v3 as iio
+
+    sheet = iio.imread(out / "samples.png")
+    assert sheet.shape == (2 * 2 * 32 + 2, 8 * 2 * 32 + 7 * 2, 3)  # 2 rows x 8 frames at scale 2, 2-px gaps
+    assert "weights digest: " + _card_digest() in capsys.readouterr().out
+
+
+def test_judge_passes_clean_renders_and_fails_wrong_ones():
+    prompts = runner.prompts(12, seed=3)
+    clips = np.stack([data.render(data.scene_from_prompt(p, np.random.default_rng(i)), 16, 32)
+                      for i, p in enumerate(prompts)])
+    summary = evaluate.summarise(evaluate.judge(clips, prompts))
+    assert summary["overall"]["all"] == 1.0 and summary["criterion_met"]
+    shuffled = evaluate.summarise(evaluate.judge(clips, prompts[1:] + prompts[:1]))  # each clip, another prompt
+    assert shuffled["overall"]["all"] < 0.5 and not shuffled["criterion_met"]
+    assert set(summary["by"]) == {"colour", "shape", "motion", "background"}
+    assert sum(r["n"] for r in summary["by"]["motion"].values()) == 12
+    with pytest.raises(ValueError, match="single-object"):
+        evaluate.judge(clips[:1], ["a red circle moving left and a blue square moving right"])
+
+
+def test_training_resumes_from_shipped_weights(pipe, tmp_path):
+    # one training step at batch 2 on CPU; compiling the step dominates (about 65-75 s on a loaded 2-core box)
+    steps = int(pipe.config.extra["train"]["steps"])
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one host device is enough
+    cmd = [sys.executable, "-m", "jaxlongvid.tiny.train", "--resume", "--max-steps", str(steps + 1), "--batch", "2",
+           "--workers", "1", "--log-every", "1", "--workdir", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from the shipped weights (step {steps}" in done.stdout
+    assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == steps + 1
+    loss = float(re.search(rf"step {steps + 1}  loss ([0-9.]+)", done.stdout).group(1))
+    assert 0.0 < loss < 0.5  # a trained model's (<= 0.25 even at t = 0), not a fresh one's (about 1)
+    assert os.path.isdir(tmp_path / "checkpoints" / str(steps + 1))
+    shutil.rmtree(tmp_path / "checkpoints")
+
+
+def test_bench_shapes_is_registered_in_the_cli(monkeypatch):
+    from jaxlongvid import cli
+
+    seen = []
+    monkeypatch.setattr(runner, "run_from_args", lambda args: seen.append(args) or 0)
+    assert cli.main(["bench", "shapes", "--frames", "32", "--methods", "direct,longdiff", "--prompts", "2",
+                     "--seeds", "1", "--steps", "4", "--out", "somewhere"]) == 0
+    (args,) = seen
+    assert (args.frames, args.methods, args.prompts, args.seeds, args.steps, args.out, args.model) == (
+        "32", "direct,longdiff", 2, 1, 4, "somewhere", "tiny")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "shapes"])  # no --out
+    assert e.value.code == 2
