@@ -1,4 +1,4 @@
-"""The ``jaxlongvid`` command: ``sample``, ``info``, ``convert`` and ``bench shapes``.
+"""The ``jaxlongvid`` command: ``sample``, ``info``, ``convert``, ``bench shapes`` and ``probe``.
 
 Examples::
 
@@ -198,8 +198,17 @@ def run_bench_shapes(args) -> int:
     return runner.run_from_args(args)
 
 
+# ---- probe -------------------------------------------------------------------------------------------------------
+def _add_probe(sub) -> None:
+    from jaxlongvid import probing
+
+    p = sub.add_parser("probe", help="FreeLOC layer probing: per-layer sensitivity scores and routing")
+    probing.add_arguments(p)
+    p.set_defaults(func=probing.run_from_args)
+
+
 # ---- entry -------------------------------------------------------------------------------------------------------
-SUBCOMMANDS: list[Callable] = [_add_sample, _add_info, _add_convert, _add_bench]
+SUBCOMMANDS: list[Callable] = [_add_sample, _add_info, _add_convert, _add_bench, _add_probe]
 
 
 def build_parser() -> argparse.ArgumentParser:
