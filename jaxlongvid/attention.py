@@ -123,11 +123,22 @@ def _content_logits(q, k, pmap, encoding: Encoding, rel_k) -> jnp.ndarray:
     else:
         logits = dot(q, k)
     if rel_k is not None:
-        rows = _rel_rows(pmap, encoding.rel_distance)  # [N, N]
-        qk_table = jnp.einsum("...ihd,rd->...hir", q, rel_k, preferred_element_type=jnp.float32)
-        idx = jnp.broadcast_to(jnp.asarray(rows), qk_table.shape[:-1] + (rows.shape[-1],))
-        logits = logits + jnp.take_along_axis(qk_table, idx, axis=-1)
+        logits = logits + _rel_key_logits(q, rel_k, pmap, encoding.rel_distance)
     return logits
+
+
+def _rel_key_logits(q, rel_k, pmap: np.ndarray, max_distance: int) -> jnp.ndarray:
+    """``q_i . K[row(P_ij)]`` as [..., H, N, N] float32 (unscaled)."""
+    rows = _rel_rows(pmap, max_distance)  # [N, N]
+    qk_table = jnp.einsum("...ihd,rd->...hir", q, rel_k, preferred_element_type=jnp.float32)
+    idx = jnp.broadcast_to(jnp.asarray(rows), qk_table.shape[:-1] + (rows.shape[-1],))
+    return jnp.take_along_axis(qk_table, idx, axis=-1)
+
+
+def _logits(q, k, pmap, encoding: Encoding, t5_table, rel_k) -> jnp.ndarray:
+    """The attention logits under map ``pmap``: scaled content terms plus the T5 bias, [..., H, N, N]."""
+    logits = _content_logits(q, k, pmap, encoding, rel_k) / math.sqrt(q.shape[-1])
+    return logits if t5_table is None else logits + _t5_bias(pmap, encoding, t5_table)
 
 
 def _rel_rows(pmap: np.ndarray, max_distance: int) -> np.ndarray:
@@ -165,13 +176,9 @@ def _masked_softmax(logits: jnp.ndarray, mask) -> jnp.ndarray:
 def _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, with_rel_rows=0):
     """Softmax probabilities averaged over the maps ([..., H, N, N] float32), and (when ``with_rel_rows``) the
     averaged probability mass on each relative-table row ([..., H, N, rows])."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
     probs = rel_mass = 0.0
     for pmap in maps:
-        logits = _content_logits(q, k, pmap, encoding, rel_k) * scale
-        if t5_table is not None:
-            logits = logits + _t5_bias(pmap, encoding, t5_table)
-        p = _masked_softmax(logits, mask) / len(maps)
+        p = _masked_softmax(_logits(q, k, pmap, encoding, t5_table, rel_k), mask) / len(maps)
         probs = probs + p
         if with_rel_rows:
             onehot = jax.nn.one_hot(_rel_rows(pmap, encoding.rel_distance), with_rel_rows, dtype=p.dtype)
@@ -207,10 +214,7 @@ def _attend_fused(q, k, v, maps, mask, encoding, t5_table, rel_k, implementation
         if t5_table is not None:
             bias = _t5_bias(pmap, encoding, t5_table)[None]
         if rel_k is not None:
-            rows = _rel_rows(pmap, encoding.rel_distance)
-            qk_table = jnp.einsum("bihd,rd->bhir", qf, rel_k, preferred_element_type=jnp.float32)
-            idx = jnp.broadcast_to(jnp.asarray(rows), qk_table.shape[:-1] + (rows.shape[-1],))
-            rel = jnp.take_along_axis(qk_table, idx, axis=-1) / math.sqrt(q.shape[-1])
+            rel = _rel_key_logits(qf, rel_k, pmap, encoding.rel_distance) / math.sqrt(q.shape[-1])
             bias = rel if bias is None else bias + rel
         m = None
         if mask is not None:
@@ -265,15 +269,21 @@ def _method_mask_and_maps(method: Method, encoding: Encoding, n: int, keyframes,
     return full_mask, method.position_maps(n, encoding.native_frames)
 
 
+def _one_layer(what: str, q, encoding, method, t5_table, rel_k, keyframes, mask):
+    """Checks shared by the single-layer analysis functions; returns the full mask and the position maps."""
+    method = get_method(method)
+    if not isinstance(method, Method) or method.merge != "none":
+        raise ValueError(f"{what} needs one layer's Method with merge='none'")
+    _check_tables(encoding, q.shape[-2], q.shape[-1], t5_table, rel_k, rel_k)
+    return method, *_method_mask_and_maps(method, encoding, q.shape[-3], keyframes, mask)
+
+
 def attention_probabilities(q, k, *, encoding: Encoding = Encoding(), method="direct", t5_table=None,
                             rel_k=None, keyframes=None, mask=None):
     """The attention weights ``[..., heads, N, N]`` (float32) that ``temporal_attention`` applies to v, for
     methods without a window/spectral merge. Used by tests (masked keys are exactly 0) and layer probing."""
-    method = get_method(method)
-    if not isinstance(method, Method) or method.merge != "none":
-        raise ValueError("attention_probabilities needs one layer's Method with merge='none'")
-    _check_tables(encoding, q.shape[-2], q.shape[-1], t5_table, rel_k, rel_k)
-    full_mask, maps = _method_mask_and_maps(method, encoding, q.shape[-3], keyframes, mask)
+    _, full_mask, maps = _one_layer("attention_probabilities", q, encoding, method, t5_table, rel_k, keyframes,
+                                    mask)
     return _probabilities(q, k, maps, full_mask, encoding, t5_table, rel_k)[0]
 
 
@@ -281,17 +291,12 @@ def attention_logsumexp(q, k, *, encoding: Encoding = Encoding(), method="direct
                         keyframes=None, mask=None):
     """``logsumexp_j`` of the masked logits, ``[..., heads, N]`` float32 (-inf where a row sees no key), for a
     single-map method. With :func:`merge_passes` it combines attention computed over disjoint key sets."""
-    method = get_method(method)
-    if not isinstance(method, Method) or method.merge != "none":
-        raise ValueError("attention_logsumexp needs one layer's Method with merge='none'")
-    _check_tables(encoding, q.shape[-2], q.shape[-1], t5_table, rel_k, rel_k)
-    full_mask, maps = _method_mask_and_maps(method, encoding, q.shape[-3], keyframes, mask)
+    method, full_mask, maps = _one_layer("attention_logsumexp", q, encoding, method, t5_table, rel_k, keyframes,
+                                         mask)
     if len(maps) != 1:
         raise ValueError(f"method {method.name!r} averages {len(maps)} maps: its passes cannot be merged by "
                          "log-sum-exp")
-    logits = _content_logits(q, k, maps[0], encoding, rel_k) / math.sqrt(q.shape[-1])
-    if t5_table is not None:
-        logits = logits + _t5_bias(maps[0], encoding, t5_table)
+    logits = _logits(q, k, maps[0], encoding, t5_table, rel_k)
     if full_mask is not None:
         logits = jnp.where(full_mask[..., None, :, :], logits, -jnp.inf)
     return jax.nn.logsumexp(logits, axis=-1)
@@ -485,11 +490,7 @@ class TemporalAttention(nn.Module):
         if n <= enc.native_frames:
             d = np.arange(n)[None, :] - np.arange(n)[:, None]
 
-            def logits(pmap):
-                out = _content_logits(q, k, pmap, enc, rel_k) / math.sqrt(self.head_dim)
-                return out if t5 is None else out + _t5_bias(pmap, enc, t5)
-
-            ori = logits(d)
-            change = logits(d + np.sign(d) * enc.native_frames) - ori
+            ori = _logits(q, k, d, enc, t5, rel_k)
+            change = _logits(q, k, d + np.sign(d) * enc.native_frames, enc, t5, rel_k) - ori
             self.sow("intermediates", "logits_sq", jnp.sum(jnp.square(ori), axis=(1, 3, 4)))
             self.sow("intermediates", "shift_change_sq", jnp.sum(jnp.square(change), axis=(1, 3, 4)))
