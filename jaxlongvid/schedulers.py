@@ -48,7 +48,7 @@ import numpy as np
 from jaxlongvid.configs import JsonConfig
 
 KINDS = ("ddim", "ddpm", "dpmsolver++")
-BETA_SCHEDULES = ("linear", "scaled_linear")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace", "uniform")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -62,7 +62,9 @@ class SchedulerConfig(JsonConfig):
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"  # linear: linspace(b0, b1); scaled_linear: linspace(sqrt b0, sqrt b1)^2
+    # linear: linspace(b0, b1); scaled_linear: linspace(sqrt b0, sqrt b1)^2; squaredcos_cap_v2: the cosine
+    # schedule (Nichol & Dhariwal 2021, betas capped at 0.999; beta_start / beta_end unused)
+    beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
     timestep_spacing: str = "leading"  # leading | trailing | linspace (diffusers) | uniform (LDM/VideoCrafter)
     steps_offset: int = 1  # added to "leading" timesteps
@@ -123,6 +125,12 @@ def betas(config: SchedulerConfig) -> np.ndarray:
     n = config.num_train_timesteps
     if config.beta_schedule == "linear":
         return np.linspace(config.beta_start, config.beta_end, n, dtype=np.float64)
+    if config.beta_schedule == "squaredcos_cap_v2":
+        # alpha_bar(t) = cos^2((t + 0.008) / 1.008 * pi / 2); its signal-to-noise ratio reaches ~0 at t = T,
+        # so sampling from pure noise matches training (no low-frequency signal leaks through the last step)
+        t = np.arange(n + 1, dtype=np.float64) / n
+        alpha_bar = np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+        return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
     return np.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, n, dtype=np.float64) ** 2
 
 

@@ -104,6 +104,13 @@ def test_ddim_other_spacings_match_diffusers(spacing):
     _run_both(config, 7, eta=0.5)
 
 
+def test_ddim_cosine_v_prediction_matches_diffusers():
+    """The bundled tiny model's sampler: cosine betas, v-prediction, trailing spacing, x0 clipping."""
+    config = SchedulerConfig(kind="ddim", beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                             timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, clip_sample=True)
+    assert _run_both(config, 25) < 1e-5
+
+
 def test_ddpm_lavie_matches_diffusers():
     _run_both(SchedulerConfig.lavie(kind="ddpm"), 10)
 
@@ -161,6 +168,10 @@ def test_beta_schedules():
     np.testing.assert_allclose(np.sqrt(vc)[[0, -1]], [0.00085 ** 0.5, 0.012 ** 0.5])
     ref = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.numpy()
     np.testing.assert_allclose(schedulers.alphas_cumprod(SchedulerConfig.videocrafter()), ref, rtol=2e-6)
+    cosine = SchedulerConfig(beta_schedule="squaredcos_cap_v2")
+    ref = DDIMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod.numpy()
+    np.testing.assert_allclose(schedulers.alphas_cumprod(cosine), ref, rtol=2e-6, atol=1e-9)
+    assert schedulers.betas(cosine).max() == 0.999 and schedulers.alphas_cumprod(cosine)[-1] < 1e-8
 
 
 def test_bad_settings_are_rejected():
