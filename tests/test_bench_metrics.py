@@ -1,18 +1,16 @@
-"""ShapesBench: detector and metrics validated on ground-truth clips and on corruptions; the runner skeleton.
+"""ShapesBench: detector and metrics validated on ground-truth clips and on corruptions; the prompt list.
+
+(The runner itself is tested in ``tests/test_bench_runner.py``.)
 
 Validation protocol (issue 6): ground-truth renders from the data generator score near the top of every
 metric; each corruption lowers the metric meant to catch it, clip by clip, by a stated margin (margins are
 about half the smallest drop measured over the clips used here, so they test the effect, not the noise).
 """
 
-import csv
-import os
-
 import numpy as np
 import pytest
 from scipy import ndimage
 
-import jaxlongvid
 from jaxlongvid.bench import detect, metrics, runner
 from jaxlongvid.tiny import data, vocab
 
@@ -275,73 +273,3 @@ def test_prompts_are_balanced_distinct_and_parseable():
     assert len(set(runner.prompts(1080))) == 1080  # every combination, once
     with pytest.raises(ValueError, match="distinct"):
         runner.prompts(10_000)
-
-
-def test_runner_writes_csv_table_and_plots(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_sample(pipe, prompt, num_frames, method, seed, **kwargs):
-        calls.append((method, num_frames, prompt, seed, kwargs))
-        video = data.render(data.scene_from_prompt(prompt, np.random.default_rng(seed)), num_frames, 32)
-        if method == "direct":  # a "method" that scrambles time
-            video = video[np.random.default_rng(seed).permutation(num_frames)]
-        return video
-
-    monkeypatch.setattr(jaxlongvid, "sample", fake_sample, raising=False)
-    texts, pipe = runner.prompts(2, seed=0), object()  # the fake sampler ignores the pipeline
-    out = tmp_path / "bench"
-    rows = runner.run_shapes_bench(pipe, ["direct", "longdiff"], [16, 32], texts, [0, 1], str(out), steps=3,
-                                   log=lambda _: None)
-    assert len(calls) == 2 * 2 * 2 * 2 and all(c[4]["num_inference_steps"] == 3 for c in calls)
-    assert len(rows) == len(calls) + 2 * 2 * 2  # plus ground-truth rows per frames x prompt x seed
-    with open(out / "results.csv", newline="") as f:
-        written = list(csv.DictReader(f))
-    assert len(written) == len(rows) and set(written[0]) == set(runner.FIELDS)
-    summary = runner.summarise(rows)
-    assert summary[("direct", 32)]["MS"][0] < summary[("longdiff", 32)]["MS"][0] - 20
-    assert summary[("longdiff", 16)]["SC"][0] == pytest.approx(summary[(runner.REFERENCE, 16)]["SC"][0])
-    table = (out / "table.md").read_text()
-    assert "| method | SC | BC | MS | TF | IQ | TA | DD |" in table and "### 32 frames" in table
-    assert "| direct |" in table and "| ground-truth |" in table and "±" in table
-    for metric in metrics.METRICS:
-        png = (out / f"{metric}.png").read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    # a rerun resumes: nothing sampled again, same rows
-    again = runner.run_shapes_bench(pipe, ["direct", "longdiff"], [16, 32], texts, [0, 1], str(out),
-                                    steps=3, log=lambda _: None)
-    assert len(calls) == 16 and len(again) == len(rows)
-    assert os.path.exists(out / "config.json")
-
-
-def test_runner_command_line_options(tmp_path, monkeypatch):
-    import argparse
-
-    loaded = []
-    monkeypatch.setattr(jaxlongvid, "load", lambda name: loaded.append(name) or "pipeline", raising=False)
-
-    def fake_sample(pipe, prompt, num_frames, method, seed, **kwargs):
-        assert pipe == "pipeline" and kwargs == {"num_inference_steps": 2, "devices": 2}
-        return data.render(data.scene_from_prompt(prompt, np.random.default_rng(seed)), num_frames, 32)
-
-    parser = argparse.ArgumentParser()
-    runner.add_arguments(parser)
-    args = parser.parse_args(["--frames", "8,16", "--methods", "direct,longdiff", "--prompts", "2", "--seeds", "1",
-                              "--steps", "2", "--devices", "2", "--out", str(tmp_path)])
-    assert runner.run_from_args(args, sample_fn=fake_sample) == 0
-    assert loaded == ["tiny"]
-    with open(tmp_path / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 2 * 2 * 1 + 2 * 2 * 1
-    assert {r["method"] for r in rows} == {"direct", "longdiff", runner.REFERENCE}
-
-
-def test_runner_rejects_bad_samples_and_settings(tmp_path):
-    def wrong(pipe, prompt, num_frames, method, seed, **kwargs):
-        return np.zeros((num_frames, 32, 32, 3), np.float32)
-
-    with pytest.raises(ValueError, match="uint8"):
-        runner.run_shapes_bench(None, ["direct"], [8], ["a red circle"], [0], str(tmp_path), sample_fn=wrong)
-    with pytest.raises(ValueError, match="non-empty"):
-        runner.run_shapes_bench(None, [], [8], ["a red circle"], [0], str(tmp_path), sample_fn=wrong)
-    with pytest.raises(ValueError, match="unknown word"):
-        runner.run_shapes_bench(None, ["direct"], [8], ["a red blob"], [0], str(tmp_path), sample_fn=wrong)

@@ -2,16 +2,39 @@
 
 Outputs in ``out_dir``:
 - ``results.csv``: one row per video (method, frames, prompt, seed, the metrics, seconds). Rows are appended
-  as they are made and a rerun skips the rows already there, so a long run resumes across device commands.
+  batch by batch and a rerun skips the rows already there, so a long run resumes across device commands (a
+  last line cut short by a killed run is dropped on the next start).
 - ``table.md``: per frame count, mean ± std over prompts x seeds per method, columns as in the papers
   (SC, BC, MS, TF, IQ, TA, DD).
 - ``<metric>.png``: the metric's mean against the number of frames, one line per method (matplotlib when it
   is installed; otherwise a plain raster drawn with NumPy, whose colour legend is written in ``table.md``).
-- ``config.json``: the settings of the run.
+- ``sheets/<method>_<frames>f.png``: a contact sheet (every 8th frame) of the first prompt's video at the
+  first seed, per method and length (and for the ground truth), written when that video is sampled.
+- ``videos/<method>_<frames>f_p<prompt index>_s<seed>.npy``: every sampled video (``save_videos=True``).
+- ``config.json``: the settings of the run, and ``first_call_seconds``: the wall time of the first ``sample``
+  call of each method, length and batch shape in a process (``METHOD@FRAMESxPROMPTS``: it includes
+  compilation; a batch size that does not divide the prompt count adds a second, smaller shape).
 
-The ``ground-truth`` rows (``reference=True``) score clips rendered by the data generator for the same prompts
-and seeds: the ceiling of each metric at each length. ``seconds`` is the wall time of one ``sample`` call
-(the first call of each method and length includes compilation).
+Batching and noise. For each (frames, method, seed) the prompts are cut into chunks of ``batch`` consecutive
+prompts of the prompt list (``batch=None``: one chunk of all of them), and chunk ``k`` is ONE call
+``sample(pipe, chunk_prompts, seed=chunk_seed(seed, k))`` with ``chunk_seed(seed, k) = seed + 1_000_000 k``.
+Prompt ``p`` therefore gets row ``p mod batch`` of the noise ``sample`` draws for the whole chunk from
+``jax.random.key(chunk seed)``; with the default single chunk, the rows of seed ``s`` are exactly
+``sample(pipe, prompts, seed=s)``. (JAX's partitionable threefry makes that row's initial noise independent of
+the chunk's size, but the computed video can still differ in the last grey level between batch sizes, so the
+batch size is part of the run's settings: it is recorded in ``config.json``.) A rerun samples again, in full
+and with the same composition, every chunk that has a missing row, and keeps only the missing rows: a resumed
+run gives the same rows as an uninterrupted one with the same settings.
+
+Scoring runs in a pool of ``workers`` processes (``spawn``: JAX must not be forked) while the device samples
+the next batch; rows are written in a fixed order (frames, method, seed, prompt), whatever the pool does.
+``seconds`` of a row is its call's wall time divided by the number of prompts in the call (so the rows of the
+first call of each method, length and batch shape include compilation). The ``ground-truth`` rows (``reference=True``)
+score clips rendered by the data generator for the same prompts and seeds: the ceiling of each metric at each
+length.
+
+Methods are preset names or specs ``PRESET:FIELD=VALUE[:FIELD=VALUE...]`` (see :func:`parse_method`), e.g.
+``longdiff:num_groups=8:window=4``, named ``longdiff[num_groups=8,window=4]`` in the CSV and the table.
 
 Command line: :func:`add_arguments` and :func:`run_from_args` implement ``jaxlongvid bench shapes --frames
 64,128,256 --methods direct,freenoise,... --prompts K --seeds S --out DIR``.
@@ -19,22 +42,31 @@ Command line: :func:`add_arguments` and :func:`run_from_args` implement ``jaxlon
 
 from __future__ import annotations
 
+import ast
 import csv
+import dataclasses
 import json
 import math
+import multiprocessing
 import os
+import re
 import time
 from collections import defaultdict
 
 import numpy as np
 
+from jaxlongvid import video as video_lib
 from jaxlongvid.bench import metrics
+from jaxlongvid.methods import Method, MethodPlan, get_method
 from jaxlongvid.tiny import data, vocab
 
 REFERENCE = "ground-truth"
 FIELDS = ("method", "frames", "prompt", "seed", *metrics.METRICS, "seconds")
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (120, 120, 255))
+CHUNK_SEED_STRIDE = 1_000_000  # chunk k of seed s samples with seed s + k * CHUNK_SEED_STRIDE
+SHEET_EVERY = 8  # contact sheets show every 8th frame
+MAX_DEFAULT_WORKERS = 8
 
 
 def prompts(k: int, seed: int = 0, motions=vocab.MOVING_MOTIONS, with_background: bool = True) -> list[str]:
@@ -75,13 +107,173 @@ def prompts(k: int, seed: int = 0, motions=vocab.MOVING_MOTIONS, with_background
     return chosen
 
 
-def _method_name(method) -> str:
-    return method if isinstance(method, str) else getattr(method, "name", str(method))
+# ---- method specs -----------------------------------------------------------------------------------------
+
+# Method field annotations (strings under ``from __future__ import annotations``) -> (check, description)
+_FIELD_TYPES = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "int | None": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or None"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "tuple[int, int, int, int]": (lambda v: isinstance(v, tuple) and len(v) == 4
+                                  and all(isinstance(x, int) for x in v), "a tuple of 4 integers, e.g. (10,14,2,8)"),
+    "tuple[tuple[int, int], ...]": (lambda v: isinstance(v, tuple) and len(v) > 0
+                                    and all(isinstance(t, tuple) and len(t) == 2 and all(isinstance(x, int) for x in t)
+                                            for t in v), "a tuple of (int, int) pairs, e.g. ((8,1),(24,4))"),
+}
 
 
-def _read_done(path: str) -> list[dict]:
+def _split_top_level(text: str, separator: str) -> list[str]:
+    """``text`` split at ``separator`` outside parentheses (so tuple values keep their commas)."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        depth += (char in "([") - (char in ")]")
+        if char == separator and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth != 0:
+        raise ValueError(f"unbalanced parentheses in {text!r}")
+    return parts + ["".join(current)]
+
+
+def _format_value(value) -> str:
+    if isinstance(value, tuple):
+        return "(" + ",".join(_format_value(v) for v in value) + ")"
+    return str(value)
+
+
+def parse_method(spec) -> Method | MethodPlan:
+    """A preset name or ``PRESET:FIELD=VALUE[:FIELD=VALUE...]`` -> the Method (Method / MethodPlan values pass).
+
+    FIELD is any :class:`~jaxlongvid.methods.Method` field but ``name``; VALUE a Python literal (``8``, ``0.3``,
+    ``None``, ``(10,14,2,8)``, ``((8,1),(24,4))``) or a bare word for string fields (``mask=window``). The
+    overrides are applied with ``dataclasses.replace`` (so the Method checks its values), and the result is
+    named ``PRESET[FIELD=VALUE,...]`` with the fields in the Method's field order: one spelling per variant, a
+    stable key in ``results.csv``.
+    """
+    if isinstance(spec, (Method, MethodPlan)):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"a method must be a preset name, a spec string or a Method, got {type(spec).__name__}")
+    preset, *assignments = [part.strip() for part in _split_top_level(spec.strip(), ":")]
+    base = get_method(preset)
+    if not assignments:
+        return base
+    fields = {f.name: f for f in dataclasses.fields(Method) if f.name != "name"}
+    values = {}
+    for assignment in assignments:
+        key, equals, text = (s.strip() for s in assignment.partition("="))
+        if not (key and equals and text):
+            raise ValueError(f"method spec {spec!r}: expected FIELD=VALUE after ':', got {assignment!r}")
+        if key in values:
+            raise ValueError(f"method spec {spec!r}: field {key!r} is given twice")
+        values[key] = text
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        raise ValueError(f"method spec {spec!r}: unknown Method field(s) {', '.join(map(repr, unknown))}; "
+                         f"the fields are {', '.join(fields)}")
+    for key, text in values.items():
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: a string field's value
+        if isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        check = _FIELD_TYPES.get(str(fields[key].type))
+        if check is not None and not check[0](value):
+            raise ValueError(f"method spec {spec!r}: {key} must be {check[1]}, got {text!r}")
+        values[key] = float(value) if str(fields[key].type) == "float" else value
+    name = preset + "[" + ",".join(f"{k}={_format_value(values[k])}" for k in fields if k in values) + "]"
+    try:
+        return dataclasses.replace(base, name=name, **values)
+    except ValueError as e:
+        raise ValueError(f"method spec {spec!r}: {e}") from None
+
+
+def parse_methods(text: str) -> list[Method | MethodPlan]:
+    """The ``--methods`` list: specs separated by commas (commas inside parentheses belong to a value)."""
+    specs = [s.strip() for s in _split_top_level(text, ",") if s.strip()]
+    if not specs:
+        raise ValueError(f"no methods in {text!r}")
+    return [parse_method(s) for s in specs]
+
+
+def method_label(method) -> str:
+    """The method's name in the CSV and the table: a preset's name, or the ``PRESET[...]`` of a spec."""
+    if isinstance(method, MethodPlan):
+        return f"plan[{method.default.name}]"
+    return method.name
+
+
+def _file_stem(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", label).strip("_")
+
+
+# ---- batching and seeds -----------------------------------------------------------------------------------
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The ``sample`` seed of chunk ``chunk`` of the prompts at seed ``seed`` (chunk 0: the seed itself)."""
+    return seed + chunk * CHUNK_SEED_STRIDE
+
+
+def chunks_to_sample(missing: set[int], num_prompts: int, batch: int | None) -> list[tuple[int, list[int]]]:
+    """``(chunk index, prompt indices)`` of every chunk of ``batch`` consecutive prompts with a missing index.
+
+    A chunk is returned whole, with the prompts already done, so that its noise is the uninterrupted run's.
+    """
+    size = num_prompts if batch is None else batch
+    chunks = [(k, list(range(start, min(start + size, num_prompts))))
+              for k, start in enumerate(range(0, num_prompts, size))]
+    return [(k, indices) for k, indices in chunks if missing.intersection(indices)]
+
+
+def default_workers() -> int:
+    """Scoring processes: one core is left to the sampler's host work, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores - 1, MAX_DEFAULT_WORKERS))
+
+
+class _Scorer:
+    """Metrics of a list of videos: inline (``workers=1``) or in a pool of spawned processes.
+
+    ``submit`` returns a function that waits for and returns the score dicts in the order of the videos.
+    """
+
+    def __init__(self, workers: int, fps: float):
+        self.fps = fps
+        self.pool = None
+        if workers > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, videos, texts):
+        if self.pool is None:
+            scores = [metrics.all_metrics(v, t, fps=self.fps) for v, t in zip(videos, texts)]
+            return lambda: scores
+        futures = [self.pool.submit(metrics.all_metrics, v, t, fps=self.fps) for v, t in zip(videos, texts)]
+        return lambda: [f.result() for f in futures]
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---- the CSV ----------------------------------------------------------------------------------------------
+
+
+def _read_done(path: str, log=print) -> list[dict]:
     if not os.path.exists(path):
         return []
+    with open(path, "rb+") as f:  # a run killed while writing leaves a last line without its newline: drop it
+        text = f.read()
+        if text and not text.endswith(b"\n"):
+            keep = text.rfind(b"\n") + 1
+            log(f"{path}: dropping an incomplete last line ({len(text) - keep} bytes)")
+            f.truncate(keep)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
@@ -91,13 +283,13 @@ def _read_done(path: str) -> list[dict]:
     return rows
 
 
-def _append(path: str, row: dict) -> None:
-    new = not os.path.exists(path)
+def _append(path: str, rows: list[dict]) -> None:
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             writer.writeheader()
-        writer.writerow({k: row[k] for k in FIELDS})
+        writer.writerows({k: row[k] for k in FIELDS} for row in rows)
 
 
 def _default_sample():
@@ -106,22 +298,67 @@ def _default_sample():
     return jaxlongvid.sample
 
 
+def _write_config(path: str, settings: dict, first_call_seconds: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({**settings, "first_call_seconds": first_call_seconds}, f, indent=1)
+
+
+def _previous_config(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _check_batch(videos, count: int, frames: int) -> np.ndarray:
+    videos = np.asarray(videos)
+    if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[:2] != (count, frames) or videos.shape[-1] != 3:
+        raise ValueError(f"sample returned {videos.dtype} {videos.shape} for {count} prompts of {frames} frames; "
+                         "expected uint8 [prompts, frames, height, width, 3]")
+    return videos
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+
+
 def run_shapes_bench(pipe, methods, frames_list, prompts, seeds, out_dir, steps=None, guidance=None, *,
                      fps: float = 8.0, reference: bool = True, reference_size: int | None = None,
+                     batch: int | None = None, workers: int | None = None, time_budget: float | None = None,
                      sample_fn=None, save_videos: bool = False, log=print, **sample_kwargs) -> list[dict]:
     """Sample and score every (method, frames, prompt, seed); write the outputs listed in the module doc.
 
-    ``pipe``: a loaded pipeline, or a name / directory for ``jaxlongvid.load``. ``methods``: preset names or
-    Method values. ``steps`` / ``guidance``: ``num_inference_steps`` / ``guidance_scale`` (None: the
-    pipeline's defaults). ``reference_size``: side of the ground-truth clips (None: that of the sampled videos,
-    or 32 if every sampled row was resumed from the CSV). ``sample_fn`` replaces ``jaxlongvid.sample`` (same
-    signature). Extra keyword arguments go to the sampler. Returns all rows, including those of earlier runs
-    found in the CSV.
+    ``pipe``: a loaded pipeline, or a name / directory for ``jaxlongvid.load``. ``methods``: preset names,
+    specs (:func:`parse_method`) or Method values. ``steps`` / ``guidance``: ``num_inference_steps`` /
+    ``guidance_scale`` (None: the pipeline's defaults). ``batch``: prompts per ``sample`` call (None: all).
+    ``workers``: scoring processes (None: :func:`default_workers`; 1: inline). ``time_budget``: seconds after
+    which no new batch starts when the longest batch so far would not fit (the report is still written; a
+    rerun resumes). ``reference_size``: side of the ground-truth clips (None: that of the sampled videos, or 32
+    if every sampled row was resumed from the CSV). ``sample_fn`` replaces ``jaxlongvid.sample`` (same
+    signature; it gets a list of prompts and returns ``[prompts, frames, H, W, 3]``). Extra keyword arguments
+    go to the sampler. Returns all rows, including those of earlier runs found in the CSV.
     """
+    started = time.perf_counter()
     frames_list, prompts, seeds = [int(f) for f in frames_list], list(prompts), [int(s) for s in seeds]
-    methods = list(methods)
+    methods = [parse_method(m) for m in methods]
     if not (methods and frames_list and prompts and seeds):
         raise ValueError("methods, frames_list, prompts and seeds must all be non-empty")
+    labels = [method_label(m) for m in methods]
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated or REFERENCE in labels:
+        raise ValueError(f"method names must be distinct and not {REFERENCE!r}: {repeated or [REFERENCE]}")
+    if len(set(prompts)) != len(prompts):
+        raise ValueError("prompts must be distinct")
+    bad_seeds = [s for s in seeds if not 0 <= s < CHUNK_SEED_STRIDE]
+    if bad_seeds:
+        raise ValueError(f"seeds must be in [0, {CHUNK_SEED_STRIDE}), got {bad_seeds}")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch must be a positive integer or None, got {batch!r}")
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     for p in prompts:
         data.parse_prompt(p)  # fail early on a prompt the metrics cannot read
     if sample_fn is None:
@@ -137,49 +374,113 @@ def run_shapes_bench(pipe, methods, frames_list, prompts, seeds, out_dir, steps=
         sample_kwargs["guidance_scale"] = guidance
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "results.csv")
-    rows = _read_done(csv_path)
+    config_path = os.path.join(out_dir, "config.json")
+    rows = _read_done(csv_path, log)
     done = {(r["method"], r["frames"], r["prompt"], r["seed"]) for r in rows}
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({"methods": [_method_name(m) for m in methods], "frames": frames_list, "prompts": prompts,
-                   "seeds": seeds, "fps": fps, "reference": reference,
-                   "sample_kwargs": {k: repr(v) for k, v in sample_kwargs.items()}}, f, indent=1)
+    batch_size = len(prompts) if batch is None else min(batch, len(prompts))
+    previous = _previous_config(config_path)
+    if previous.get("batch", batch_size) != batch_size:
+        log(f"warning: {config_path} was written with batch {previous['batch']}, this run uses {batch_size}: "
+            "the rows still to do get the noise of the new chunks")
+    settings = {"methods": labels, "method_values": {name: repr(m) for name, m in zip(labels, methods)},
+                "frames": frames_list, "prompts": prompts, "seeds": seeds, "fps": fps, "reference": reference,
+                "batch": batch_size, "chunk_seed": f"seed + {CHUNK_SEED_STRIDE} * chunk index", "workers": workers,
+                "sample_kwargs": {k: repr(v) for k, v in sample_kwargs.items()}}
+    first_call_seconds = dict(previous.get("first_call_seconds", {}))
+    _write_config(config_path, settings, first_call_seconds)
+    expected = {(label, frames, p, seed) for label in labels + ([REFERENCE] if reference else [])
+                for frames in frames_list for p in prompts for seed in seeds}
+    sheets_dir, videos_dir = os.path.join(out_dir, "sheets"), os.path.join(out_dir, "videos")
 
-    size = reference_size
+    def finish(job):
+        """Wait for a batch's scores, write its rows, print its progress line."""
+        info, wait = job
+        new = [{"method": info["label"], "frames": info["frames"], "prompt": prompts[i], "seed": info["seed"],
+                **scores, "seconds": info["per_row"]} for i, scores in zip(info["indices"], wait())]
+        rows.extend(new)
+        _append(csv_path, new)
+        done.update((r["method"], r["frames"], r["prompt"], r["seed"]) for r in new)
+        means = " ".join(f"{m} {np.mean([r[m] for r in new]):.1f}" for m in metrics.METRICS)
+        made = (f"{info['count']} clips rendered" if info["label"] == REFERENCE else
+                f"{info['count']} videos in {info['seconds']:.1f} s ({info['per_row']:.2f} s/video"
+                f"{', incl. compilation' if info['first'] else ''})")
+        log(f"[{len(done & expected)}/{len(expected)}] {info['label']} {info['frames']}f seed {info['seed']} "
+            f"chunk {info['chunk']}: {made}, {len(new)} new rows; {means}")
+
+    tasks = []  # (frames, method or None for the ground truth, label, seed, chunk, prompt indices, missing)
     for frames in frames_list:
-        for method in methods:
-            name = _method_name(method)
-            for prompt in prompts:
-                for seed in seeds:
-                    if (name, frames, prompt, seed) in done:
-                        continue
-                    start = time.perf_counter()
-                    video = np.asarray(sample_fn(pipe, prompt, num_frames=frames, method=method, seed=seed,
-                                                 **sample_kwargs))
-                    seconds = time.perf_counter() - start
-                    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[0] != frames:
-                        raise ValueError(f"sample returned {video.dtype} {video.shape} for {frames} frames; "
-                                         "expected uint8 [frames, height, width, 3]")
-                    size = size or int(min(video.shape[1:3]))
-                    row = _score(name, frames, prompt, seed, video, seconds, fps)
-                    rows.append(row)
-                    _append(csv_path, row)
-                    if save_videos:
-                        np.save(os.path.join(out_dir, f"{name}_{frames}_{prompts.index(prompt)}_{seed}.npy"),
-                                video)
-                    log(f"{name} {frames} frames seed {seed} {prompt!r}: "
-                        + " ".join(f"{m} {row[m]:.1f}" for m in metrics.METRICS) + f" ({seconds:.1f} s)")
-        if reference:
-            size = size or 32
-            for prompt in prompts:
-                for seed in seeds:
-                    if (REFERENCE, frames, prompt, seed) in done:
-                        continue
-                    scene = data.scene_from_prompt(prompt, np.random.default_rng(seed))
-                    row = _score(REFERENCE, frames, prompt, seed, data.render(scene, frames, size), 0.0, fps)
-                    rows.append(row)
-                    _append(csv_path, row)
+        for method, label in zip(methods, labels):
+            for seed in seeds:
+                missing = {i for i, p in enumerate(prompts) if (label, frames, p, seed) not in done}
+                tasks += [(frames, method, label, seed, chunk, indices, missing)
+                          for chunk, indices in chunks_to_sample(missing, len(prompts), batch_size)]
+        for seed in seeds if reference else ():
+            missing = {i for i, p in enumerate(prompts) if (REFERENCE, frames, p, seed) not in done}
+            if missing:
+                tasks.append((frames, None, REFERENCE, seed, 0, sorted(missing), missing))
+
+    size, pending, longest, stopped, timed = reference_size, None, 0.0, False, set()
+    scorer = _Scorer(workers, fps)
+    try:
+        for frames, method, label, seed, chunk, indices, missing in tasks:
+            start = time.perf_counter()
+            if method is None:  # the ground truth: rendered, not sampled
+                size = size or 32
+                videos = [data.render(data.scene_from_prompt(prompts[i], np.random.default_rng(seed)), frames, size)
+                          for i in indices]
+                seconds, first = 0.0, False
+            else:
+                if time_budget is not None and start - started + longest > time_budget:
+                    stopped = True
+                    break
+                videos = sample_fn(pipe, [prompts[i] for i in indices], num_frames=frames, method=method,
+                                   seed=chunk_seed(seed, chunk), **sample_kwargs)
+                videos = _check_batch(videos, len(indices), frames)
+                seconds = time.perf_counter() - start
+                size = size or int(min(videos.shape[2:4]))
+                shape = f"{label}@{frames}x{len(indices)}"  # a new batch shape compiles its programs
+                first = shape not in timed
+                if first:
+                    timed.add(shape)
+                    first_call_seconds[shape] = round(seconds, 3)
+                    _write_config(config_path, settings, first_call_seconds)
+            kept = [j for j, i in enumerate(indices) if i in missing]
+            for j in kept:
+                if indices[j] == 0 and seed == seeds[0]:
+                    _save_sheet(videos[j], sheets_dir, label, frames)
+                if save_videos and method is not None:
+                    os.makedirs(videos_dir, exist_ok=True)
+                    np.save(os.path.join(videos_dir, f"{_file_stem(label)}_{frames}f_p{indices[j]}_s{seed}.npy"),
+                            videos[j])
+            info = {"label": label, "frames": frames, "seed": seed, "chunk": chunk, "count": len(indices),
+                    "indices": [indices[j] for j in kept], "seconds": seconds, "per_row": seconds / len(indices),
+                    "first": first}
+            job = (info, scorer.submit([videos[j] for j in kept], [prompts[indices[j]] for j in kept]))
+            if pending is not None:
+                finish(pending)  # the previous batch was scored while this one was made
+            pending = job
+            longest = max(longest, time.perf_counter() - start)
+    finally:
+        try:
+            if pending is not None:
+                finish(pending)
+        finally:
+            scorer.close()
+    left = len(expected - done)
+    elapsed = time.perf_counter() - started
+    if stopped:
+        log(f"time budget of {time_budget:.0f} s reached after {elapsed:.0f} s: {left} of {len(expected)} rows "
+            "left; run the same command again to resume")
+    else:
+        log(f"done in {elapsed:.0f} s: {len(expected) - left} of {len(expected)} rows")
     write_report(rows, out_dir)
     return rows
+
+
+def _save_sheet(clip, sheets_dir, label, frames) -> None:
+    os.makedirs(sheets_dir, exist_ok=True)
+    video_lib.save_contact_sheet(clip, os.path.join(sheets_dir, f"{_file_stem(label)}_{frames}f.png"),
+                                 every=SHEET_EVERY)
 
 
 def add_arguments(parser) -> None:
@@ -187,13 +488,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default="tiny", help="pipeline directory or 'tiny' (default)")
     parser.add_argument("--frames", default="64,128,256", help="comma-separated frame counts")
     parser.add_argument("--methods", default="direct,freenoise,freelong,longdiff,freeloc",
-                        help="comma-separated method presets")
+                        help="comma-separated methods: preset names, or PRESET:FIELD=VALUE[:FIELD=VALUE...] to "
+                             "override Method fields (Python literals; commas inside parentheses stay with the "
+                             "value), e.g. 'longdiff:num_groups=8:window=4,freeloc:vrpr_params=(12,16,2,8)'; "
+                             "such a variant is named longdiff[num_groups=8,window=4] in the results")
     parser.add_argument("--prompts", type=int, default=8, help="number of benchmark prompts (see prompts())")
     parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt list")
     parser.add_argument("--seeds", type=int, default=2, help="sampling seeds per prompt: 0 .. S-1")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--devices", type=int, default=None, help="devices to shard frames over")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="prompts per sample call (default: all); chunk k of seed s samples with seed "
+                             f"s + {CHUNK_SEED_STRIDE} k, so the batch size is part of the run's settings")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"processes scoring the videos (default: CPU cores - 1, at most "
+                             f"{MAX_DEFAULT_WORKERS}; 1: score inline)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: start no batch that would end past it (judged by the longest batch so "
+                             "far), then write the report; run the command again to resume")
+    parser.add_argument("--save-videos", action="store_true", help="also write videos/*.npy, one per video")
     parser.add_argument("--no-reference", action="store_true", help="skip the ground-truth rows")
     parser.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
 
@@ -201,17 +515,13 @@ def add_arguments(parser) -> None:
 def run_from_args(args, sample_fn=None) -> int:
     """Run the benchmark from parsed :func:`add_arguments` options; returns an exit code."""
     extra = {} if args.devices is None else {"devices": args.devices}
-    run_shapes_bench(args.model, [m for m in args.methods.split(",") if m],
-                     [int(f) for f in args.frames.split(",") if f], prompts(args.prompts, args.prompt_seed),
-                     range(args.seeds), args.out, steps=args.steps, guidance=args.guidance,
-                     reference=not args.no_reference, sample_fn=sample_fn, **extra)
+    run_shapes_bench(args.model, parse_methods(args.methods), [int(f) for f in args.frames.split(",") if f],
+                     prompts(args.prompts, args.prompt_seed), range(args.seeds), args.out, steps=args.steps,
+                     guidance=args.guidance, reference=not args.no_reference, batch=args.batch,
+                     workers=args.workers, time_budget=args.time_budget, save_videos=args.save_videos,
+                     sample_fn=sample_fn, **extra)
     print(f"wrote {os.path.join(args.out, 'results.csv')}, table.md and plots")
     return 0
-
-
-def _score(method, frames, prompt, seed, video, seconds, fps) -> dict:
-    scores = metrics.all_metrics(video, prompt, fps=fps)
-    return {"method": method, "frames": frames, "prompt": prompt, "seed": seed, **scores, "seconds": seconds}
 
 
 # ---- report -----------------------------------------------------------------------------------------------

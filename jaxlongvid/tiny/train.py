@@ -193,7 +193,7 @@ def export_pipeline(cfg: TinyConfig, ema_params, out_dir, train_info: dict):
     from jaxlongvid.pipeline import Pipeline, PipelineConfig, save
 
     config = PipelineConfig(family="tiny", unet=cfg.unet(), text=cfg.text(), vae=None, scheduler=cfg.scheduler(),
-                            num_frames=cfg.frames, num_inference_steps=25, guidance_scale=1.5, height=cfg.size,
+                            num_frames=cfg.frames, num_inference_steps=25, guidance_scale=1.0, height=cfg.size,
                             width=cfg.size, extra={"train": train_info})
     pipe = Pipeline(config=config, params={"unet": ema_params["unet"], "text": ema_params["text"]},
                     tokenizer=tokenizer())
