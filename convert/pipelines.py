@@ -238,7 +238,7 @@ def _openclip_tokenizer(ckpt: str, vocab: Optional[PathLike], text_config: TextC
     if path is None:
         raise CheckpointError(
             f"{ckpt}: holds the OpenCLIP text tower but no tokenizer vocabulary was found: put {OPENCLIP_VOCAB} "
-            f"(shipped inside the open_clip_torch package) next to the checkpoint or pass vocab=")
+            f"(shipped inside the open_clip_torch package) next to the checkpoint or pass its path (--vocab, vocab=)")
     try:
         return CLIPTokenizer.from_openclip_bpe(path, context_length=text_config.context_length)
     except (OSError, ValueError, EOFError) as e:

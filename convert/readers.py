@@ -3,16 +3,21 @@
 ``.safetensors`` is read with NumPy alone (no torch import). ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin`` are read
 with ``torch.load(weights_only=True)``, which refuses pickles that would run arbitrary code; anything else is
 rejected. Tensors come back as float32-or-native NumPy arrays keyed by their state-dict names.
+
+Model folders in the diffusers / transformers layout (``config.json`` + one weights file, or shards listed in an
+``.index.json``) are read with :func:`read_config_json` and :func:`read_folder_weights`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterator, Mapping
 
 import numpy as np
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers, transformers names
 
 
 class CheckpointError(ValueError):
@@ -82,3 +87,53 @@ def iter_prefixed(state: Mapping[str, np.ndarray], prefix: str) -> Iterator[tupl
     for k, v in state.items():
         if k.startswith(prefix):
             yield k[len(prefix):], v
+
+
+def as_float32(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Floating tensors as float32 (checkpoints are often fp16); params are kept in float32."""
+    return {k: np.asarray(v, np.float32) if np.issubdtype(v.dtype, np.floating) else np.asarray(v)
+            for k, v in state.items()}
+
+
+# ---- diffusers / transformers model folders ---------------------------------------------------------------------
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
+
+
+def read_config_json(folder: str) -> dict:
+    """A model folder's ``config.json``."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder}: no config.json (expected a diffusers/transformers model folder)")
+    return _read_json(path)
+
+
+def read_folder_weights(folder: str) -> dict[str, np.ndarray]:
+    """The state dict of a diffusers / transformers model folder: a single weights file (safetensors preferred,
+    then .bin, then their ``.fp16`` variants) or a sharded one with an ``.index.json``."""
+    tried = []
+    for variant in ("", ".fp16"):
+        for ext in (".safetensors", ".bin"):
+            for stem in WEIGHT_STEMS:
+                name = f"{stem}{variant}{ext}"
+                tried.append(name)
+                if os.path.isfile(os.path.join(folder, name)):
+                    return load_state_dict(os.path.join(folder, name))
+                index = os.path.join(folder, name + ".index.json")
+                if os.path.isfile(index):
+                    return _read_shards(folder, index)
+    raise CheckpointError(f"{folder}: no weights file; looked for {', '.join(tried)} (and sharded .index.json)")
+
+
+def _read_shards(folder: str, index: str) -> dict[str, np.ndarray]:
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, Mapping) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map (expected a sharded-checkpoint index)")
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(load_state_dict(os.path.join(folder, shard)))
+    return state

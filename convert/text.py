@@ -20,9 +20,9 @@ from typing import Mapping
 
 import numpy as np
 
-from convert.readers import CheckpointError, iter_prefixed, load_state_dict
+from convert.readers import (CheckpointError, as_float32, iter_prefixed, load_state_dict, read_config_json,
+                             read_folder_weights)
 from convert.tree import flat_shapes, validate
-from convert.vae import as_float32, read_config_json, read_folder_weights
 from jaxlongvid.models.text import ACTIVATIONS, TextConfig, param_shapes
 
 _LAYER = re.compile(r"^(?:encoder\.layers|transformer\.resblocks)\.(\d+)\.(.+)$")

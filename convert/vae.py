@@ -17,55 +17,16 @@ are reported together in one :class:`CheckpointError`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Mapping
 
 import numpy as np
 
-from convert.readers import CheckpointError, iter_prefixed, load_state_dict
+from convert.readers import (CheckpointError, as_float32, iter_prefixed, load_state_dict, read_config_json,
+                             read_folder_weights)
 from convert.tree import flat_shapes, validate
 from jaxlongvid.models.vae import VAEConfig, param_shapes
-
-WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
-
-
-# ---- reading a diffusers / transformers folder ------------------------------------------------------------
-def read_config_json(folder: str) -> dict:
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{folder}: no config.json (expected a diffusers/transformers model folder)")
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_folder_weights(folder: str) -> dict[str, np.ndarray]:
-    """The state dict of a diffusers / transformers model folder: a single weights file (safetensors preferred,
-    then .bin, then their ``.fp16`` variants) or a sharded one with an ``.index.json``."""
-    tried = []
-    for variant in ("", ".fp16"):
-        for ext in (".safetensors", ".bin"):
-            for stem in WEIGHT_STEMS:
-                name = f"{stem}{variant}{ext}"
-                tried.append(name)
-                if os.path.isfile(os.path.join(folder, name)):
-                    return load_state_dict(os.path.join(folder, name))
-                index = os.path.join(folder, name + ".index.json")
-                if os.path.isfile(index):
-                    with open(index) as f:
-                        shards = sorted(set(json.load(f)["weight_map"].values()))
-                    state = {}
-                    for shard in shards:
-                        state.update(load_state_dict(os.path.join(folder, shard)))
-                    return state
-    raise CheckpointError(f"{folder}: no weights file; looked for {', '.join(tried)} (and sharded .index.json)")
-
-
-def as_float32(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Floating tensors as float32 (checkpoints are often fp16); params are kept in float32."""
-    return {k: np.asarray(v, np.float32) if np.issubdtype(v.dtype, np.floating) else np.asarray(v)
-            for k, v in state.items()}
 
 
 # ---- config ------------------------------------------------------------------------------------------------

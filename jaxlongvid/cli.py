@@ -63,6 +63,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--cond-fps", type=_positive_int, help="fps the model is conditioned on (VideoCrafter2)")
     p.add_argument("--fps", type=float, default=8.0, help="playback fps of the written video (default: 8)")
     p.add_argument("--sheet-every", type=_positive_int, help=".png: put every K-th frame on the sheet")
+    p.add_argument("--precision", choices=("default", "high", "highest"),
+                   help="matmul/convolution precision (jax.default_matmul_precision; default: highest for float32 "
+                        "models, so GPUs do not round float32 to TF32, JAX's setting for bfloat16 ones)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_sample)
 
@@ -91,7 +94,8 @@ def run_sample(args) -> int:
     frames = sampling.sample(pipe, args.prompt, num_frames=args.frames, method=args.method, seed=args.seed,
                              num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
                              width=args.width, negative_prompt=args.negative_prompt, fps=args.cond_fps,
-                             eta=args.eta, devices=args.devices, progress=not args.no_progress)
+                             eta=args.eta, devices=args.devices, progress=not args.no_progress,
+                             precision=args.precision)
     if jax.process_index() == 0:
         video.save_video(frames, args.out, fps=args.fps, every=args.sheet_every)
         print(f"wrote {args.out}: {frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]}")
@@ -154,7 +158,9 @@ def _add_convert(sub) -> None:
     vc.add_argument("--ckpt", required=True, help="model.ckpt")
     vc.add_argument("--version", required=True, type=int, choices=(1, 2), help="VideoCrafter 1 or 2")
     vc.add_argument("--config", help="the inference YAML or a JSON UNet config (default: the release's)")
-    vc.set_defaults(convert="convert_videocrafter", keys=("ckpt", "version", "config"))
+    vc.add_argument("--vocab", help="OpenCLIP's BPE vocabulary bpe_simple_vocab_16e6.txt.gz (default: next to "
+                                    "--ckpt, else the installed open_clip package's)")
+    vc.set_defaults(convert="convert_videocrafter", keys=("ckpt", "version", "config", "vocab"))
 
     ms = families.add_parser("modelscope", help="ModelScope T2V / ZeroScope in diffusers format")
     ms.add_argument("--diffusers", required=True, help="the diffusers pipeline folder (unet/, vae/, ...)")

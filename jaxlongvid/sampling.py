@@ -19,6 +19,13 @@ evenly is an error before anything is traced. Inputs become global arrays throug
 on several hosts after ``jax.distributed.initialize()`` (every process calls ``sample`` with the same
 arguments; the progress bar shows on process 0).
 
+Precision (``precision=``): every program ``sample`` compiles (text encoder, denoising loop, decoder) is traced
+under ``jax.default_matmul_precision(precision)``, so its matrix products and convolutions carry that precision in
+the compiled HLO, and JAX's jit caches (keyed on that setting) never reuse a program traced at another one. By
+default a float32 pipeline runs at ``"highest"`` (true float32): JAX's own default lets NVIDIA GPUs multiply
+float32 in TF32, whose rounding depends on how the work is partitioned, the suspected cause of 2-GPU frame-sharded
+samples differing from 1-GPU ones (``docs/benchmarks.md``). A bfloat16 / float16 pipeline keeps JAX's setting.
+
 Progress bar (``progress=True``): a Python loop over ``denoise_step``, one jitted program per step, blocking
 after each step so the bar counts finished steps; ``progress=False`` runs ``denoise``, the whole loop as one
 ``lax.scan`` program (identical results on the test models). The alternative, a ``jax.debug.callback`` inside
@@ -70,6 +77,7 @@ class Request:
     eta: Optional[float]
     seed: int
     method: Union[Method, MethodPlan]
+    precision: Optional[str] = None  # resolved: "default" | "high" | "highest", or None for JAX's own setting
 
     @property
     def guided(self) -> bool:
@@ -88,6 +96,25 @@ def _seed(seed) -> int:
     return seed
 
 
+PRECISIONS = ("default", "high", "highest")
+
+
+def resolve_precision(precision, config: PipelineConfig) -> Optional[str]:
+    """The matmul precision the sampler's programs are traced at: ``precision`` itself, or for None
+    ``"highest"`` on a float32 pipeline (float32 means float32, on every device and partitioning) and JAX's own
+    setting (None) on a bfloat16 / float16 one."""
+    if precision is None:
+        return "highest" if config.dtype == "float32" else None
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be None, 'default', 'high' or 'highest', got {precision!r}")
+    return precision
+
+
+def precision_context(precision: Optional[str]):
+    """``jax.default_matmul_precision(precision)``, or no change for None."""
+    return jax.default_matmul_precision(precision) if precision is not None else contextlib.nullcontext()
+
+
 def _prompts(prompt) -> tuple[tuple[str, ...], bool]:
     if isinstance(prompt, str):
         return (prompt,), True
@@ -103,7 +130,7 @@ def _prompts(prompt) -> tuple[tuple[str, ...], bool]:
 
 def check_request(pipe: Pipeline, prompt, *, num_frames=None, method="direct", seed=0, num_inference_steps=None,
                   guidance_scale=None, height=None, width=None, negative_prompt=None, fps=None,
-                  eta=None) -> Request:
+                  eta=None, precision=None) -> Request:
     """Fill in the pipeline's defaults and check every argument; raises a clear error naming the problem."""
     config = pipe.config
     if config.missing:
@@ -144,7 +171,7 @@ def check_request(pipe: Pipeline, prompt, *, num_frames=None, method="direct", s
     request = Request(prompts=prompts, negative_prompts=negatives, single=single, num_frames=num_frames,
                       num_inference_steps=steps, guidance_scale=float(scale), height=height, width=width, fps=fps,
                       eta=None if eta is None else float(eta), seed=_seed(seed),
-                      method=get_method(method))
+                      method=get_method(method), precision=resolve_precision(precision, config))
     schedulers.timesteps(config.scheduler, steps)  # checks the step count against the schedule
     return request
 
@@ -275,7 +302,7 @@ def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Option
            height: Optional[int] = None, width: Optional[int] = None,
            negative_prompt: Union[str, Sequence[str], None] = None, fps: Optional[int] = None,
            eta: Optional[float] = None, mesh=None, devices=None, progress: bool = True, output: str = "uint8",
-           decode_chunk: int = 8) -> np.ndarray:
+           decode_chunk: int = 8, precision: Optional[str] = None) -> np.ndarray:
     """Generate a video (or a batch of videos) from text.
 
     Args:
@@ -292,6 +319,9 @@ def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Option
       output: ``"uint8"`` (default), ``"float"`` (the decoded frames in about [-1, 1], float32, unclipped) or
         ``"latents"`` (the denoised latents ``[..., frames, h, w, C]``, before decoding).
       decode_chunk: frames the VAE decodes at a time (per device).
+      precision: matmul / convolution precision of the compiled programs: ``"default"``, ``"high"`` or
+        ``"highest"`` (``jax.default_matmul_precision``). None: ``"highest"`` for a float32 pipeline (no TF32 on
+        NVIDIA GPUs, so sharded and unsharded runs agree), JAX's setting for a bfloat16 / float16 one.
     Returns:
       NumPy ``[frames, H, W, 3]`` for a string prompt, ``[B, frames, H, W, 3]`` for a list.
     """
@@ -299,13 +329,14 @@ def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Option
         raise ValueError(f"output must be 'uint8', 'float' or 'latents', got {output!r}")
     request = check_request(pipe, prompt, num_frames=num_frames, method=method, seed=seed,
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
-                            width=width, negative_prompt=negative_prompt, fps=fps, eta=eta)
+                            width=width, negative_prompt=negative_prompt, fps=fps, eta=eta, precision=precision)
     mesh = resolve_mesh(mesh, devices, request.guided)
     sharding.check_mesh(mesh, request.num_frames, request.model_batch)
     config = pipe.config
     schedule = schedulers.make_schedule(config.scheduler, request.num_inference_steps, request.eta)
-    latents = _generate(pipe, request, schedule, mesh, progress)
-    video = latents if output == "latents" else _decode(pipe, latents, mesh, decode_chunk, output == "uint8")
+    with precision_context(request.precision):  # traced (and cached) at this precision
+        latents = _generate(pipe, request, schedule, mesh, progress)
+        video = latents if output == "latents" else _decode(pipe, latents, mesh, decode_chunk, output == "uint8")
     video = sharding.to_host(video)
     return video[0] if request.single else video
 

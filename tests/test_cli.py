@@ -24,6 +24,24 @@ def test_sample_arguments():
     defaults = cli.build_parser().parse_args(["sample", "--prompt", "p", "--out", "x.gif"])
     assert (defaults.frames, defaults.steps, defaults.guidance, defaults.seed, defaults.devices) == (
         None, None, None, 0, None)
+    assert defaults.precision is None  # the sampler decides (highest for float32 models)
+
+
+def test_precision_flag_reaches_sample(model_dir, tmp_path, monkeypatch):
+    """--precision takes exactly the sampler's values and is passed to ``sample``; left out, ``sample`` gets None."""
+    from jaxlongvid import sampling
+
+    for precision in sampling.PRECISIONS:  # others exit 2 (test_bad_syntax_exits_2)
+        args = cli.build_parser().parse_args(["sample", "--prompt", "p", "--out", "x.gif", "--precision", precision])
+        assert args.precision == precision
+    seen = []
+    real = sampling.sample
+    monkeypatch.setattr(sampling, "sample", lambda *a, **kw: seen.append(kw["precision"]) or real(*a, **kw))
+    common = ["sample", "--model", model_dir, "--prompt", PROMPTS[0], "--frames", "8", "--steps", "1",
+              "--height", "8", "--width", "8", "--no-progress", "--out", str(tmp_path / "x.gif")]
+    assert cli.main(common + ["--precision", "high"]) == 0
+    assert cli.main(common) == 0
+    assert seen == ["high", None]
 
 
 @pytest.mark.parametrize("argv", [
@@ -31,6 +49,7 @@ def test_sample_arguments():
     ["sample", "--prompt", "p"],  # no output
     ["sample", "--prompt", "p", "--out", "x.gif", "--frames", "0"],
     ["sample", "--prompt", "p", "--out", "x.gif", "--steps", "many"],
+    ["sample", "--prompt", "p", "--out", "x.gif", "--precision", "fast"],
     ["convert", "videocrafter", "--ckpt", "m.ckpt", "--version", "3", "--out", "d"],
     ["convert", "lavie", "--out", "d"],  # no --unet
     ["convert", "wan", "--out", "d"],
@@ -48,7 +67,10 @@ def test_bad_syntax_exits_2(argv, capsys):
      dict(unet="lavie_base.pt", sd="sd14", config=None, out="d", overwrite=False)),
     (["convert", "videocrafter", "--ckpt", "m.ckpt", "--version", "2", "--config", "c.yaml", "--out", "d",
       "--overwrite"], "convert_videocrafter",
-     dict(ckpt="m.ckpt", version=2, config="c.yaml", out="d", overwrite=True)),
+     dict(ckpt="m.ckpt", version=2, config="c.yaml", vocab=None, out="d", overwrite=True)),
+    (["convert", "videocrafter", "--ckpt", "m.ckpt", "--version", "1", "--vocab", "bpe.txt.gz", "--out", "d"],
+     "convert_videocrafter", dict(ckpt="m.ckpt", version=1, config=None, vocab="bpe.txt.gz", out="d",
+                                  overwrite=False)),
     (["convert", "modelscope", "--diffusers", "ms", "--out", "d"], "convert_modelscope",
      dict(diffusers="ms", out="d", overwrite=False)),
 ])

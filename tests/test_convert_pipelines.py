@@ -266,6 +266,46 @@ def test_videocrafter_one_checkpoint_all_components(sd, tmp_path, monkeypatch):
                                             text_config=_openclip_tiny_config(1))
 
 
+def test_videocrafter_cli_vocab_all_components(sd, tmp_path, monkeypatch, capsys):
+    """``convert videocrafter --vocab PATH``: the OpenCLIP vocabulary is read from PATH (not next to the checkpoint,
+    whatever open_clip is installed), the tokenizer gives open_clip's ids and the text context matches (1e-5); a
+    missing PATH is a one-line error, exit 1, nothing written. The command converts the released architectures, so
+    the tiny fixture configs stand in for SD's VAE and OpenCLIP ViT-H/14 here."""
+    from jaxlongvid.models.tokenizers import CLIPTokenizer
+
+    ckpt = write_videocrafter_ckpt(tmp_path / "vc2", sd["vae"], alphas_cumprod(SchedulerConfig.videocrafter()))
+    vocab = tmp_path / "elsewhere" / "clip_vocab.txt.gz"
+    vocab.parent.mkdir()
+    shutil.copy(OPENCLIP / pipelines.OPENCLIP_VOCAB, vocab)
+    assert not (ckpt.parent / pipelines.OPENCLIP_VOCAB).exists()
+    monkeypatch.setattr(VAEConfig, "sd14", staticmethod(lambda: vae_config_from_diffusers(dict(sd["vae"].config))))
+    monkeypatch.setattr(TextConfig, "openclip_vit_h14", staticmethod(lambda: _openclip_tiny_config(1)))
+    read = []
+    real_reader = CLIPTokenizer.from_openclip_bpe
+    monkeypatch.setattr(CLIPTokenizer, "from_openclip_bpe",
+                        staticmethod(lambda path, **kw: read.append(path) or real_reader(path, **kw)))
+
+    common = ["convert", "videocrafter", "--ckpt", ckpt, "--version", 2, "--config", VC2 / "config.json"]
+    out = tmp_path / "pipe"
+    code, stdout, err = run_cli(common + ["--vocab", vocab, "--out", out], capsys)
+    assert code == 0, err
+    assert read == [str(vocab)]
+    pipe = jaxlongvid.load(str(out))
+    assert pipe.config.missing == ()
+    io = np.load(OPENCLIP / "io.npz")
+    prompts = json.loads((OPENCLIP / "config.json").read_text())["prompts"]
+    np.testing.assert_array_equal(pipe.tokenizer.encode(prompts), io["token_ids"])
+    err = rel_err(pipe.encode_prompts(prompts), io["out_penultimate"])
+    print(f"VideoCrafter --vocab text context: max rel err {err:.2e}")
+    assert err < TEXT_TOL
+
+    missing = tmp_path / "nope" / pipelines.OPENCLIP_VOCAB
+    code, _, err = run_cli(common + ["--vocab", missing, "--out", tmp_path / "pipe2"], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert f"{missing}: no such vocabulary file" in err
+    assert not (tmp_path / "pipe2").exists()
+
+
 INFERENCE_YAML = """
 model:
   target: lvdm.models.ddpm3d.LatentDiffusion

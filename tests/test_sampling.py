@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -284,6 +285,87 @@ def test_latent_pipeline_decodes_with_the_vae():
     np.testing.assert_allclose(video, np.asarray(want), atol=1e-5)
 
 
+# ---- matmul precision ------------------------------------------------------------------------------------------
+def hlo_precisions(text: str) -> set[str]:
+    """The precisions of every dot_general and convolution in StableHLO text."""
+    dots = re.findall(r"stablehlo\.dot_general .*precision = \[(\w+), (\w+)\]", text)
+    convs = re.findall(r"stablehlo\.convolution.*precision_config = \[#stablehlo<precision (\w+)>, "
+                       r"#stablehlo<precision (\w+)>\]", text)
+    assert dots and (convs or "stablehlo.convolution" not in text), "no matmul found in the program"
+    assert len(convs) == text.count("stablehlo.convolution"), "a convolution without a precision config"
+    return {p for pair in dots + convs for p in pair}
+
+
+@pytest.fixture
+def lowered(monkeypatch):
+    """Spy on the compiled denoising loop and decoder: each call also records the StableHLO text it lowers to,
+    lowered in the caller's context (the precision ``sample`` sets) exactly as the call traces it."""
+    texts = {"denoise": [], "decoder": []}
+    real_denoise, real_decoder = sampling.denoise, sampling._decoder
+
+    def denoise(*args, **kwargs):
+        texts["denoise"].append(real_denoise.lower(*args, **kwargs).as_text())
+        return real_denoise(*args, **kwargs)
+
+    def decoder(*args):
+        fn = real_decoder(*args)
+
+        def run(*a):
+            texts["decoder"].append(fn.lower(*a).as_text())
+            return fn(*a)
+
+        return run
+
+    monkeypatch.setattr(sampling, "denoise", denoise)
+    monkeypatch.setattr(sampling, "_decoder", decoder)
+    return texts
+
+
+def test_precision_reaches_the_compiled_loop_and_is_exact_f32_on_cpu(pipe, lowered):
+    """Each precision is in every dot of the compiled loop, whatever the global setting (the tests set
+    "highest"; under JAX's default, "default", a float32 pipeline still gets "highest"); a bfloat16 pipeline
+    keeps the surrounding setting. On CPU every precision multiplies in float32, so the videos are identical."""
+    kw = dict(seed=2, output="float", **KW)
+    videos = {}
+    for precision in sampling.PRECISIONS:
+        videos[precision] = sampling.sample(pipe, PROMPTS[:2], precision=precision, **kw)
+        assert hlo_precisions(lowered["denoise"][-1]) == {precision.upper()}
+    with jax.default_matmul_precision("default"):  # JAX's own default, as on a GPU without configuration
+        videos[None] = sampling.sample(pipe, PROMPTS[:2], **kw)
+        assert hlo_precisions(lowered["denoise"][-1]) == {"HIGHEST"}
+        bf16 = make_pipeline(dtype="bfloat16")
+        sampling.sample(bf16, PROMPTS[:2], num_frames=8, progress=False)
+        assert hlo_precisions(lowered["denoise"][-1]) == {"DEFAULT"}
+    assert sampling.resolve_precision(None, bf16.config) is None
+    for precision, video in videos.items():
+        np.testing.assert_array_equal(video, videos["highest"], err_msg=str(precision))
+
+
+def test_precision_keys_the_jit_cache(pipe):
+    """A precision change compiles a new program instead of reusing one traced at another precision; the same
+    precision again reuses it (frames 40: a shape no other test compiles)."""
+    kw = dict(seed=0, num_frames=40, progress=False)
+    before = sampling.denoise._cache_size()
+    sampling.sample(pipe, PROMPTS[0], precision="high", **kw)
+    assert sampling.denoise._cache_size() == before + 1
+    sampling.sample(pipe, PROMPTS[0], precision="highest", **kw)
+    assert sampling.denoise._cache_size() == before + 2
+    sampling.sample(pipe, PROMPTS[0], precision="high", **kw)
+    sampling.sample(pipe, PROMPTS[0], **kw)  # None = "highest" for this float32 pipeline
+    assert sampling.denoise._cache_size() == before + 2
+
+
+def test_precision_reaches_the_vae_decoder(lowered):
+    from jaxlongvid.models import vae as vae_lib
+
+    vae_config = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                                   latent_channels=4)
+    pipe = make_pipeline(unet=StandInConfig(in_channels=4), vae=vae_config)
+    for precision in ("default", "highest"):
+        sampling.sample(pipe, PROMPTS[0], num_frames=8, height=16, width=16, progress=False, precision=precision)
+        assert hlo_precisions(lowered["decoder"][-1]) == {precision.upper()}
+
+
 # ---- bad input: clear errors before anything is traced ---------------------------------------------------------
 @pytest.fixture
 def no_tracing(monkeypatch):
@@ -308,6 +390,9 @@ def no_tracing(monkeypatch):
     (dict(fps=8), ValueError, "no fps conditioning"),
     (dict(output="png"), ValueError, "output must be"),
     (dict(eta=-0.5), ValueError, "eta must be >= 0"),
+    (dict(precision="fast"), ValueError, "precision must be None, 'default', 'high' or 'highest', got 'fast'"),
+    (dict(precision="HIGHEST"), ValueError, "precision must be"),
+    (dict(precision=3), ValueError, "precision must be"),
 ])
 def test_bad_requests(pipe, no_tracing, kwargs, error, match):
     kwargs = {"prompt": PROMPTS[0], **kwargs}

@@ -1,0 +1,216 @@
+"""Every command in the README is run by a test or by CI.
+
+The README's ```bash blocks are split into commands (one per line, ``&&`` chains split); the list must equal
+:data:`COMMANDS`, which says for each command where it runs, so a new or edited README command fails here until
+it is given a test. Three ways a command is covered:
+
+* ``RUN``: run verbatim here, as a user would type it, in a temporary directory with the test harness's
+  ``XLA_FLAGS`` (8 host devices) removed: the first ``jaxlongvid sample`` (128 frames, freeloc: ~150 s on 2
+  cores) and ``jaxlongvid probe``.
+* ``CI``: executed by ``.ci/run`` before this suite; checked against that file here. ``pip install -e .`` is
+  covered by CI's ``pip install -e ".[test,convert]"``, which installs the same package plus the extras.
+* ``PARSED``: the command needs what CI does not have (the released checkpoints, a GPU, or hours of CPU), so
+  here it is parsed by the real ``jaxlongvid`` parser and dispatched to a recorder in place of the slow call,
+  checking the arguments it would get; the same code path runs on tiny inputs in the test named in
+  :data:`COMMANDS`.
+
+The Python snippet is run in-process with ``num_frames=128`` reduced to 32 (its longdiff at 128 frames takes
+~430 s and ~13 GB on a 2-core CPU, see the README); everything else in it is verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from jaxlongvid import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+CI_SCRIPT = ROOT / ".ci" / "run"
+RUN, CI, PARSED = "run here", "run by .ci/run", "parsed here"
+# subprocess.run warns that JAX is multithreaded when it forks; the child execs at once, so nothing can deadlock
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
+DEMO = ('jaxlongvid sample --prompt "a red circle moving right on a black background" --frames 128 '
+        '--method freeloc --out demo.gif')
+PROBE = 'jaxlongvid probe --model tiny --prompt "a red circle moving left" --long-frames 64 --out probe.json'
+CONVERT_LAVIE = "jaxlongvid convert lavie --unet lavie_base.pt --sd stable-diffusion-v1-4/ --out lavie-jax"
+CONVERT_VC = "jaxlongvid convert videocrafter --ckpt model.ckpt --version 2 --out vc2-jax"
+CONVERT_MS = "jaxlongvid convert modelscope --diffusers text-to-video-ms-1.7b/ --out modelscope-jax"
+PANDA = ('jaxlongvid sample --model lavie-jax --prompt "a panda playing guitar" --frames 128 --method longdiff '
+         '--steps 50 --out panda.mp4')
+BENCH = ("jaxlongvid bench shapes --frames 64,128 --methods direct,freenoise,freelong,longdiff,freeloc "
+         "--prompts 8 --seeds 2 --out bench/")
+
+# README command -> (how it is covered, where)
+COMMANDS = {
+    "pip install -e .": (CI, 'pip install -e ".[test,convert]"'),
+    DEMO: (RUN, "test_first_command_verbatim"),
+    'pip install "torch==2.13.0"': (CI, 'pip install "torch==2.13.0"'),
+    'pip install -e ".[test,convert]"': (CI, 'pip install -e ".[test,convert]"'),
+    "python -m pytest -q tests": (CI, "python -m pytest -q tests"),
+    CONVERT_LAVIE: (PARSED, "test_convert_pipelines.py::test_lavie_with_sd_components_samples"),
+    CONVERT_VC: (PARSED, "test_convert_pipelines.py::test_videocrafter_unet_only, "
+                         "test_videocrafter_cli_vocab_all_components"),
+    CONVERT_MS: (PARSED, "test_convert_pipelines.py::test_modelscope_diffusers_folder"),
+    PANDA: (PARSED, "test_cli.py::test_sample_end_to_end (a tiny LaVie-style UNet3D, longdiff)"),
+    PROBE: (RUN, "test_probe_command_verbatim"),
+    BENCH: (PARSED, "test_bench_runner.py (the runner on scaled-down settings)"),
+}
+
+
+# ---- reading the README ----------------------------------------------------------------------------------------
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(encoding="utf-8"), re.M | re.S)
+
+
+def readme_commands() -> list[str]:
+    """Every command of the README's bash blocks, in order (continuation lines joined, ``&&`` chains split)."""
+    commands = []
+    for block in code_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                commands += [" ".join(part.split()) for part in line.split(" && ")]
+    return commands
+
+
+def ci_commands() -> list[str]:
+    """The commands of ``.ci/run``, normalised to how the README writes them (``pip`` for ``python3 -m pip``,
+    without ``--quiet``)."""
+    commands = []
+    for line in CI_SCRIPT.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or line.startswith(("set ", "cd ")):
+            continue
+        line = re.sub(r"^python3? -m pip ", "pip ", line).replace(" --quiet", "")
+        commands.append(line)
+    return commands
+
+
+def test_every_readme_command_is_covered():
+    assert readme_commands() == list(COMMANDS), (
+        "the README's commands changed: give each new command a test here (COMMANDS says where each one runs)")
+    assert len(code_blocks("python")) == 1, "a new Python snippet in the README: run it in this file"
+
+
+def test_ci_runs_the_install_and_test_commands():
+    ci = ci_commands()
+    for command, (how, ci_command) in COMMANDS.items():
+        if how == CI:
+            assert ci_command in ci, f"{command!r}: .ci/run has no {ci_command!r} (it has {ci})"
+    assert ci[-1] == "python -m pytest -q tests"  # the README's test command, verbatim and last
+
+
+# ---- run verbatim ----------------------------------------------------------------------------------------------
+def run_verbatim(command: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """``command`` in a shell, in ``cwd``, without the test harness's XLA_FLAGS; the ``jaxlongvid`` script of
+    this Python first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    result = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{command}\nstdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-4000:]}"
+    return result
+
+
+def test_first_command_verbatim(tmp_path):
+    result = run_verbatim(DEMO, tmp_path, timeout=1200)
+    frames = iio.imread(tmp_path / "demo.gif", index=None)
+    assert frames.shape == (128, 32, 32, 3)  # 128 frames of the tiny model's 32x32
+    assert "wrote demo.gif: 128 frames, 32x32" in result.stdout
+    assert frames.std() > 5 and np.abs(np.diff(frames.astype(float), axis=0)).mean() > 0  # a picture that moves
+
+
+def test_probe_command_verbatim(tmp_path):
+    import json
+
+    result = run_verbatim(PROBE, tmp_path, timeout=900)
+    report = json.loads((tmp_path / "probe.json").read_text())
+    assert report["prompts"] == ["a red circle moving left"] and report["model"] == "tiny"
+    layers = report["scores"]["context"]
+    assert layers and set(report["scores"]["position"]) == set(layers) == set(report["routes"])
+    assert all(np.isfinite(v) for v in list(layers.values()) + list(report["scores"]["position"].values()))
+    assert all(name in result.stdout for name in report["routes"])  # one printed line per layer
+
+
+def test_python_snippet(tmp_path, monkeypatch):
+    """The README's Python block, with num_frames 128 -> 32 (see the module notes); its comment's claims hold."""
+    (snippet,) = code_blocks("python")
+    assert snippet.count("num_frames=128") == 1
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet.replace("num_frames=128", "num_frames=32"), str(README), "exec"), namespace)
+    video = namespace["video"]
+    assert isinstance(video, np.ndarray) and video.dtype == np.uint8 and video.shape == (32, 32, 32, 3)
+    written = iio.imread(tmp_path / "out.mp4", index=None)
+    assert written.shape == video.shape  # the .mp4 holds every frame (H.264 is lossy: values are not compared)
+
+
+# ---- parsed and dispatched (need checkpoints, a GPU or hours) -------------------------------------------------
+def argv(command: str) -> list[str]:
+    words = shlex.split(command)
+    assert words[0] == "jaxlongvid"
+    return words[1:]
+
+
+@pytest.fixture
+def fake_converters(monkeypatch):
+    import convert
+
+    calls = []
+    fake = types.ModuleType("convert.pipelines")
+    for name in ("convert_lavie", "convert_videocrafter", "convert_modelscope"):
+        setattr(fake, name, lambda _name=name, **kw: calls.append((_name, kw)) or kw["out"])
+    monkeypatch.setitem(sys.modules, "convert.pipelines", fake)
+    monkeypatch.setattr(convert, "pipelines", fake, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("command,function,kwargs", [
+    (CONVERT_LAVIE, "convert_lavie", dict(unet="lavie_base.pt", sd="stable-diffusion-v1-4/", config=None)),
+    (CONVERT_VC, "convert_videocrafter", dict(ckpt="model.ckpt", version=2, config=None, vocab=None)),
+    (CONVERT_MS, "convert_modelscope", dict(diffusers="text-to-video-ms-1.7b/")),
+])
+def test_convert_commands_reach_their_converter(command, function, kwargs, fake_converters, capsys):
+    assert COMMANDS[command][0] == PARSED
+    assert cli.main(argv(command)) == 0
+    out = shlex.split(command)[-1]
+    assert fake_converters == [(function, dict(kwargs, out=out, overwrite=False))]
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_gpu_sample_command_reaches_sample(monkeypatch, tmp_path):
+    """The 128-frame LaVie command: loads ``lavie-jax`` and calls ``sample`` with the README's settings."""
+    import jaxlongvid.pipeline as pipeline_lib
+    from jaxlongvid import sampling
+
+    loaded, calls = [], []
+    monkeypatch.setattr(pipeline_lib, "load", lambda name: loaded.append(name) or "PIPE")
+    monkeypatch.setattr(sampling, "sample", lambda pipe, prompt, **kw: calls.append((pipe, prompt, kw))
+                        or np.zeros((128, 8, 8, 3), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv(PANDA)) == 0
+    assert loaded == ["lavie-jax"]
+    ((pipe, prompt, kw),) = calls
+    assert (pipe, prompt) == ("PIPE", "a panda playing guitar")
+    assert (kw["num_frames"], kw["method"], kw["num_inference_steps"]) == (128, "longdiff", 50)
+    assert (tmp_path / "panda.mp4").is_file()
+
+
+def test_bench_command_parses():
+    args = cli.build_parser().parse_args(argv(BENCH))
+    assert (args.command, args.suite, args.frames, args.prompts, args.seeds, args.out) == (
+        "bench", "shapes", "64,128", 8, 2, "bench/")
+    assert args.methods.split(",") == ["direct", "freenoise", "freelong", "longdiff", "freeloc"]
+    assert args.func is cli.run_bench_shapes
