@@ -1,9 +1,11 @@
 """Multi-GPU check: the same seed sampled on one device and with the frame axis sharded over every device.
 
-    python benchmarks/multi_gpu_check.py --frames 128 --methods direct,freenoise,freelong,longdiff,freeloc
+    python benchmarks/multi_gpu_check.py --frames 128 --methods direct,freenoise,freelong,longdiff,freeloc \
+        --precisions highest,default
 
-Prints, per method, the wall time of each layout (compile included, then a second timed call) and the max
-absolute difference of the uint8 frames against the single-device result.
+Prints, per method and matmul precision (``sample(precision=...)``), the wall time of each layout (compile
+included, then a second timed call) and the max absolute difference of the uint8 frames against the
+single-device result at that precision.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--methods", default="direct,freenoise,freelong,longdiff,freeloc")
     ap.add_argument("--prompt", default="a red circle moving right on a black background")
+    ap.add_argument("--precisions", default="highest", help="comma-separated: default, high, highest")
     ap.add_argument("--out", default=None, help="folder for contact sheets of the sharded results")
     args = ap.parse_args()
     pipe = jlv.load(args.model)
@@ -40,21 +43,23 @@ def main():
                f"frames={n}": dict(mesh=make_mesh(n, 1))}
     if n % 2 == 0 and n > 2:
         layouts[f"frames={n // 2} x data=2"] = dict(mesh=make_mesh(n // 2, 2))
-    print("| method | layout | first call s | second call s | max abs diff vs 1 device |")
-    print("|---|---|---|---|---|")
+    print("| method | precision | layout | first call s | second call s | max abs diff vs 1 device |")
+    print("|---|---|---|---|---|---|")
     for method in args.methods.split(","):
-        ref = None
-        for name, kw in layouts.items():
-            run = lambda: jlv.sample(pipe, args.prompt, num_frames=args.frames, method=method, seed=0,
-                                     num_inference_steps=args.steps, progress=False, **kw)
-            video, first = timed(run)
-            _, second = timed(run)
-            ref = video if ref is None else ref
-            diff = int(np.abs(video.astype(np.int16) - ref.astype(np.int16)).max())
-            print(f"| {method} | {name} | {first:.1f} | {second:.2f} | {diff} |", flush=True)
-            if args.out and name != "1 device":
-                from jaxlongvid.video import save_contact_sheet
-                save_contact_sheet(video, f"{args.out}/{method}_{args.frames}.png", every=8)
+        for precision in args.precisions.split(","):
+            ref = None
+            for name, kw in layouts.items():
+                run = lambda: jlv.sample(pipe, args.prompt, num_frames=args.frames, method=method, seed=0,
+                                         num_inference_steps=args.steps, progress=False, precision=precision,
+                                         **kw)
+                video, first = timed(run)
+                _, second = timed(run)
+                ref = video if ref is None else ref
+                diff = int(np.abs(video.astype(np.int16) - ref.astype(np.int16)).max())
+                print(f"| {method} | {precision} | {name} | {first:.1f} | {second:.2f} | {diff} |", flush=True)
+                if args.out and name != "1 device":
+                    from jaxlongvid.video import save_contact_sheet
+                    save_contact_sheet(video, f"{args.out}/{method}_{precision}_{args.frames}.png", every=8)
 
 
 if __name__ == "__main__":
