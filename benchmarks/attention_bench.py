@@ -1,10 +1,22 @@
-"""Temporal-attention time of every method relative to ``direct``, jnp path and fused (cuDNN) path.
+"""Temporal-attention time of every method relative to ``direct``, per path and per mapped-RoPE formulation.
 
 LaVie-sized: 2 videos x 40 x 64 latent pixels = 5120 sequences of N frames, 8 heads x 40 dims, RoPE on 32 dims
 plus the T5 bias (LaVie's temporal attention). Prints a table of median milliseconds (and the ratio to
-``direct`` on the same path) for N = 128 and one larger case. Run on a GPU:
+``direct`` on the same path) for N = 128 and one larger case, on three paths: ``jnp`` (implementation=None),
+``cudnn`` (jax.nn.dot_product_attention where the RoPE is a rotation of absolute positions) and ``pallas`` (the
+per-value Pallas kernel where the RoPE is mapped; the jnp path elsewhere). Run on a GPU:
 
     python benchmarks/attention_bench.py --frames 128 256 --repeats 10
+
+Methods whose RoPE runs under a mapped (non-linear) position map are timed once per ``--variants`` entry,
+side by side in one process (calls interleaved round-robin): ``CHOICE[@CHUNK_MIB]`` with CHOICE ``auto`` (what
+the library picks, see ``jaxlongvid.attention.rope_path``), ``per_value`` or ``per_frequency`` (the formulation
+used before the per-value one existed), and optionally temporal_attention's ``chunk_bytes`` in MiB
+(``per_frequency@1024`` is the code path and chunk of the library before the per-value formulation). Other
+methods do not depend on it and are timed once. On a CPU, use fewer sequences and float32:
+
+    python benchmarks/attention_bench.py --frames 128 --sequences 64 --dtype float32 --paths jnp --repeats 5 \
+        --methods direct,longdiff,clip,freeloc --variants auto per_frequency@1024 per_frequency
 """
 
 from __future__ import annotations
@@ -17,19 +29,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlongvid.attention import Encoding, temporal_attention
+from jaxlongvid.attention import Encoding, rope_path, temporal_attention
 from jaxlongvid.methods import PRESETS
 
 
-def bench_one(fn, args, repeats):
-    out = fn(*args)
-    jax.block_until_ready(out)  # compile + warm-up
-    times = []
+def bench_interleaved(fns, args, repeats):
+    """Median milliseconds of each function, called round-robin so that load from other processes falls on all
+    of them alike."""
+    for fn in fns:
+        jax.block_until_ready(fn(*args))  # compile + warm-up
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            t.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def parse_variant(text):
+    choice, _, chunk = text.partition("@")
+    return choice, int(chunk) if chunk else None
+
+
+def resolve(maps, enc, choice, chunk_mib, implementation):
+    """The computation a variant runs: (RoPE path, chunk) where the chunk matters, None where it cannot run."""
+    try:
+        rope = rope_path(maps, enc, choice)
+    except ValueError:  # per_value under a fractional map
+        return None
+    if rope not in ("per_value", "per_frequency"):
+        return rope, None
+    if implementation == "pallas" and np.array_equal(maps, np.rint(maps)):
+        return "pallas kernel", None  # the kernel computes per value whatever the choice, without chunks
+    return rope, chunk_mib
 
 
 def main():
@@ -38,22 +71,32 @@ def main():
     ap.add_argument("--videos", type=int, default=2)
     ap.add_argument("--height", type=int, default=40)
     ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--sequences", type=int, default=None,
+                    help="one video of 1 x SEQUENCES pixels instead of videos x height x width (small CPU runs)")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--methods", default="direct,freenoise,freelong,sliding-window,longdiff,longdiff-no-pm,"
                                          "longdiff-no-ifs,clip,interpolate,group-only,freeloc")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--paths", default="jnp,cudnn")
+    ap.add_argument("--paths", default="jnp,cudnn,pallas",
+                    help="jnp, cudnn, xla (jax.nn.dot_product_attention) and/or pallas (the per-value kernel where "
+                         "RoPE is mapped, else jnp; interpreted, so very slow, on a CPU)")
+    ap.add_argument("--variants", nargs="+", default=["auto", "per_frequency"],
+                    help="mapped-RoPE variants timed side by side: CHOICE[@CHUNK_MIB], CHOICE one of auto, "
+                         "per_value, per_frequency; CHUNK_MIB temporal_attention's chunk_bytes in MiB (default: "
+                         "the library's)")
     args = ap.parse_args()
     dtype = jnp.dtype(args.dtype)
+    videos, height, width = (1, 1, args.sequences) if args.sequences else (args.videos, args.height, args.width)
+    variants = [parse_variant(v) for v in args.variants]
     enc = Encoding(rope_dim=32, t5_buckets=32, native_frames=16)
-    print(f"device: {jax.devices()[0].device_kind}  dtype: {dtype}  sequences: "
-          f"{args.videos}x{args.height}x{args.width}  heads {args.heads} x {args.dim}")
+    print(f"device: {jax.devices()[0].device_kind}  dtype: {dtype}  sequences: {videos}x{height}x{width}  "
+          f"heads {args.heads} x {args.dim}")
     rows = []
     for n in args.frames:
         key = jax.random.key(n)
-        shape = (args.videos, args.height * args.width, n, args.heads, args.dim)
+        shape = (videos, height * width, n, args.heads, args.dim)
         q, k, v = (jax.random.normal(kk, shape, dtype) for kk in jax.random.split(key, 3))
         t5 = jax.random.normal(key, (32, args.heads), jnp.float32)
         for path in args.paths.split(","):
@@ -62,26 +105,41 @@ def main():
             for name in args.methods.split(","):
                 method = PRESETS[name]
                 segs = method.segments(n, 16)
-                kf = jnp.broadcast_to((jnp.arange(segs) * (n // segs))[None, None], (args.videos, 1, segs)) \
+                kf = jnp.broadcast_to((jnp.arange(segs) * (n // segs))[None, None], (videos, 1, segs)) \
                     if method.needs_keyframes else None
+                maps = method.position_maps(n, enc.native_frames)
+                # variants that resolve to the same computation are timed once
+                resolved = [resolve(maps, enc, choice, chunk_mib, impl) for choice, chunk_mib in variants]
+                distinct = sorted({r for r in resolved if r is not None}, key=str)
+                fns = []
+                for rope, chunk_mib in distinct:
+                    choice = next(c for (c, m), r in zip(variants, resolved) if r == (rope, chunk_mib))
+                    chunk = {} if chunk_mib is None else {"chunk_bytes": chunk_mib << 20}
 
-                @jax.jit
-                def run(q, k, v, t5, kf, method=method, impl=impl):
-                    return temporal_attention(q, k, v, encoding=enc, method=method, t5_table=t5, keyframes=kf,
-                                              spatial_shape=(args.height, args.width), implementation=impl)
-
+                    @jax.jit
+                    def run(q, k, v, t5, kf, method=method, impl=impl, choice=choice, chunk=chunk):
+                        return temporal_attention(q, k, v, encoding=enc, method=method, t5_table=t5, keyframes=kf,
+                                                  spatial_shape=(height, width), implementation=impl,
+                                                  mapped_rope=choice, **chunk)
+                    fns.append(run)
                 try:
-                    ms = bench_one(run, (q, k, v, t5, kf), args.repeats)
+                    timed = dict(zip(distinct, bench_interleaved(fns, (q, k, v, t5, kf), args.repeats)))
                 except Exception as e:  # report, keep going (e.g. out of memory)
                     print(f"N={n} {path} {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                    continue
+                    timed = {}
+                cells = [(r[0] if r else "n/a", timed.get(r, float("nan"))) for r in resolved]
+                ms = cells[0][1]
                 base = ms if name == "direct" else base
                 ratio = ms / base if base else float("nan")
-                rows.append((n, path, name, ms, ratio))
-                print(f"N={n:4d} {path:6s} {name:16s} {ms:9.2f} ms  x{ratio:5.2f}", flush=True)
-    print("\n| N | path | method | median ms | vs direct |\n|---|---|---|---|---|")
-    for n, path, name, ms, ratio in rows:
-        print(f"| {n} | {path} | {name} | {ms:.2f} | {ratio:.2f} |")
+                rows.append((n, path, name, ratio, cells))
+                text = "  ".join(f"{v}={r}:{t:9.2f} ms" for v, (r, t) in zip(args.variants, cells))
+                print(f"N={n:4d} {path:6s} {name:16s} x{ratio:6.2f}  {text}", flush=True)
+    header = " | ".join(f"{v} ms (RoPE path)" for v in args.variants)
+    print(f"\n| N | path | method | {header} | {args.variants[0]} vs direct |\n|---|---|---|"
+          + "---|" * (len(variants) + 1))
+    for n, path, name, ratio, cells in rows:
+        text = " | ".join(f"{t:.2f} ({r})" for r, t in cells)
+        print(f"| {n} | {path} | {name} | {text} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -12,23 +12,36 @@ frames, independently for every leading index (video x pixel). What differs betw
 Position encodings, each exact for any map:
 
 * RoPE on the first ``rope_dim`` dims of each head, interleaved pairs (LaVie). When a map is a multiple of
-  ``j - i`` it is applied as the usual rotation of absolute positions. Any other map ``P`` uses the
-  per-frequency decomposition ``q . R(theta P) k = sum_k A_k cos(theta_k P) + B_k sin(theta_k P)`` with
-  ``A_k = qa ka + qb kb`` and ``B_k = qb ka - qa kb`` for the pair ``(a, b)`` of frequency k. That holds for
-  integer and fractional maps alike. Its intermediate is ``rope_dim`` times a logit matrix, so the batch of
-  sequences is processed in chunks (``jax.lax.map`` with a batch size) that keep it under ``chunk_bytes``.
+  ``j - i`` it is applied as the usual rotation of absolute positions. Any other map ``P`` takes one of two
+  exact formulations (``rope_path`` picks, ``mapped_rope=`` forces one):
+
+  - per value, for integer maps: with U the distinct values of all the call's maps, ``q . R(theta u) k =
+    R(-theta u) q . k``, so q is rotated once per value and one batched matrix product gives the U logit
+    planes; each map then gathers its logits from them with a static index. Its intermediate is U logit
+    matrices, shared by all maps (LongDiff at 128 frames: 31 values for 9 maps).
+  - per frequency, for any map (fractional too): ``q . R(theta P) k = sum_k A_k cos(theta_k P) + B_k
+    sin(theta_k P)`` with ``A_k = qa ka + qb kb`` and ``B_k = qb ka - qa kb`` for the pair ``(a, b)`` of
+    frequency k. Its intermediate is ``rope_dim`` logit matrices per map.
+
+  Either way the batch of sequences is processed in chunks (``jax.lax.map`` with a batch size) that keep the
+  intermediate under ``chunk_bytes``.
 * T5 bucketed bias (LaVie): ``table[bucket(P)]`` per head, fractional maps rounded.
 * Relative key/value tables (VideoCrafter1): row ``clamp(round(P), -R, R) + R``; the value term is the
   probability mass on each row times the table.
 
 Softmax and the probability average run in float32 whatever the compute dtype. Masked keys get exactly zero
-probability. ``implementation="cudnn"`` routes maps that need no per-frequency RoPE through
+probability. ``implementation="cudnn"`` routes maps that need no mapped RoPE through
 ``jax.nn.dot_product_attention`` (one fused call per map, outputs averaged, which equals averaging
-probabilities because the output is linear in them); anything else takes the jnp path.
+probabilities because the output is linear in them); ``implementation="pallas"`` routes integer maps that do
+need it (no relative K/V tables) through a Pallas kernel (Triton on GPUs, interpreted on a CPU) that computes
+the per-value logits of a block of queries on chip, selects each map's, and averages the M softmaxes before
+one ``P @ V``, never writing the U logit planes to memory (forward pass only: its gradient is the jnp
+per-value path's); anything else takes the jnp path.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -83,13 +96,75 @@ def _linear_coefficient(pmap: np.ndarray) -> Optional[float]:
     return c if np.allclose(pmap, c * d, rtol=1e-6, atol=1e-6 * max(1.0, abs(c) * n)) else None
 
 
-def rotate(x: jnp.ndarray, pos: np.ndarray, freqs: np.ndarray) -> jnp.ndarray:
-    """Rotate interleaved pairs of ``x`` [..., N, H, 2K] by angle ``pos[n] * freqs[k]``."""
-    ang = jnp.asarray(np.asarray(pos, np.float64)[:, None] * freqs[None, :], jnp.float32)  # [N, K]
-    cos, sin = jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]  # [N, 1, K]
+def _rotate_pairs(x: jnp.ndarray, angles: np.ndarray) -> jnp.ndarray:
+    """Rotate interleaved pairs of ``x [..., 2K]`` by static ``angles`` (float64, broadcastable to [..., K])."""
+    cos, sin = jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
     x = x.astype(jnp.float32)
     a, b = x[..., 0::2], x[..., 1::2]
-    return jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(x.shape)
+    out = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    return out.reshape(out.shape[:-2] + (-1,))
+
+
+def rotate(x: jnp.ndarray, pos: np.ndarray, freqs: np.ndarray) -> jnp.ndarray:
+    """Rotate interleaved pairs of ``x`` [..., N, H, 2K] by angle ``pos[n] * freqs[k]``."""
+    angles = np.asarray(pos, np.float64)[:, None] * freqs[None, :]  # [N, K]
+    return _rotate_pairs(x, angles[:, None, :])
+
+
+def _is_integer_map(maps: np.ndarray) -> bool:
+    maps = np.asarray(maps)
+    return np.issubdtype(maps.dtype, np.integer) or bool(np.all(maps == np.rint(maps)))
+
+
+MAPPED_ROPE = ("auto", "per_value", "per_frequency")
+# Chunk bounds of the mapped-RoPE intermediate. On a CPU a chunk that stays in the last-level cache runs 2-4x
+# faster than one of 1 GiB (measured, docs/benchmarks.md); an accelerator wants large batches.
+ACCELERATOR_CHUNK_BYTES = 1 << 30
+CPU_CHUNK_BYTES = 16 << 20
+
+
+def rope_path(maps: np.ndarray, encoding: Encoding, choice: str = "auto") -> str:
+    """How RoPE is applied under ``maps`` [M, N, N]: "none" (no RoPE), "absolute" (every map is a multiple of
+    ``j - i``: rotate absolute positions), else "per_value" or "per_frequency" (module doc).
+
+    ``choice="auto"`` picks by the size of the intermediate, counted in logit-sized planes per sequence and
+    head: per-value writes one plane per distinct value (U), per-frequency ``rope_dim`` per map (A_k, B_k for
+    K = rope_dim/2 frequencies) for each of its M maps. Per-value when the maps are integer and
+    ``U <= M * rope_dim``; its planes come from one matrix product instead of elementwise passes, so a tie
+    goes to it. Fractional maps always take per-frequency."""
+    if choice not in MAPPED_ROPE:
+        raise ValueError(f"mapped_rope must be one of {MAPPED_ROPE}, got {choice!r}")
+    if not encoding.rope_dim:
+        return "none"
+    if all(_linear_coefficient(p) is not None for p in maps):
+        return "absolute"
+    integer = _is_integer_map(maps)
+    if choice == "per_value" and not integer:
+        raise ValueError("mapped_rope='per_value' needs integer position maps (these have fractional values)")
+    if choice != "auto":
+        return choice
+    fits = len(np.unique(maps)) <= len(maps) * encoding.rope_dim
+    return "per_value" if integer and fits else "per_frequency"
+
+
+def _per_value_rope_logits(q: jnp.ndarray, k: jnp.ndarray, maps: np.ndarray, freqs: np.ndarray) -> list:
+    """``q_i . R(theta P_ij) k_j`` for integer maps ``[M, N, N]``: [..., N, H, 2K] x2 -> M arrays
+    [..., H, N, N] (float32).
+
+    ``q . R(theta u) k = R(-theta u) q . k``: q is rotated once per distinct value u, one batched matrix
+    product gives every value's logits ``S[..., h, i, u, j]``, and map m reads ``S[..., h, i, index(P_mij),
+    j]`` (a gather with a static index)."""
+    values, index = np.unique(np.asarray(maps), return_inverse=True)
+    n = q.shape[-3]
+    angles = -values.astype(np.float64)[:, None] * freqs[None, :]  # [U, K]
+    q_values = _rotate_pairs(q[..., None, :], angles)  # [..., N, H, U, 2K]
+    s = jnp.einsum("...ihur,...jhr->...hiuj", q_values, k.astype(jnp.float32),
+                   preferred_element_type=jnp.float32)
+    s = s.reshape(s.shape[:-2] + (-1,))  # [..., H, N, U * N]
+    flat = index.reshape(np.shape(maps)).astype(np.int32) * n + np.arange(n, dtype=np.int32)  # [M, N, N]
+    lead = (1,) * (s.ndim - 2)
+    return [jnp.take_along_axis(s, jnp.asarray(f.reshape(lead + f.shape)), axis=-1, mode="promise_in_bounds")
+            for f in flat]
 
 
 def _mapped_rope_logits(q: jnp.ndarray, k: jnp.ndarray, pmap: np.ndarray, freqs: np.ndarray) -> jnp.ndarray:
@@ -104,27 +179,42 @@ def _mapped_rope_logits(q: jnp.ndarray, k: jnp.ndarray, pmap: np.ndarray, freqs:
     return jnp.sum(a * cos + b * sin, axis=-1)
 
 
-def _content_logits(q, k, pmap, encoding: Encoding, rel_k) -> jnp.ndarray:
-    """Unscaled ``q . k`` with RoPE and relative-key terms under map ``pmap``: [..., H, N, N] float32."""
-    r = encoding.rope_dim
-    dot = lambda x, y: jnp.einsum("...ihd,...jhd->...hij", x, y, preferred_element_type=jnp.float32)
-    if r:
-        if r > q.shape[-1]:
-            raise ValueError(f"Encoding.rope_dim ({r}) exceeds the head dim ({q.shape[-1]})")
-        freqs = encoding.rope_freqs()
+def _dot(x, y) -> jnp.ndarray:
+    """``x_i . y_j`` per head: [..., N, H, D] x2 -> [..., H, N, N] float32."""
+    return jnp.einsum("...ihd,...jhd->...hij", x, y, preferred_element_type=jnp.float32)
+
+
+def _rope_logits(q, k, maps, freqs, path: str) -> list:
+    """The RoPE part's logits of every map (q, k: the rotary dims only), by ``path``."""
+    if path == "per_value":
+        return _per_value_rope_logits(q, k, maps, freqs)
+    out = []
+    for pmap in maps:
         c = _linear_coefficient(pmap)
-        if c is not None:
-            pos = c * np.arange(q.shape[-3])
-            logits = dot(rotate(q[..., :r], pos, freqs), rotate(k[..., :r], pos, freqs))
+        if c is None:
+            out.append(_mapped_rope_logits(q, k, pmap, freqs))
         else:
-            logits = _mapped_rope_logits(q[..., :r], k[..., :r], pmap, freqs)
-        if r < q.shape[-1]:
-            logits = logits + dot(q[..., r:], k[..., r:])
-    else:
-        logits = dot(q, k)
-    if rel_k is not None:
-        logits = logits + _rel_key_logits(q, rel_k, pmap, encoding.rel_distance)
-    return logits
+            pos = c * np.arange(q.shape[-3])
+            out.append(_dot(rotate(q, pos, freqs), rotate(k, pos, freqs)))
+    return out
+
+
+def _content_logits(q, k, maps, encoding: Encoding, rel_k, mapped_rope: str = "auto") -> list:
+    """Unscaled ``q . k`` with RoPE and relative-key terms under each map of ``maps``: M arrays [..., H, N, N]
+    float32. The dims without RoPE are multiplied once for all maps."""
+    r = encoding.rope_dim
+    if r > q.shape[-1]:
+        raise ValueError(f"Encoding.rope_dim ({r}) exceeds the head dim ({q.shape[-1]})")
+    plain = _dot(q[..., r:], k[..., r:]) if r < q.shape[-1] else None
+    path = rope_path(maps, encoding, mapped_rope)
+    rope = _rope_logits(q[..., :r], k[..., :r], maps, encoding.rope_freqs(), path) if r else [None] * len(maps)
+    out = []
+    for pmap, logits in zip(maps, rope):
+        logits = plain if logits is None else logits if plain is None else logits + plain
+        if rel_k is not None:
+            logits = logits + _rel_key_logits(q, rel_k, pmap, encoding.rel_distance)
+        out.append(logits)
+    return out
 
 
 def _rel_key_logits(q, rel_k, pmap: np.ndarray, max_distance: int) -> jnp.ndarray:
@@ -135,10 +225,12 @@ def _rel_key_logits(q, rel_k, pmap: np.ndarray, max_distance: int) -> jnp.ndarra
     return jnp.take_along_axis(qk_table, idx, axis=-1)
 
 
-def _logits(q, k, pmap, encoding: Encoding, t5_table, rel_k) -> jnp.ndarray:
-    """The attention logits under map ``pmap``: scaled content terms plus the T5 bias, [..., H, N, N]."""
-    logits = _content_logits(q, k, pmap, encoding, rel_k) / math.sqrt(q.shape[-1])
-    return logits if t5_table is None else logits + _t5_bias(pmap, encoding, t5_table)
+def _logits(q, k, maps, encoding: Encoding, t5_table, rel_k, mapped_rope: str = "auto") -> list:
+    """Each map's attention logits: scaled content terms plus the T5 bias, M arrays [..., H, N, N]."""
+    contents = _content_logits(q, k, maps, encoding, rel_k, mapped_rope)
+    scale = math.sqrt(q.shape[-1])
+    return [c / scale if t5_table is None else c / scale + _t5_bias(pmap, encoding, t5_table)
+            for pmap, c in zip(maps, contents)]
 
 
 def _rel_rows(pmap: np.ndarray, max_distance: int) -> np.ndarray:
@@ -173,12 +265,12 @@ def _masked_softmax(logits: jnp.ndarray, mask) -> jnp.ndarray:
     return jax.nn.softmax(logits, axis=-1)
 
 
-def _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, with_rel_rows=0):
+def _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, with_rel_rows=0, mapped_rope="auto"):
     """Softmax probabilities averaged over the maps ([..., H, N, N] float32), and (when ``with_rel_rows``) the
     averaged probability mass on each relative-table row ([..., H, N, rows])."""
     probs = rel_mass = 0.0
-    for pmap in maps:
-        p = _masked_softmax(_logits(q, k, pmap, encoding, t5_table, rel_k), mask) / len(maps)
+    for pmap, logits in zip(maps, _logits(q, k, maps, encoding, t5_table, rel_k, mapped_rope)):
+        p = _masked_softmax(logits, mask) / len(maps)
         probs = probs + p
         if with_rel_rows:
             onehot = jax.nn.one_hot(_rel_rows(pmap, encoding.rel_distance), with_rel_rows, dtype=p.dtype)
@@ -186,10 +278,10 @@ def _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, with_rel_rows=0)
     return probs, rel_mass
 
 
-def _attend_reference(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v):
+def _attend_reference(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, mapped_rope="auto"):
     """Plain jnp: probabilities averaged over the maps, then applied to v (and the relative V table)."""
     rows = 0 if rel_v is None else rel_v.shape[0]
-    probs, rel_mass = _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, rows)
+    probs, rel_mass = _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, rows, mapped_rope)
     out = jnp.einsum("...hij,...jhd->...ihd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     if rel_v is not None:
         out = out + jnp.einsum("...hir,rd->...ihd", rel_mass, rel_v.astype(jnp.float32))
@@ -226,22 +318,169 @@ def _attend_fused(q, k, v, maps, mask, encoding, t5_table, rel_k, implementation
     return (out / len(maps)).astype(v.dtype).reshape(q.shape[:-1] + v.shape[-1:])
 
 
-def _needs_mapped_rope(maps, encoding) -> bool:
-    return bool(encoding.rope_dim) and any(_linear_coefficient(p) is None for p in maps)
+# ---- Pallas kernel: per-value RoPE logits on chip ---------------------------------------------------------------
+PALLAS_BLOCK_Q = 16  # query rows per program; each program holds M logit tiles of [block, padded N] float32
+PALLAS_NUM_WARPS = 4
 
 
-def _attend(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, implementation, chunk_bytes):
+def _pow2(x: int, least: int = 16) -> int:
+    """The padded size of a kernel block dim: a power of two, at least 16 (the smallest Triton dot)."""
+    return max(least, 1 << max(0, int(x) - 1).bit_length())
+
+
+def _mask_rows(mask, lead: tuple, n: int, n_pad: int):
+    """The mask as int32 rows ``[rows, n_pad, n_pad]`` and the number of consecutive sequences that share a row.
+
+    Leading mask dims after its last non-1 dim are shared, not materialised (an IFS mask ``[B, 1, N, N]`` stays
+    B rows for ``B x pixels`` sequences). Padded keys are never visible; padded query rows see the real keys."""
+    keys = np.arange(n_pad) < n
+    if mask is None:
+        return jnp.asarray(np.broadcast_to(keys, (1, n_pad, n_pad)), jnp.int32), int(np.prod(lead))
+    pad_rows = jnp.asarray((~keys)[:, None] & keys[None, :])
+    mask = jnp.asarray(mask)
+    mlead = (1,) * (len(lead) - (mask.ndim - 2)) + mask.shape[:-2]
+    split = max([t + 1 for t, size in enumerate(mlead) if size != 1], default=0)
+    rows = int(np.prod(lead[:split]))
+    full = jnp.broadcast_to(mask.reshape(mlead + (n, n)), lead[:split] + mlead[split:] + (n, n)).reshape(rows, n, n)
+    full = jnp.pad(full, ((0, 0), (0, n_pad - n), (0, n_pad - n))) | pad_rows
+    return full.astype(jnp.int32), int(np.prod(lead[split:]))
+
+
+def _per_value_kernel(*refs, maps_of_value, num_maps, head_dim, has_plain, has_bias, has_mask):
+    """One (sequence, head, query block): per-value logits, per-map selection, softmax, average, one P @ V."""
+    qr_ref, qs_ref, kr_ref, v_ref, cos_ref, sin_ref, idx_ref, *optional, out_ref = refs
+    optional = iter(optional)
+    qp_ref, kp_ref = (next(optional), next(optional)) if has_plain else (None, None)
+    bias_ref = next(optional) if has_bias else None
+    mask_ref = next(optional) if has_mask else None
+    dot_t = lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    qr, qs = qr_ref[...].astype(jnp.float32), qs_ref[...].astype(jnp.float32)
+    kr = kr_ref[...].astype(jnp.float32)
+    logits = [None] * num_maps
+    for u, maps in enumerate(maps_of_value):  # q rotated by -theta u: the logits of value u for every key
+        s_u = dot_t(qr * cos_ref[u][None, :] + qs * sin_ref[u][None, :], kr)
+        for m in maps:
+            logits[m] = jnp.where(idx_ref[m] == u, s_u, 0.0 if logits[m] is None else logits[m])
+    plain = dot_t(qp_ref[...].astype(jnp.float32), kp_ref[...].astype(jnp.float32)) if has_plain else None
+    visible = mask_ref[...] != 0 if has_mask else None
+    scale = math.sqrt(head_dim)
+    probs = 0.0
+    for m in range(num_maps):  # the jnp path's order of operations, so both round alike
+        x = logits[m] if plain is None else logits[m] + plain
+        x = x / scale if bias_ref is None else x / scale + bias_ref[m]
+        if visible is not None:
+            x = jnp.where(visible, x, -jnp.inf)
+        e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+        probs = probs + e / jnp.sum(e, axis=-1, keepdims=True) / num_maps
+    v = v_ref[...]
+    out = jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    out_ref[...] = out.astype(out_ref.dtype)
+
+
+def _pallas_forward(q, k, v, t5_table, mask, maps, encoding: Encoding, interpret: bool):
+    """The per-value kernel over every (sequence, head, query block); [..., N, H, D] -> [..., N, H, Dv]."""
+    from jax.experimental import pallas as pl  # imported here: only this path needs them
+    from jax.experimental.pallas import triton as pl_triton
+
+    lead, (n, h, d), dv, r = q.shape[:-3], q.shape[-3:], v.shape[-1], encoding.rope_dim
+    count = int(np.prod(lead))
+    n_pad, r_pad, dv_pad = _pow2(n), _pow2(r), _pow2(dv)
+    block = min(PALLAS_BLOCK_Q, n_pad)
+    values, index = np.unique(np.asarray(maps), return_inverse=True)
+    index = index.reshape(np.shape(maps)).astype(np.int32)
+    num_maps, u_pad, m_pad = len(maps), _pow2(len(values), 1), _pow2(len(maps), 1)
+
+    def heads_first(x, width):  # [..., N, H, w] -> [S, H, n_pad, width], zero padded
+        x = jnp.swapaxes(x.reshape((count,) + x.shape[-3:]), 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - n), (0, width - x.shape[-1])))
+
+    qa, qb = q[..., 0:r:2], q[..., 1:r:2]
+    swapped = jnp.stack([-qb, qa], axis=-1).reshape(q.shape[:-1] + (r,))  # (a, b) -> (-b, a) per pair
+    # R(-theta u) q = q * cos(theta u) + swapped * (-sin(theta u)), per interleaved pair
+    angles = values.astype(np.float64)[:, None] * encoding.rope_freqs()[None, :]
+    cos, sin = np.zeros((u_pad, r_pad), np.float32), np.zeros((u_pad, r_pad), np.float32)
+    cos[:len(values), :r], sin[:len(values), :r] = np.repeat(np.cos(angles), 2, 1), np.repeat(-np.sin(angles), 2, 1)
+    idx = np.zeros((m_pad, n_pad, n_pad), np.int32)
+    idx[:num_maps, :n, :n] = index
+    operands = [heads_first(q[..., :r], r_pad), heads_first(swapped, r_pad), heads_first(k[..., :r], r_pad),
+                heads_first(v, dv_pad), jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(idx)]
+    seq_head = lambda width, rows: pl.BlockSpec((None, None, rows, width), lambda s, hh, i: (s, hh, i, 0))
+    whole = lambda width: pl.BlockSpec((None, None, n_pad, width), lambda s, hh, i: (s, hh, 0, 0))
+    table = pl.BlockSpec((u_pad, r_pad), lambda s, hh, i: (0, 0))
+    specs = [seq_head(r_pad, block), seq_head(r_pad, block), whole(r_pad), whole(dv_pad), table, table,
+             pl.BlockSpec((m_pad, block, n_pad), lambda s, hh, i: (0, i, 0))]
+    has_plain = r < d
+    if has_plain:
+        d_pad = _pow2(d - r)
+        operands += [heads_first(q[..., r:], d_pad), heads_first(k[..., r:], d_pad)]
+        specs += [seq_head(d_pad, block), whole(d_pad)]
+    has_bias = t5_table is not None
+    if has_bias:
+        bias = jnp.stack([_t5_bias(p, encoding, t5_table) for p in maps], axis=1)  # [H, M, N, N]
+        operands.append(jnp.pad(bias, ((0, 0), (0, m_pad - num_maps), (0, n_pad - n), (0, n_pad - n))))
+        specs.append(pl.BlockSpec((None, m_pad, block, n_pad), lambda s, hh, i: (hh, 0, i, 0)))
+    has_mask = mask is not None or n_pad != n
+    if has_mask:
+        rows, shared = _mask_rows(mask, lead, n, n_pad)
+        operands.append(rows)
+        specs.append(pl.BlockSpec((None, block, n_pad), lambda s, hh, i: (s // shared, i, 0)))
+    maps_of_value = tuple(tuple(m for m in range(num_maps) if np.any(index[m] == u)) for u in range(len(values)))
+    kernel = functools.partial(_per_value_kernel, maps_of_value=maps_of_value, num_maps=num_maps, head_dim=d,
+                               has_plain=has_plain, has_bias=has_bias, has_mask=has_mask)
+    out = pl.pallas_call(
+        kernel, grid=(count, h, n_pad // block), in_specs=specs, out_specs=seq_head(dv_pad, block),
+        out_shape=jax.ShapeDtypeStruct((count, h, n_pad, dv_pad), v.dtype), interpret=interpret,
+        compiler_params=pl_triton.CompilerParams(num_warps=PALLAS_NUM_WARPS, num_stages=1),
+        name="per_value_rope_attention")(*operands)
+    return jnp.swapaxes(out[:, :, :n, :dv], 1, 2).reshape(lead + (n, h, dv))
+
+
+def _attend_pallas(q, k, v, maps, mask, encoding: Encoding, t5_table, chunk_bytes):
+    """``implementation="pallas"`` under integer maps with mapped RoPE: the forward pass is one Pallas kernel
+    (interpreted on a CPU) that never writes the U logit planes to memory; gradients are those of the jnp
+    per-value path (recomputed in the backward pass)."""
+    interpret = jax.default_backend() == "cpu"
+
+    @jax.custom_vjp
+    def attend(q, k, v, t5, mask):
+        return _pallas_forward(q, k, v, t5, mask, maps, encoding, interpret)
+
+    def forward(q, k, v, t5, mask):
+        return attend(q, k, v, t5, mask), (q, k, v, t5, mask)
+
+    def backward(saved, grad):
+        *arrays, mask = saved
+        reference = lambda q, k, v, t5: _attend(q, k, v, maps, mask, encoding, t5, None, None, None, chunk_bytes,
+                                                "per_value")
+        return (*jax.vjp(reference, *arrays)[1](grad), None)
+
+    attend.defvjp(forward, backward)
+    return attend(q, k, v, t5_table, None if mask is None else jnp.asarray(mask))
+
+
+def _attend(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, implementation, chunk_bytes,
+            mapped_rope="auto"):
     """Attention of every leading index under ``maps`` and ``mask`` ([..., N, N] bool or None)."""
-    if implementation is not None and rel_v is None and not _needs_mapped_rope(maps, encoding):
+    path = rope_path(maps, encoding, mapped_rope)
+    mapped = path in ("per_value", "per_frequency")
+    if implementation == "pallas":
+        if mapped and rel_k is None and rel_v is None and _is_integer_map(maps):
+            return _attend_pallas(q, k, v, maps, mask, encoding, t5_table, chunk_bytes)
+        implementation = None  # nothing for the kernel to save: the jnp path
+    if implementation is not None and rel_v is None and not mapped:
         return _attend_fused(q, k, v, maps, mask, encoding, t5_table, rel_k, implementation)
-    args = (maps, encoding, t5_table, rel_k, rel_v)
-    if not _needs_mapped_rope(maps, encoding):
+    args = (maps, encoding, t5_table, rel_k, rel_v, mapped_rope)
+    if not mapped:
         return _attend_reference(q, k, v, maps, mask, *args[1:])
-    # Per-frequency RoPE materialises rope_dim logit-sized arrays per sequence: bound it by chunking.
+    # Mapped RoPE materialises U (per value) or rope_dim (per frequency) logit-sized arrays per sequence:
+    # bound them by chunking over the sequences.
+    if chunk_bytes is None:
+        chunk_bytes = CPU_CHUNK_BYTES if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK_BYTES
     lead = q.shape[:-3]
     n, h = q.shape[-3], q.shape[-2]
     count = int(np.prod(lead)) if lead else 1
-    per_seq = 4 * h * n * n * encoding.rope_dim
+    planes = len(np.unique(maps)) if path == "per_value" else encoding.rope_dim
+    per_seq = 4 * h * n * n * planes
     batch = max(1, min(count, chunk_bytes // per_seq))
     if batch >= count:
         return _attend_reference(q, k, v, maps, mask, *args[1:])
@@ -296,7 +535,7 @@ def attention_logsumexp(q, k, *, encoding: Encoding = Encoding(), method="direct
     if len(maps) != 1:
         raise ValueError(f"method {method.name!r} averages {len(maps)} maps: its passes cannot be merged by "
                          "log-sum-exp")
-    logits = _logits(q, k, maps[0], encoding, t5_table, rel_k)
+    logits = _logits(q, k, maps, encoding, t5_table, rel_k)[0]
     if full_mask is not None:
         logits = jnp.where(full_mask[..., None, :, :], logits, -jnp.inf)
     return jax.nn.logsumexp(logits, axis=-1)
@@ -320,7 +559,8 @@ def merge_passes(outputs, lses):
 # ---- public entry -------------------------------------------------------------------------------------------
 def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="direct", t5_table=None, rel_k=None,
                        rel_v=None, keyframes=None, mask=None, spatial_shape: Optional[tuple[int, int]] = None,
-                       implementation: Optional[str] = None, chunk_bytes: int = 1 << 30):
+                       implementation: Optional[str] = None, chunk_bytes: Optional[int] = None,
+                       mapped_rope: str = "auto"):
     """Attention over frames of ``q, k, v: [..., N, heads, dim]`` under a long-video method.
 
     Args:
@@ -332,8 +572,13 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
       keyframes: int ``[..., n]`` IFS keyframes, broadcastable over the leading dims (methods with IFS).
       mask: optional extra bool mask ``[..., N, N]`` (AND-ed with the method's).
       spatial_shape: ``(h, w)`` for FreeLong: the last leading dim must then be the flattened ``h * w``.
-      implementation: None for the jnp path; ``"cudnn"`` (or ``"xla"``) for fused attention where possible.
-      chunk_bytes: memory bound for the per-frequency RoPE intermediate.
+      implementation: None for the jnp path; ``"cudnn"`` (or ``"xla"``) for fused attention where the RoPE is
+        an absolute rotation; ``"pallas"`` for the per-value kernel where it is mapped (module doc).
+      chunk_bytes: memory bound for the mapped-RoPE intermediate (per-value or per-frequency); None: 1 GiB on
+        accelerators, 16 MiB on a CPU (``CPU_CHUNK_BYTES``).
+      mapped_rope: how RoPE is computed under maps that are not a multiple of ``j - i``: "per_value",
+        "per_frequency" (both exact, see the module doc), or "auto" (the smaller intermediate, see
+        ``rope_path``). Maps that are multiples of ``j - i`` always use the absolute rotation.
     Returns:
       ``[..., N, heads, dim]`` in v's dtype.
     """
@@ -348,7 +593,7 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
     if rel_v is not None and v.shape[-1] != dim:
         raise ValueError(f"rel_v needs v's dim ({v.shape[-1]}) to equal q's ({dim})")
     attend = lambda q_, k_, v_, maps, m: _attend(q_, k_, v_, maps, m, encoding, t5_table, rel_k, rel_v,
-                                                 implementation, chunk_bytes)
+                                                 implementation, chunk_bytes, mapped_rope)
     if method.merge == "freenoise":
         if keyframes is not None or mask is not None:
             raise ValueError("method with merge='freenoise' takes no keyframes or extra mask")
@@ -490,7 +735,7 @@ class TemporalAttention(nn.Module):
         if n <= enc.native_frames:
             d = np.arange(n)[None, :] - np.arange(n)[:, None]
 
-            ori = _logits(q, k, d, enc, t5, rel_k)
-            change = _logits(q, k, d + np.sign(d) * enc.native_frames, enc, t5, rel_k) - ori
+            ori = _logits(q, k, d[None], enc, t5, rel_k)[0]
+            change = _logits(q, k, (d + np.sign(d) * enc.native_frames)[None], enc, t5, rel_k)[0] - ori
             self.sow("intermediates", "logits_sq", jnp.sum(jnp.square(ori), axis=(1, 3, 4)))
             self.sow("intermediates", "shift_change_sq", jnp.sum(jnp.square(change), axis=(1, 3, 4)))
