@@ -22,9 +22,9 @@ arguments; the progress bar shows on process 0).
 Precision (``precision=``): every program ``sample`` compiles (text encoder, denoising loop, decoder) is traced
 under ``jax.default_matmul_precision(precision)``, so its matrix products and convolutions carry that precision in
 the compiled HLO, and JAX's jit caches (keyed on that setting) never reuse a program traced at another one. By
-default a float32 pipeline runs at ``"highest"`` (true float32): JAX's own default lets NVIDIA GPUs multiply
-float32 in TF32, whose rounding depends on how the work is partitioned, the suspected cause of 2-GPU frame-sharded
-samples differing from 1-GPU ones (``docs/benchmarks.md``). A bfloat16 / float16 pipeline keeps JAX's setting.
+default a float32 pipeline runs at ``"highest"`` (true float32; JAX's own default lets NVIDIA GPUs multiply
+float32 in TF32, about 2x faster on the tiny model, with partition-dependent rounding). A bfloat16 / float16
+pipeline keeps JAX's setting. Measured sharded-vs-unsharded agreement on GPUs: ``docs/benchmarks.md``.
 
 Progress bar (``progress=True``): a Python loop over ``denoise_step``, one jitted program per step, blocking
 after each step so the bar counts finished steps; ``progress=False`` runs ``denoise``, the whole loop as one
@@ -321,7 +321,7 @@ def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Option
       decode_chunk: frames the VAE decodes at a time (per device).
       precision: matmul / convolution precision of the compiled programs: ``"default"``, ``"high"`` or
         ``"highest"`` (``jax.default_matmul_precision``). None: ``"highest"`` for a float32 pipeline (no TF32 on
-        NVIDIA GPUs, so sharded and unsharded runs agree), JAX's setting for a bfloat16 / float16 one.
+        NVIDIA GPUs), JAX's setting for a bfloat16 / float16 one.
     Returns:
       NumPy ``[frames, H, W, 3]`` for a string prompt, ``[B, frames, H, W, 3]`` for a list.
     """
