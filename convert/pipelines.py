@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 from typing import Callable, Mapping, Optional, Union
 
 import numpy as np
 
-from convert.readers import CheckpointError
+from convert.readers import CheckpointError, read_json
 from convert.text import convert_openclip_text, load_hf_text_encoder
 from convert.unet import (ConfigLike, convert_lavie_unet, convert_modelscope_unet, convert_state, open_checkpoint,
                           original_kwargs, videocrafter_config, videocrafter_rules)
@@ -164,7 +163,7 @@ def _ldm_settings(config: ConfigLike) -> dict:
         if not os.path.isfile(config):
             return {}  # the UNet config reader reports it
         if not what.endswith((".yaml", ".yml")):
-            config = _read_json(what)
+            config = read_json(what)
         else:
             import yaml
 
@@ -273,7 +272,7 @@ def modelscope_pipeline(diffusers: PathLike) -> Pipeline:
         raise CheckpointError(f"{folder}: no such diffusers folder")
     index = os.path.join(folder, "model_index.json")
     if os.path.isfile(index):
-        cls = _read_json(index).get("_class_name")
+        cls = read_json(index).get("_class_name")
         if cls not in T2V_PIPELINES:
             raise CheckpointError(f"{index}: a {cls} folder, not a text-to-video one ({', '.join(T2V_PIPELINES)})")
     if not os.path.isdir(os.path.join(folder, "unet")):
@@ -283,7 +282,7 @@ def modelscope_pipeline(diffusers: PathLike) -> Pipeline:
     scheduler = _diffusers_scheduler(os.path.join(folder, "scheduler", "scheduler_config.json"),
                                      SchedulerConfig.modelscope())
     unet_json = os.path.join(folder, "unet", "config.json")
-    sample_size = _read_json(unet_json).get("sample_size", 32) if os.path.isfile(unet_json) else 32
+    sample_size = read_json(unet_json).get("sample_size", 32) if os.path.isfile(unet_json) else 32
     height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
     factor = components["vae_config"].downsample_factor if "vae_config" in components else 8
     defaults = dict(MODELSCOPE_DEFAULTS, height=height * factor, width=width * factor)
@@ -294,7 +293,7 @@ def modelscope_pipeline(diffusers: PathLike) -> Pipeline:
 def _diffusers_scheduler(path: str, preset: SchedulerConfig) -> SchedulerConfig:
     if not os.path.isfile(path):
         return preset
-    cfg = _read_json(path)
+    cfg = read_json(path)
     unsupported = [f"{k}={cfg[k]!r}" for k, ok in (("trained_betas", None), ("thresholding", False),
                                                    ("rescale_betas_zero_snr", False)) if cfg.get(k, ok) != ok]
     if unsupported:
@@ -377,11 +376,3 @@ def _named(name: str, convert: Callable, *args):
 
 def _describe(source) -> str:
     return os.path.abspath(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "<state dict>"
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file ({_one_line(str(e))})") from None

@@ -96,7 +96,8 @@ def as_float32(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # ---- diffusers / transformers model folders ---------------------------------------------------------------------
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
+    """A JSON file's contents; a missing or malformed file is a CheckpointError naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -109,7 +110,7 @@ def read_config_json(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder}: no config.json (expected a diffusers/transformers model folder)")
-    return _read_json(path)
+    return read_json(path)
 
 
 def read_folder_weights(folder: str) -> dict[str, np.ndarray]:
@@ -130,7 +131,7 @@ def read_folder_weights(folder: str) -> dict[str, np.ndarray]:
 
 
 def _read_shards(folder: str, index: str) -> dict[str, np.ndarray]:
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, Mapping) or not weight_map:
         raise CheckpointError(f"{index}: no weight_map (expected a sharded-checkpoint index)")
     state = {}

@@ -1,8 +1,6 @@
 """The ``jaxlongvid`` command: argument parsing, the convert dispatch, and an end-to-end ``sample`` run with a
 tiny random LaVie-style UNet3D pipeline saved in a temporary directory."""
 
-import sys
-import types
 
 import imageio.v3 as iio
 import numpy as np
@@ -74,17 +72,9 @@ def test_bad_syntax_exits_2(argv, capsys):
     (["convert", "modelscope", "--diffusers", "ms", "--out", "d"], "convert_modelscope",
      dict(diffusers="ms", out="d", overwrite=False)),
 ])
-def test_convert_dispatch(monkeypatch, capsys, argv, function, kwargs):
-    import convert
-
-    calls = []
-    fake = types.ModuleType("convert.pipelines")
-    for name in ("convert_lavie", "convert_videocrafter", "convert_modelscope"):
-        setattr(fake, name, lambda _name=name, **kw: calls.append((_name, kw)) or kw["out"])
-    monkeypatch.setitem(sys.modules, "convert.pipelines", fake)
-    monkeypatch.setattr(convert, "pipelines", fake, raising=False)
+def test_convert_dispatch(fake_converters, capsys, argv, function, kwargs):
     assert cli.main(argv) == 0
-    assert calls == [(function, kwargs)]
+    assert fake_converters == [(function, kwargs)]
     assert "wrote d" in capsys.readouterr().out
 
 

@@ -155,6 +155,16 @@ def lavie_unet_only(tmp_path_factory):
     return out
 
 
+def assert_openclip_context(pipe, label):
+    """The pipeline's tokenizer gives open_clip's ids for the fixture prompts and its text context matches."""
+    io = np.load(OPENCLIP / "io.npz")
+    prompts = json.loads((OPENCLIP / "config.json").read_text())["prompts"]
+    np.testing.assert_array_equal(pipe.tokenizer.encode(prompts), io["token_ids"])
+    err = rel_err(pipe.encode_prompts(prompts), io["out_penultimate"])
+    print(f"{label}: max rel err {err:.2e}")
+    assert err < TEXT_TOL
+
+
 def test_lavie_unet_only(lavie_unet_only):
     pipe = jaxlongvid.load(str(lavie_unet_only))
     c = pipe.config
@@ -245,12 +255,7 @@ def test_videocrafter_one_checkpoint_all_components(sd, tmp_path, monkeypatch):
     assert pipe.config.missing == () and pipe.config.fps == 28
     sd_vae = load_diffusers_vae(str(sd["folder"] / "vae"))[1]
     assert_same_tree(pipe.params["vae"], sd_vae)  # LDM names in the .ckpt == the diffusers folder's weights
-    io = np.load(OPENCLIP / "io.npz")
-    prompts = json.loads((OPENCLIP / "config.json").read_text())["prompts"]
-    np.testing.assert_array_equal(pipe.tokenizer.encode(prompts), io["token_ids"])
-    err = rel_err(pipe.encode_prompts(prompts), io["out_penultimate"])
-    print(f"VideoCrafter .ckpt text tower through the pipeline: max rel err {err:.2e}")
-    assert err < TEXT_TOL
+    assert_openclip_context(pipe, "VideoCrafter .ckpt text tower through the pipeline")
     assert_same_tree(pipe.params["unet"], convert_videocrafter_unet(VC2 / "model.ckpt", 2, VC2 / "config.json")[1])
 
     wrong = write_videocrafter_ckpt(tmp_path / "wrong", sd["vae"], alphas_cumprod(SchedulerConfig.lavie()))
@@ -292,12 +297,7 @@ def test_videocrafter_cli_vocab_all_components(sd, tmp_path, monkeypatch, capsys
     assert read == [str(vocab)]
     pipe = jaxlongvid.load(str(out))
     assert pipe.config.missing == ()
-    io = np.load(OPENCLIP / "io.npz")
-    prompts = json.loads((OPENCLIP / "config.json").read_text())["prompts"]
-    np.testing.assert_array_equal(pipe.tokenizer.encode(prompts), io["token_ids"])
-    err = rel_err(pipe.encode_prompts(prompts), io["out_penultimate"])
-    print(f"VideoCrafter --vocab text context: max rel err {err:.2e}")
-    assert err < TEXT_TOL
+    assert_openclip_context(pipe, "VideoCrafter --vocab text context")
 
     missing = tmp_path / "nope" / pipelines.OPENCLIP_VOCAB
     code, _, err = run_cli(common + ["--vocab", missing, "--out", tmp_path / "pipe2"], capsys)

@@ -25,7 +25,6 @@ import re
 import shlex
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -162,19 +161,6 @@ def argv(command: str) -> list[str]:
     words = shlex.split(command)
     assert words[0] == "jaxlongvid"
     return words[1:]
-
-
-@pytest.fixture
-def fake_converters(monkeypatch):
-    import convert
-
-    calls = []
-    fake = types.ModuleType("convert.pipelines")
-    for name in ("convert_lavie", "convert_videocrafter", "convert_modelscope"):
-        setattr(fake, name, lambda _name=name, **kw: calls.append((_name, kw)) or kw["out"])
-    monkeypatch.setitem(sys.modules, "convert.pipelines", fake)
-    monkeypatch.setattr(convert, "pipelines", fake, raising=False)
-    return calls
 
 
 @pytest.mark.parametrize("command,function,kwargs", [

@@ -287,7 +287,8 @@ class UNet3D(nn.Module):
     config: UNet3DConfig
     method: Union[str, Method, MethodPlan] = "direct"
     dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
-    attention_implementation: Optional[str] = None  # None: jnp/XLA; "cudnn": fused attention where possible
+    attention_implementation: Optional[str] = None  # None: jnp/XLA; "cudnn": fused attention where possible;
+    # "pallas": the on-chip mapped-RoPE kernel (GPU) where it applies
 
     def _layer_methods(self) -> dict[str, Method]:
         names = temporal_layer_names(self.config)
