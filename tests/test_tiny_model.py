@@ -139,3 +139,21 @@ def test_bench_shapes_is_registered_in_the_cli(monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "shapes"])  # no --out
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_training_target_is_what_the_sampler_inverts(prediction):
+    """The recipe's regression target, read back by the sampler's ``predict``, gives the clean clip and the noise."""
+    from jaxlongvid import schedulers
+
+    config = train.TinyConfig().scheduler().replace(prediction_type=prediction, clip_sample=False)
+    row = schedulers.row_at(schedulers.make_schedule(config, 25), 3)
+    rng = np.random.default_rng(0)
+    clean, noise = rng.uniform(-1, 1, (2, 4, 8, 8, 3)), rng.standard_normal((2, 4, 8, 8, 3))
+    alpha_bar = float(row.sqrt_alpha) ** 2
+    noisy = np.sqrt(alpha_bar) * clean + np.sqrt(1 - alpha_bar) * noise
+    target = train.training_target(prediction, clean, noise, alpha_bar)
+    x0, eps = schedulers.predict(config, row, noisy.astype(np.float32), np.asarray(target, np.float32))
+    np.testing.assert_allclose(np.asarray(x0), clean, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(eps), noise, atol=2e-5)
+    assert train.TinyConfig().scheduler().prediction_type == "v_prediction"
