@@ -116,6 +116,13 @@ def _is_integer_map(maps: np.ndarray) -> bool:
     return np.issubdtype(maps.dtype, np.integer) or bool(np.all(maps == np.rint(maps)))
 
 
+def _distinct_values(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted distinct values of integer ``maps`` [M, N, N] and each entry's index among them (int32 [M, N, N])."""
+    maps = np.asarray(maps)
+    values, index = np.unique(maps, return_inverse=True)
+    return values, index.reshape(maps.shape).astype(np.int32)
+
+
 MAPPED_ROPE = ("auto", "per_value", "per_frequency")
 # Chunk bounds of the mapped-RoPE intermediate. On a CPU a chunk that stays in the last-level cache runs 2-4x
 # faster than one of 1 GiB (measured, docs/benchmarks.md); an accelerator wants large batches.
@@ -154,14 +161,14 @@ def _per_value_rope_logits(q: jnp.ndarray, k: jnp.ndarray, maps: np.ndarray, fre
     ``q . R(theta u) k = R(-theta u) q . k``: q is rotated once per distinct value u, one batched matrix
     product gives every value's logits ``S[..., h, i, u, j]``, and map m reads ``S[..., h, i, index(P_mij),
     j]`` (a gather with a static index)."""
-    values, index = np.unique(np.asarray(maps), return_inverse=True)
+    values, index = _distinct_values(maps)
     n = q.shape[-3]
     angles = -values.astype(np.float64)[:, None] * freqs[None, :]  # [U, K]
     q_values = _rotate_pairs(q[..., None, :], angles)  # [..., N, H, U, 2K]
     s = jnp.einsum("...ihur,...jhr->...hiuj", q_values, k.astype(jnp.float32),
                    preferred_element_type=jnp.float32)
     s = s.reshape(s.shape[:-2] + (-1,))  # [..., H, N, U * N]
-    flat = index.reshape(np.shape(maps)).astype(np.int32) * n + np.arange(n, dtype=np.int32)  # [M, N, N]
+    flat = index * n + np.arange(n, dtype=np.int32)  # [M, N, N]
     lead = (1,) * (s.ndim - 2)
     return [jnp.take_along_axis(s, jnp.asarray(f.reshape(lead + f.shape)), axis=-1, mode="promise_in_bounds")
             for f in flat]
@@ -386,8 +393,7 @@ def _pallas_forward(q, k, v, t5_table, mask, maps, encoding: Encoding, interpret
     count = int(np.prod(lead))
     n_pad, r_pad, dv_pad = _pow2(n), _pow2(r), _pow2(dv)
     block = min(PALLAS_BLOCK_Q, n_pad)
-    values, index = np.unique(np.asarray(maps), return_inverse=True)
-    index = index.reshape(np.shape(maps)).astype(np.int32)
+    values, index = _distinct_values(maps)
     num_maps, u_pad, m_pad = len(maps), _pow2(len(values), 1), _pow2(len(maps), 1)
 
     def heads_first(x, width):  # [..., N, H, w] -> [S, H, n_pad, width], zero padded

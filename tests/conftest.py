@@ -24,3 +24,15 @@ def fake_converters(monkeypatch):
     monkeypatch.setitem(sys.modules, "convert.pipelines", fake)
     monkeypatch.setattr(convert, "pipelines", fake, raising=False)
     return calls
+
+
+@pytest.fixture
+def no_tracing(monkeypatch):
+    """Fails a test whose request reaches the sampler's compiled loop (bad input must be refused before it)."""
+    from jaxlongvid import sampling
+
+    def fail(*a, **k):
+        raise AssertionError("the request reached the compiled loop")
+
+    monkeypatch.setattr(sampling, "_generate", fail)
+    monkeypatch.setattr(sampling, "denoise", fail)

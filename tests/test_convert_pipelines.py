@@ -31,7 +31,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
-from flax.traverse_util import flatten_dict
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
@@ -47,7 +46,8 @@ from jaxlongvid.models.tokenizers import bytes_to_unicode
 from jaxlongvid.models.vae import VAEConfig
 from jaxlongvid.pipeline import apply_denoiser
 from jaxlongvid.schedulers import SchedulerConfig, alphas_cumprod
-from test_vae_text import _diffusers_to_ldm, _openclip_fixture_state, _openclip_tiny_config  # checked there
+from test_vae_text import (_diffusers_to_ldm, _openclip_fixture_state, _openclip_tiny_config,  # checked there
+                           assert_same_tree)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny"
@@ -75,13 +75,6 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def assert_same_tree(a, b):
-    fa, fb = flatten_dict(a), flatten_dict(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg="/".join(k))
 
 
 @functools.cache

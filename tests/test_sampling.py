@@ -367,15 +367,6 @@ def test_precision_reaches_the_vae_decoder(lowered):
 
 
 # ---- bad input: clear errors before anything is traced ---------------------------------------------------------
-@pytest.fixture
-def no_tracing(monkeypatch):
-    def fail(*a, **k):
-        raise AssertionError("the request reached the compiled loop")
-
-    monkeypatch.setattr(sampling, "_generate", fail)
-    monkeypatch.setattr(sampling, "denoise", fail)
-
-
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(num_frames=0), ValueError, "num_frames must be >= 1"),
     (dict(num_frames=2.5), TypeError, "num_frames must be an int"),

@@ -75,14 +75,6 @@ def test_latent_pipeline_sharded_decode():
 
 
 # ---- meshes that do not fit: errors before anything is traced ----------------------------------------------------
-@pytest.fixture
-def no_tracing(monkeypatch):
-    def fail(*a, **k):
-        raise AssertionError("the request reached the compiled loop")
-
-    monkeypatch.setattr(sampling, "_generate", fail)
-
-
 def test_frames_not_divisible_by_the_mesh(pipe, no_tracing):
     with pytest.raises(ValueError, match=r"num_frames=20 is not divisible by the mesh's 'frames' axis \(8"):
         sampling.sample(pipe, PROMPTS[0], num_frames=20, mesh=sharding.make_mesh(8, 1), progress=False)
