@@ -15,6 +15,7 @@ import pytest
 
 import jaxlongvid
 from jaxlongvid.bench import runner
+from jaxlongvid.models.unet3d import UNet3D
 from jaxlongvid.tiny import data, evaluate, train
 
 CARD = os.path.join(os.path.dirname(evaluate.__file__), "MODEL_CARD.md")
@@ -157,3 +158,23 @@ def test_training_target_is_what_the_sampler_inverts(prediction):
     np.testing.assert_allclose(np.asarray(x0), clean, atol=2e-5)
     np.testing.assert_allclose(np.asarray(eps), noise, atol=2e-5)
     assert train.TinyConfig().scheduler().prediction_type == "v_prediction"
+
+
+def test_grow_params_adds_identity_temporal_convs():
+    # weights trained without temporal conv blocks, placed into the architecture with them, compute the same
+    cfg = train.TinyConfig(frames=4, size=16)
+    grown_cfg = cfg.unet()
+    plain_cfg = grown_cfg.replace(temporal_conv=False)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 16, 16, 3))
+    ctx = jax.random.normal(jax.random.key(2), (2, train.CONTEXT_LENGTH, 64))
+    t = np.array([10, 900])
+    plain = UNet3D(plain_cfg).init(jax.random.key(3), x, t, ctx)["params"]
+    fresh = UNet3D(grown_cfg).init(jax.random.key(4), x, t, ctx)["params"]
+    grown, new_leaves = train.grow_params(fresh, plain)
+    assert new_leaves == len(jax.tree.leaves(fresh)) - len(jax.tree.leaves(plain)) > 0
+    assert "temp_conv" in str(jax.tree_util.tree_structure(grown))
+    want = UNet3D(plain_cfg).apply({"params": plain}, x, t, ctx)
+    got = UNet3D(grown_cfg).apply({"params": grown}, x, t, ctx)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="unknown leaves"):
+        train.grow_params(plain, grown)  # the larger tree does not fit the smaller

@@ -141,7 +141,9 @@ class FeedForward(nn.Module):
 
 class TemporalConv(nn.Module):
     """ModelScope / VideoCrafter2 temporal conv block: 4 x [GroupNorm (pooled over frames) -> SiLU ->
-    Conv3d (3, 1, 1) with zero padding in time], added to the input. Dropout is inactive at inference."""
+    Conv3d (3, 1, 1) with zero padding in time], added to the input. Dropout is inactive at inference.
+
+    The last conv starts at zero, as in both originals, so a freshly added block is the identity."""
 
     groups: int
     eps: float = 1e-5
@@ -152,8 +154,9 @@ class TemporalConv(nn.Module):
         h = x
         for i in range(1, 5):
             h = GroupNorm(self.groups, self.eps, pool_frames=True, dtype=self.dtype, name=f"norm{i}")(h)
+            init = {"kernel_init": nn.initializers.zeros, "bias_init": nn.initializers.zeros} if i == 4 else {}
             h = nn.Conv(x.shape[-1], (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), dtype=self.dtype,
-                        name=f"conv{i}")(nn.silu(h))
+                        name=f"conv{i}", **init)(nn.silu(h))
         return x + h
 
 

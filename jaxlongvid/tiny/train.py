@@ -55,9 +55,13 @@ class TinyConfig:
     seed: int = 0
 
     def unet(self) -> UNet3DConfig:
+        # The temporal conv blocks (zero-padded in time, as in VideoCrafter2 / ModelScope) are what tells a frame
+        # where it sits in the clip: RoPE and the T5 bias are relative, so without them the network maps pure
+        # noise to the same picture in every frame and cannot start "moving right" on the left (MODEL_CARD.md).
         return UNet3DConfig(family="tiny", in_channels=3, out_channels=3, block_channels=(32, 64, 128),
                             layers_per_block=1, attention_levels=(False, True, True), attention_heads=(1, 2, 4),
-                            cross_attention_dim=64, norm_groups=16, native_frames=self.frames)
+                            cross_attention_dim=64, norm_groups=16, temporal_conv=True,
+                            native_frames=self.frames)
 
     def text(self) -> text_model.TextConfig:
         return text_model.TextConfig.tiny(vocab_size=len(WordTokenizer.SPECIALS) + len(WORDS),
@@ -85,6 +89,22 @@ def init_params(cfg: TinyConfig, key) -> dict:
     ctx = jnp.zeros((1, CONTEXT_LENGTH, cfg.text().width))
     return {"unet": unet.init(k_unet, x, jnp.zeros((1,), jnp.int32), ctx)["params"],
             "text": text_model.init_params(cfg.text(), k_text)}
+
+
+def grow_params(fresh: dict, trained: dict) -> tuple[dict, int]:
+    """``trained`` weights placed into the larger tree ``fresh`` of a grown architecture: every trained leaf
+    must exist in ``fresh`` with the same shape; leaves only ``fresh`` has keep their initial values (new
+    temporal conv blocks start as the identity). Returns the tree and the number of new leaves."""
+    from flax import traverse_util
+
+    new, old = traverse_util.flatten_dict(fresh, sep="/"), traverse_util.flatten_dict(trained, sep="/")
+    unknown = sorted(set(old) - set(new))
+    mismatched = sorted(k for k in set(old) & set(new) if np.shape(old[k]) != np.shape(new[k]))
+    if unknown or mismatched:
+        raise ValueError(f"trained weights do not fit the architecture: {len(unknown)} unknown leaves "
+                         f"{unknown[:3]}, {len(mismatched)} with other shapes {mismatched[:3]}")
+    merged = {k: old.get(k, v) for k, v in new.items()}
+    return traverse_util.unflatten_dict(merged, sep="/"), len(new) - len(old)
 
 
 def make_optimizer(cfg: TinyConfig):
@@ -230,12 +250,12 @@ def main(argv=None):
         from jaxlongvid.pipeline import load
 
         shipped = load("tiny")
-        weights = {"unet": shipped.params["unet"], "text": shipped.params["text"]}
+        weights, grown = grow_params(params, {"unet": shipped.params["unet"], "text": shipped.params["text"]})
         step = int(shipped.config.extra.get("train", {}).get("steps", 0))
         state = {"params": weights, "ema": weights, "opt_state": optimizer.init(weights),
                  "step": jnp.asarray(step, jnp.int32)}
         print(f"no checkpoint in {args.workdir}: resumed from the shipped weights (step {step}, fresh optimizer "
-              "moments)", flush=True)
+              f"moments, {grown} new leaves at their initial values)", flush=True)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     print(f"params: {n_params:,}  dtype: {args.dtype}  batch: {cfg.batch}  backend: {jax.default_backend()}",
           flush=True)
