@@ -65,6 +65,22 @@ def resolve(maps, enc, choice, chunk_mib, implementation):
     return rope, chunk_mib
 
 
+def check(shape, dtype, enc, method, kf, spatial, impl, key):
+    """Relative L2 error of ``impl``'s output against the jnp path in float32 ("highest"), fresh inputs."""
+    kq, kk, kv, kt = jax.random.split(key, 4)
+    q, k, v = (jax.random.normal(x, shape, jnp.float32) for x in (kq, kk, kv))
+    t5 = jax.random.normal(kt, (enc.t5_buckets, shape[-2]), jnp.float32)
+    common = dict(encoding=enc, method=method, t5_table=t5, keyframes=kf, spatial_shape=spatial)
+    with jax.default_matmul_precision("highest"):
+        ref = jax.jit(lambda q, k, v: temporal_attention(q, k, v, **common))(q, k, v)
+    cast = [x.astype(dtype) for x in (q, k, v)]
+    out = jax.jit(lambda q, k, v: temporal_attention(q, k, v, implementation=impl, **common))(*cast)
+    out = out.astype(jnp.float32)
+    err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    finite = bool(jnp.isfinite(out).all())
+    print(f"check {impl} {method.name} {dtype} vs jnp float32: rel L2 error {err:.2e}, all finite {finite}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, nargs="+", default=[128, 256])
@@ -86,6 +102,9 @@ def main():
                     help="mapped-RoPE variants timed side by side: CHOICE[@CHUNK_MIB], CHOICE one of auto, "
                          "per_value, per_frequency; CHUNK_MIB temporal_attention's chunk_bytes in MiB (default: "
                          "the library's)")
+    ap.add_argument("--check", action="store_true",
+                    help="before timing, compare each non-jnp path's output with the jnp path in float32 at the "
+                         "highest matmul precision, on fresh inputs: prints ||out - ref|| / ||ref||")
     args = ap.parse_args()
     dtype = jnp.dtype(args.dtype)
     videos, height, width = (1, 1, args.sequences) if args.sequences else (args.videos, args.height, args.width)
@@ -122,6 +141,8 @@ def main():
                                                   spatial_shape=(height, width), implementation=impl,
                                                   mapped_rope=choice, **chunk)
                     fns.append(run)
+                if args.check and impl is not None:
+                    check(q.shape, dtype, enc, method, kf, (height, width), impl, jax.random.fold_in(key, 7))
                 try:
                     timed = dict(zip(distinct, bench_interleaved(fns, (q, k, v, t5, kf), args.repeats)))
                 except Exception as e:  # report, keep going (e.g. out of memory)

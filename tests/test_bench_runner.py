@@ -289,9 +289,10 @@ def test_runner_command_line_options(tmp_path, monkeypatch):
     runner.add_arguments(parser)
     args = parser.parse_args(["--frames", "8,16", "--methods", "direct,longdiff:window=4:num_groups=4",
                               "--prompts", "3", "--seeds", "1", "--steps", "2", "--devices", "2", "--batch", "2",
-                              "--workers", "1", "--save-videos", "--out", str(tmp_path)])
+                              "--precision", "default", "--workers", "1", "--save-videos", "--out", str(tmp_path)])
     assert runner.run_from_args(args, sample_fn=sampler) == 0
-    assert loaded == ["tiny"] and all(c["kwargs"] == {"num_inference_steps": 2, "devices": 2} for c in sampler.calls)
+    assert loaded == ["tiny"]
+    assert all(c["kwargs"] == {"num_inference_steps": 2, "devices": 2, "precision": "default"} for c in sampler.calls)
     assert [len(c["prompts"]) for c in sampler.calls] == [2, 1] * 4
     rows = read_rows(tmp_path)
     assert len(rows) == 2 * 2 * 3 + 2 * 3

@@ -119,7 +119,7 @@ def test_training_resumes_from_shipped_weights(pipe, tmp_path):
            "--workers", "1", "--log-every", "1", "--workdir", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resumed from the shipped weights (step {steps}" in done.stdout
+    assert f"resumed from the tiny weights (step {steps}" in done.stdout
     assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == steps + 1
     loss = float(re.search(rf"step {steps + 1}  loss ([0-9.]+)", done.stdout).group(1))
     assert 0.0 < loss < 0.5  # a trained model's (<= 0.25 even at t = 0), not a fresh one's (about 1)
@@ -162,9 +162,10 @@ def test_training_target_is_what_the_sampler_inverts(prediction):
 
 def test_grow_params_adds_identity_temporal_convs():
     # weights trained without temporal conv blocks, placed into the architecture with them, compute the same
-    cfg = train.TinyConfig(frames=4, size=16)
+    cfg = train.TinyConfig(frames=4, size=16, temporal_conv=True)
     grown_cfg = cfg.unet()
-    plain_cfg = grown_cfg.replace(temporal_conv=False)
+    plain_cfg = train.TinyConfig(frames=4, size=16).unet()
+    assert grown_cfg.temporal_conv and not plain_cfg.temporal_conv
     x = jax.random.normal(jax.random.key(1), (2, 4, 16, 16, 3))
     ctx = jax.random.normal(jax.random.key(2), (2, train.CONTEXT_LENGTH, 64))
     t = np.array([10, 900])

@@ -498,6 +498,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--devices", type=int, default=None, help="devices to shard frames over")
+    parser.add_argument("--precision", default=None, choices=("default", "high", "highest"),
+                        help="matmul precision of the sampler (default: the sampler's own default)")
     parser.add_argument("--batch", type=int, default=None,
                         help="prompts per sample call (default: all); chunk k of seed s samples with seed "
                              f"s + {CHUNK_SEED_STRIDE} k, so the batch size is part of the run's settings")
@@ -514,7 +516,7 @@ def add_arguments(parser) -> None:
 
 def run_from_args(args, sample_fn=None) -> int:
     """Run the benchmark from parsed :func:`add_arguments` options; returns an exit code."""
-    extra = {} if args.devices is None else {"devices": args.devices}
+    extra = {name: getattr(args, name) for name in ("devices", "precision") if getattr(args, name) is not None}
     run_shapes_bench(args.model, parse_methods(args.methods), [int(f) for f in args.frames.split(",") if f],
                      prompts(args.prompts, args.prompt_seed), range(args.seeds), args.out, steps=args.steps,
                      guidance=args.guidance, reference=not args.no_reference, batch=args.batch,

@@ -53,14 +53,15 @@ class TinyConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     seed: int = 0
+    # Experiments toward prompted directions (MODEL_CARD.md, "Known limits"); off in the shipped recipe.
+    temporal_conv: bool = False  # zero-padded temporal conv blocks after every ResNet (VideoCrafter2 style)
+    high_noise_fraction: float = 0.0  # share of each batch whose timestep is drawn from [high_noise_from, T)
+    high_noise_from: int = 800
 
     def unet(self) -> UNet3DConfig:
-        # The temporal conv blocks (zero-padded in time, as in VideoCrafter2 / ModelScope) are what tells a frame
-        # where it sits in the clip: RoPE and the T5 bias are relative, so without them the network maps pure
-        # noise to the same picture in every frame and cannot start "moving right" on the left (MODEL_CARD.md).
         return UNet3DConfig(family="tiny", in_channels=3, out_channels=3, block_channels=(32, 64, 128),
                             layers_per_block=1, attention_levels=(False, True, True), attention_heads=(1, 2, 4),
-                            cross_attention_dim=64, norm_groups=16, temporal_conv=True,
+                            cross_attention_dim=64, norm_groups=16, temporal_conv=self.temporal_conv,
                             native_frames=self.frames)
 
     def text(self) -> text_model.TextConfig:
@@ -134,6 +135,10 @@ def make_train_step(cfg: TinyConfig, optimizer, dtype):
         k_t, k_noise = jax.random.split(key)
         b = videos.shape[0]
         t = jax.random.randint(k_t, (b,), 0, abar.shape[0])
+        if cfg.high_noise_fraction > 0:
+            k_high, k_pick = jax.random.split(jax.random.fold_in(k_t, 1))
+            high = jax.random.randint(k_high, (b,), cfg.high_noise_from, abar.shape[0])
+            t = jnp.where(jax.random.uniform(k_pick, (b,)) < cfg.high_noise_fraction, high, t)
         noise = jax.random.normal(k_noise, videos.shape)
         a = abar[t][:, None, None, None, None]
         noisy = jnp.sqrt(a) * videos + jnp.sqrt(1.0 - a) * noise
@@ -231,10 +236,19 @@ def main(argv=None):
     ap.add_argument("--export", default=None, help="write the EMA weights as a pipeline directory at the end")
     ap.add_argument("--dtype", default="bfloat16" if jax.default_backend() == "gpu" else "float32")
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--init", default="tiny",
+                    help="pipeline that --resume starts from when the workdir has no checkpoint (default: shipped)")
+    ap.add_argument("--temporal-conv", action="store_true", help="experiment: add temporal conv blocks")
+    ap.add_argument("--high-noise-fraction", type=float, default=0.0,
+                    help="experiment: share of timesteps drawn from [--high-noise-from, T)")
+    ap.add_argument("--high-noise-from", type=int, default=800)
     ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                     help="data-rendering processes")
     args = ap.parse_args(argv)
-    cfg = TinyConfig() if args.batch is None else TinyConfig(batch=args.batch)
+    cfg = TinyConfig(temporal_conv=args.temporal_conv, high_noise_fraction=args.high_noise_fraction,
+                     high_noise_from=args.high_noise_from)
+    if args.batch is not None:
+        cfg = dataclasses.replace(cfg, batch=args.batch)
     t_start = time.time()
     optimizer = make_optimizer(cfg)
     params = init_params(cfg, jax.random.key(cfg.seed))
@@ -249,12 +263,12 @@ def main(argv=None):
     elif args.resume:
         from jaxlongvid.pipeline import load
 
-        shipped = load("tiny")
+        shipped = load(args.init)
         weights, grown = grow_params(params, {"unet": shipped.params["unet"], "text": shipped.params["text"]})
         step = int(shipped.config.extra.get("train", {}).get("steps", 0))
         state = {"params": weights, "ema": weights, "opt_state": optimizer.init(weights),
                  "step": jnp.asarray(step, jnp.int32)}
-        print(f"no checkpoint in {args.workdir}: resumed from the shipped weights (step {step}, fresh optimizer "
+        print(f"no checkpoint in {args.workdir}: resumed from the {args.init} weights (step {step}, fresh optimizer "
               f"moments, {grown} new leaves at their initial values)", flush=True)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     print(f"params: {n_params:,}  dtype: {args.dtype}  batch: {cfg.batch}  backend: {jax.default_backend()}",
