@@ -56,9 +56,9 @@ def resolve(maps, enc, choice, chunk_mib, implementation):
     """The computation a variant runs: (RoPE path, chunk) where the chunk matters, None where it cannot run."""
     try:
         rope = rope_path(maps, enc, choice)
-    except ValueError:  # per_value under a fractional map
+    except ValueError:  # planes or per_value under a fractional map
         return None
-    if rope not in ("per_value", "per_frequency"):
+    if rope not in ("planes", "per_value", "per_frequency"):
         return rope, None
     if implementation == "pallas" and np.array_equal(maps, np.rint(maps)):
         return "pallas kernel", None  # the kernel computes per value whatever the choice, without chunks
@@ -100,7 +100,7 @@ def main():
                          "RoPE is mapped, else jnp; interpreted, so very slow, on a CPU)")
     ap.add_argument("--variants", nargs="+", default=["auto", "per_frequency"],
                     help="mapped-RoPE variants timed side by side: CHOICE[@CHUNK_MIB], CHOICE one of auto, "
-                         "per_value, per_frequency; CHUNK_MIB temporal_attention's chunk_bytes in MiB (default: "
+                         "planes, per_value, per_frequency; CHUNK_MIB temporal_attention's chunk_bytes in MiB (default: "
                          "the library's)")
     ap.add_argument("--check", action="store_true",
                     help="before timing, compare each non-jnp path's output with the jnp path in float32 at the "

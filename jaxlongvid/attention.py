@@ -22,6 +22,12 @@ Position encodings, each exact for any map:
   - per frequency, for any map (fractional too): ``q . R(theta P) k = sum_k A_k cos(theta_k P) + B_k
     sin(theta_k P)`` with ``A_k = qa ka + qb kb`` and ``B_k = qb ka - qa kb`` for the pair ``(a, b)`` of
     frequency k. Its intermediate is ``rope_dim`` logit matrices per map.
+  - planes, for integer maps that are piecewise differences of per-frame positions: a plane rotates q_i by
+    ``floor(i / s)`` and k_j by ``floor(j / s) + c`` (or only k, by a constant c), so it holds the logits of
+    relative position ``floor(j / s) - floor(i / s) + c`` -- one ordinary rotated matrix product. A greedy
+    cover (:func:`plane_cover`) assigns every map entry a plane of exactly its value; each map then selects its
+    logits from the planes with static masks. GROUP+SHIFT's 9 maps at 128 frames need 3 planes (the group of
+    ``j - i`` is ``floor(j / s) - floor(i / s)`` plus 0 or 1), clip 3, VRPR 11, against 31 values.
 
   Either way the batch of sequences is processed in chunks (``jax.lax.map`` with a batch size) that keep the
   intermediate under ``chunk_bytes``.
@@ -123,7 +129,7 @@ def _distinct_values(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values, index.reshape(maps.shape).astype(np.int32)
 
 
-MAPPED_ROPE = ("auto", "per_value", "per_frequency")
+MAPPED_ROPE = ("auto", "planes", "per_value", "per_frequency")
 # Chunk bounds of the mapped-RoPE intermediate. On a CPU a chunk that stays in the last-level cache runs 2-4x
 # faster than one of 1 GiB (measured, docs/benchmarks.md); an accelerator wants large batches.
 ACCELERATOR_CHUNK_BYTES = 1 << 30
@@ -132,13 +138,13 @@ CPU_CHUNK_BYTES = 16 << 20
 
 def rope_path(maps: np.ndarray, encoding: Encoding, choice: str = "auto") -> str:
     """How RoPE is applied under ``maps`` [M, N, N]: "none" (no RoPE), "absolute" (every map is a multiple of
-    ``j - i``: rotate absolute positions), else "per_value" or "per_frequency" (module doc).
+    ``j - i``: rotate absolute positions), else "planes", "per_value" or "per_frequency" (module doc).
 
     ``choice="auto"`` picks by the size of the intermediate, counted in logit-sized planes per sequence and
-    head: per-value writes one plane per distinct value (U), per-frequency ``rope_dim`` per map (A_k, B_k for
-    K = rope_dim/2 frequencies) for each of its M maps. Per-value when the maps are integer and
-    ``U <= M * rope_dim``; its planes come from one matrix product instead of elementwise passes, so a tie
-    goes to it. Fractional maps always take per-frequency."""
+    head: the plane cover writes L planes, per-value one per distinct value (U), per-frequency ``rope_dim``
+    per map (A_k, B_k for K = rope_dim/2 frequencies) for each of its M maps. For integer maps: planes when
+    L < U, else per value when ``U <= M * rope_dim`` (its planes come from one matrix product instead of
+    elementwise passes, so a tie goes to it). Fractional maps always take per-frequency."""
     if choice not in MAPPED_ROPE:
         raise ValueError(f"mapped_rope must be one of {MAPPED_ROPE}, got {choice!r}")
     if not encoding.rope_dim:
@@ -146,12 +152,74 @@ def rope_path(maps: np.ndarray, encoding: Encoding, choice: str = "auto") -> str
     if all(_linear_coefficient(p) is not None for p in maps):
         return "absolute"
     integer = _is_integer_map(maps)
-    if choice == "per_value" and not integer:
-        raise ValueError("mapped_rope='per_value' needs integer position maps (these have fractional values)")
+    if choice in ("planes", "per_value") and not integer:
+        raise ValueError(f"mapped_rope={choice!r} needs integer position maps (these have fractional values)")
     if choice != "auto":
         return choice
-    fits = len(np.unique(maps)) <= len(maps) * encoding.rope_dim
-    return "per_value" if integer and fits else "per_frequency"
+    if not integer:
+        return "per_frequency"
+    values = len(np.unique(maps))
+    if len(plane_cover(maps)[0]) < values:
+        return "planes"
+    return "per_value" if values <= len(maps) * encoding.rope_dim else "per_frequency"
+
+
+def _run_lengths(line: np.ndarray) -> np.ndarray:
+    """Lengths of the runs of equal consecutive entries of a 1-D array."""
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(line)) + 1, [len(line)]])
+    return np.diff(edges)
+
+
+def _group_sizes(maps: np.ndarray, most: int = 6) -> list[int]:
+    """Candidate group sizes s of the plane cover: 1 and the ``most`` commonest run lengths (weighted by length)
+    of equal values along each map's first row and first column (a map's profile over distances)."""
+    weight: dict[int, int] = {}
+    for pmap in maps:
+        for line in (pmap[0], pmap[:, 0]):
+            for length in _run_lengths(line).tolist():
+                weight[length] = weight.get(length, 0) + length
+    return sorted({1, *sorted(weight, key=lambda s: -weight[s])[:most]})
+
+
+def plane_cover(maps: np.ndarray) -> tuple[tuple[tuple[int, int], ...], np.ndarray]:
+    """Planes that hold every entry of the integer maps ``[M, N, N]``, and each entry's plane (int32 [M, N, N]).
+
+    Plane ``(s, c)`` with s >= 1 has relative position ``floor(j / s) - floor(i / s) + c`` at (i, j); plane
+    ``(0, c)`` has the constant c. An entry may use a plane only where that plane's position equals it, so the
+    cover is exact by construction. Greedy: each step takes the candidate plane that holds the most entries
+    not yet covered (candidates: the group sizes of :func:`_group_sizes`, every offset c, and the constants,
+    which alone always cover, so the loop ends); if that takes more planes than the maps have values, one
+    constant plane per value. Cached per map array."""
+    maps = np.asarray(maps)
+    return _plane_cover(maps.astype(np.int64).tobytes(), maps.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _plane_cover(data: bytes, shape: tuple) -> tuple:
+    maps = np.frombuffer(data, np.int64).reshape(shape)
+    frames = np.arange(shape[-1])
+    offsets = {s: maps - (frames[None, :] // s - frames[:, None] // s) for s in _group_sizes(maps)}
+    offsets[0] = maps
+    index = np.full(shape, -1, np.int32)
+    uncovered = np.ones(shape, bool)
+    planes = []
+    while uncovered.any():
+        best = (-1, 0, 0)  # (entries covered, s, c)
+        for s, offset in offsets.items():
+            left = offset[uncovered]
+            counts = np.bincount(left - left.min())
+            if counts.max() > best[0]:
+                best = (int(counts.max()), s, int(counts.argmax() + left.min()))
+        _, s, c = best
+        hit = uncovered & (offsets[s] == c)
+        index[hit] = len(planes)
+        planes.append((s, c))
+        uncovered &= ~hit
+    values, by_value = _distinct_values(maps)
+    if len(planes) > len(values):  # greedy is not optimal: never worse than one constant plane per value
+        planes, index = [(0, int(u)) for u in values], by_value
+    index.setflags(write=False)
+    return tuple(planes), index
 
 
 def _per_value_rope_logits(q: jnp.ndarray, k: jnp.ndarray, maps: np.ndarray, freqs: np.ndarray) -> list:
@@ -172,6 +240,27 @@ def _per_value_rope_logits(q: jnp.ndarray, k: jnp.ndarray, maps: np.ndarray, fre
     lead = (1,) * (s.ndim - 2)
     return [jnp.take_along_axis(s, jnp.asarray(f.reshape(lead + f.shape)), axis=-1, mode="promise_in_bounds")
             for f in flat]
+
+
+def _plane_rope_logits(q: jnp.ndarray, k: jnp.ndarray, maps: np.ndarray, freqs: np.ndarray) -> list:
+    """``q_i . R(theta P_ij) k_j`` for integer maps ``[M, N, N]`` from the planes of :func:`plane_cover`:
+    [..., N, H, 2K] x2 -> M arrays [..., H, N, N] (float32). Plane (s, c) is the product of q rotated by
+    floor(i / s) and k rotated by floor(j / s) + c; each map takes, entry by entry, its plane's logits."""
+    planes, index = plane_cover(maps)
+    frames = np.arange(q.shape[-3])
+    logits = []
+    for s, c in planes:
+        grid = frames // s if s else np.zeros_like(frames)
+        q_pos, k_pos = grid, grid + c
+        logits.append(_dot(rotate(q, q_pos, freqs), rotate(k, k_pos, freqs)))
+    out = []
+    for which in index:
+        used = np.unique(which)
+        selected = logits[used[0]]
+        for p in used[1:]:
+            selected = jnp.where(which == p, logits[p], selected)
+        out.append(selected)
+    return out
 
 
 def _mapped_rope_logits(q: jnp.ndarray, k: jnp.ndarray, pmap: np.ndarray, freqs: np.ndarray) -> jnp.ndarray:
@@ -195,6 +284,8 @@ def _rope_logits(q, k, maps, freqs, path: str) -> list:
     """The RoPE part's logits of every map (q, k: the rotary dims only), by ``path``."""
     if path == "per_value":
         return _per_value_rope_logits(q, k, maps, freqs)
+    if path == "planes":
+        return _plane_rope_logits(q, k, maps, freqs)
     out = []
     for pmap in maps:
         c = _linear_coefficient(pmap)
@@ -468,7 +559,7 @@ def _attend(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, implementatio
             mapped_rope="auto"):
     """Attention of every leading index under ``maps`` and ``mask`` ([..., N, N] bool or None)."""
     path = rope_path(maps, encoding, mapped_rope)
-    mapped = path in ("per_value", "per_frequency")
+    mapped = path in ("planes", "per_value", "per_frequency")
     if implementation == "pallas":
         if mapped and rel_k is None and rel_v is None and _is_integer_map(maps):
             return _attend_pallas(q, k, v, maps, mask, encoding, t5_table, chunk_bytes)
@@ -478,14 +569,15 @@ def _attend(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, implementatio
     args = (maps, encoding, t5_table, rel_k, rel_v, mapped_rope)
     if not mapped:
         return _attend_reference(q, k, v, maps, mask, *args[1:])
-    # Mapped RoPE materialises U (per value) or rope_dim (per frequency) logit-sized arrays per sequence:
-    # bound them by chunking over the sequences.
+    # Mapped RoPE materialises L (planes), U (per value) or rope_dim (per frequency) logit-sized arrays per
+    # sequence: bound them by chunking over the sequences.
     if chunk_bytes is None:
         chunk_bytes = CPU_CHUNK_BYTES if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK_BYTES
     lead = q.shape[:-3]
     n, h = q.shape[-3], q.shape[-2]
     count = int(np.prod(lead)) if lead else 1
-    planes = len(np.unique(maps)) if path == "per_value" else encoding.rope_dim
+    planes = (len(plane_cover(maps)[0]) if path == "planes" else
+              len(np.unique(maps)) if path == "per_value" else encoding.rope_dim)
     per_seq = 4 * h * n * n * planes
     batch = max(1, min(count, chunk_bytes // per_seq))
     if batch >= count:
@@ -580,11 +672,11 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
       spatial_shape: ``(h, w)`` for FreeLong: the last leading dim must then be the flattened ``h * w``.
       implementation: None for the jnp path; ``"cudnn"`` (or ``"xla"``) for fused attention where the RoPE is
         an absolute rotation; ``"pallas"`` for the per-value kernel where it is mapped (module doc).
-      chunk_bytes: memory bound for the mapped-RoPE intermediate (per-value or per-frequency); None: 1 GiB on
-        accelerators, 16 MiB on a CPU (``CPU_CHUNK_BYTES``).
-      mapped_rope: how RoPE is computed under maps that are not a multiple of ``j - i``: "per_value",
-        "per_frequency" (both exact, see the module doc), or "auto" (the smaller intermediate, see
-        ``rope_path``). Maps that are multiples of ``j - i`` always use the absolute rotation.
+      chunk_bytes: memory bound for the mapped-RoPE intermediate (planes, per-value or per-frequency); None:
+        1 GiB on accelerators, 16 MiB on a CPU (``CPU_CHUNK_BYTES``).
+      mapped_rope: how RoPE is computed under maps that are not a multiple of ``j - i``: "planes",
+        "per_value", "per_frequency" (all exact, see the module doc), or "auto" (the smallest intermediate,
+        see ``rope_path``). Maps that are multiples of ``j - i`` always use the absolute rotation.
     Returns:
       ``[..., N, heads, dim]`` in v's dtype.
     """

@@ -15,7 +15,7 @@ import pytest
 import reference
 from jaxlongvid import masks
 from jaxlongvid.attention import (Encoding, TemporalAttention, attention_logsumexp, attention_probabilities,
-                                  merge_passes, rope_path, temporal_attention)
+                                  merge_passes, plane_cover, rope_path, temporal_attention)
 from jaxlongvid.methods import PRESETS, Method
 
 RTOL = 2e-5
@@ -171,7 +171,7 @@ def test_masked_keys_have_exactly_zero_weight():
         np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("mapped_rope", ["per_value", "per_frequency"])
+@pytest.mark.parametrize("mapped_rope", ["planes", "per_value", "per_frequency"])
 def test_chunked_mapped_rope_equals_unchunked(mapped_rope):
     enc, dim = ENCODINGS["rope_t5"]
     q, k, v, tables = _inputs(40, dim, seqs=6)
@@ -181,7 +181,7 @@ def test_chunked_mapped_rope_equals_unchunked(mapped_rope):
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
-# ---- mapped RoPE: per-value and per-frequency formulations ------------------------------------------------------
+# ---- mapped RoPE: plane-cover, per-value and per-frequency formulations -------------------------------------------
 MAPPED = ["longdiff", "clip", "group-only", "freeloc"]
 
 
@@ -201,48 +201,77 @@ def _value_and_grad(enc, method, mapped_rope):
 
 @pytest.mark.parametrize("n", [17, 64, 128])
 @pytest.mark.parametrize("name", MAPPED)
-def test_per_value_equals_per_frequency_with_gradients(name, n):
-    """Both exact formulations of RoPE under a mapped position, float32: outputs and gradients agree."""
+def test_mapped_rope_formulations_agree_with_gradients(name, n):
+    """The three exact formulations of RoPE under a mapped position, float32: outputs and gradients agree."""
     enc, dim = ENCODINGS["rope_t5"]
     method = PRESETS[name]
     maps = method.position_maps(n, enc.native_frames)
-    assert rope_path(maps, enc, "per_value") == "per_value"
-    assert rope_path(maps, enc, "per_frequency") == "per_frequency"
+    for path in ("planes", "per_value", "per_frequency"):
+        assert rope_path(maps, enc, path) == path
     q, k, v, tables = _inputs(n, dim, seed=5)
     kf = _keyframes(method, n, q.shape[0], 5)
     weight = np.random.default_rng(n).standard_normal(q.shape).astype(np.float32)
     args = (q, k, v, tables["t5_table"], kf, weight)
-    (_, by_value), grads_value = _value_and_grad(enc, method, "per_value")(*args)
     (_, by_freq), grads_freq = _value_and_grad(enc, method, "per_frequency")(*args)
-    assert _rel_err(by_value, by_freq) <= 2e-6, f"{name} N={n}: outputs differ by {_rel_err(by_value, by_freq):.1e}"
-    for what, gv, gf in zip(["q", "k", "v", "t5"], grads_value, grads_freq):
-        assert _rel_err(gv, gf) <= 2e-6, f"{name} N={n}: d/d{what} differs by {_rel_err(gv, gf):.1e}"
+    for path in ("planes", "per_value"):
+        (_, out), grads = _value_and_grad(enc, method, path)(*args)
+        assert _rel_err(out, by_freq) <= 2e-6, f"{name} N={n} {path}: outputs differ by {_rel_err(out, by_freq):.1e}"
+        for what, g, gf in zip(["q", "k", "v", "t5"], grads, grads_freq):
+            assert _rel_err(g, gf) <= 2e-6, f"{name} N={n} {path}: d/d{what} differs by {_rel_err(g, gf):.1e}"
 
 
+@pytest.mark.parametrize("mapped_rope", ["planes", "per_value"])
 @pytest.mark.parametrize("name", MAPPED)
-def test_per_value_path_matches_reference(name):
-    _check(PRESETS[name], "rope_t5", 17, mapped_rope="per_value")
+def test_integer_map_paths_match_reference(name, mapped_rope):
+    _check(PRESETS[name], "rope_t5", 17, mapped_rope=mapped_rope)
+
+
+def _assert_cover_exact(maps):
+    planes, index = plane_cover(maps)
+    n = maps.shape[-1]
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    assert index.shape == maps.shape and index.min() == 0 and index.max() == len(planes) - 1
+    for p, (s, c) in enumerate(planes):
+        position = np.broadcast_to(j // s - i // s + c if s else np.full((n, n), c), maps.shape)
+        assert np.array_equal(position[index == p], maps[index == p]), (s, c)
+    return planes
+
+
+def test_plane_cover_is_exact_and_small():
+    # the counts the module doc quotes, at 128 frames (31 distinct values each)
+    counts = {name: len(_assert_cover_exact(PRESETS[name].position_maps(128, 16)))
+              for name in ("longdiff", "clip", "group-only", "freeloc")}
+    assert counts == {"longdiff": 3, "clip": 3, "group-only": 3, "freeloc": 11}
+    # GROUP+SHIFT's planes are the group grid of j - i plus 0 or +-1: s = ceil(127 / 15) = 9
+    assert sorted(plane_cover(PRESETS["longdiff"].position_maps(128, 16))[0]) == [(9, -1), (9, 0), (9, 1)]
+    # any integer maps: the cover is exact (at worst one constant plane per value)
+    rng = np.random.default_rng(3)
+    for shape in [(1, 9, 9), (3, 16, 16), (2, 33, 33)]:
+        maps = rng.integers(-7, 8, shape)
+        assert len(_assert_cover_exact(maps)) <= len(np.unique(maps))
 
 
 def test_rope_path_choice():
     lavie = Encoding(rope_dim=32, t5_buckets=32, native_frames=16)
     longdiff = PRESETS["longdiff"].position_maps(128, 16)
     assert longdiff.shape[0] == 9 and len(np.unique(longdiff)) == 31
-    assert rope_path(longdiff, lavie) == "per_value"
+    assert rope_path(longdiff, lavie) == "planes"  # 3 planes < 31 values
+    assert rope_path(longdiff, lavie, "per_value") == "per_value"
     assert rope_path(longdiff, Encoding(t5_buckets=32)) == "none"
     assert rope_path(PRESETS["longdiff-no-pm"].position_maps(128, 16), lavie) == "absolute"
     assert rope_path(PRESETS["interpolate"].position_maps(128, 16), lavie) == "absolute"
     # a fractional map that is not a multiple of j - i: only the per-frequency formulation applies
     bent = np.sign(longdiff[:1]) * np.sqrt(np.abs(longdiff[:1]))
     assert rope_path(bent, lavie) == "per_frequency"
-    with pytest.raises(ValueError, match="per_value.*integer"):
-        rope_path(bent, lavie, "per_value")
+    for choice in ("per_value", "planes"):
+        with pytest.raises(ValueError, match=f"{choice}.*integer"):
+            rope_path(bent, lavie, choice)
     with pytest.raises(ValueError, match="mapped_rope must be one of"):
         rope_path(longdiff, lavie, "per-value")
     # more distinct values than the per-frequency intermediate has planes: per frequency
     wide = np.cumsum(np.ones((1, 48, 48), np.int32), axis=-1) ** 2  # 48 distinct values, one map
     assert rope_path(wide, Encoding(rope_dim=32)) == "per_frequency"
-    assert rope_path(wide[..., :20, :20], Encoding(rope_dim=32)) == "per_value"
+    assert rope_path(wide[..., :20, :20], Encoding(rope_dim=32)) == "per_value"  # no cover smaller than U
 
 
 # ---- the per-value Pallas kernel (interpreted on the CPU) ----------------------------------------------------------
