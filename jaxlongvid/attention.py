@@ -40,9 +40,9 @@ probability. ``implementation="cudnn"`` routes maps that need no mapped RoPE thr
 ``jax.nn.dot_product_attention`` (one fused call per map, outputs averaged, which equals averaging
 probabilities because the output is linear in them); ``implementation="pallas"`` routes integer maps that do
 need it (no relative K/V tables) through a Pallas kernel (Triton on GPUs, interpreted on a CPU) that computes
-the per-value logits of a block of queries on chip, selects each map's, and averages the M softmaxes before
-one ``P @ V``, never writing the U logit planes to memory (forward pass only: its gradient is the jnp
-per-value path's); anything else takes the jnp path.
+the plane-cover logits of a block of queries on chip (q and k pre-rotated per plane), selects each map's, and
+averages the M softmaxes before one ``P @ V``, never writing logits to memory (forward pass only: its gradient
+is the jnp plane path's); anything else takes the jnp path.
 """
 
 from __future__ import annotations
@@ -444,21 +444,20 @@ def _mask_rows(mask, lead: tuple, n: int, n_pad: int):
     return full.astype(jnp.int32), int(np.prod(lead[split:]))
 
 
-def _per_value_kernel(*refs, maps_of_value, num_maps, head_dim, has_plain, has_bias, has_mask):
-    """One (sequence, head, query block): per-value logits, per-map selection, softmax, average, one P @ V."""
-    qr_ref, qs_ref, kr_ref, v_ref, cos_ref, sin_ref, idx_ref, *optional, out_ref = refs
+def _plane_kernel(*refs, maps_of_plane, num_maps, head_dim, has_plain, has_bias, has_mask):
+    """One (sequence, head, query block): the cover's plane logits, per-map selection, softmax, average, one
+    P @ V."""
+    qr_ref, kr_ref, v_ref, idx_ref, *optional, out_ref = refs
     optional = iter(optional)
     qp_ref, kp_ref = (next(optional), next(optional)) if has_plain else (None, None)
     bias_ref = next(optional) if has_bias else None
     mask_ref = next(optional) if has_mask else None
     dot_t = lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    qr, qs = qr_ref[...].astype(jnp.float32), qs_ref[...].astype(jnp.float32)
-    kr = kr_ref[...].astype(jnp.float32)
     logits = [None] * num_maps
-    for u, maps in enumerate(maps_of_value):  # q rotated by -theta u: the logits of value u for every key
-        s_u = dot_t(qr * cos_ref[u][None, :] + qs * sin_ref[u][None, :], kr)
+    for p, maps in enumerate(maps_of_plane):  # q and k rotated for plane p: its logits for every key
+        s_p = dot_t(qr_ref[p].astype(jnp.float32), kr_ref[p].astype(jnp.float32))
         for m in maps:
-            logits[m] = jnp.where(idx_ref[m] == u, s_u, 0.0 if logits[m] is None else logits[m])
+            logits[m] = jnp.where(idx_ref[m] == p, s_p, 0.0 if logits[m] is None else logits[m])
     plain = dot_t(qp_ref[...].astype(jnp.float32), kp_ref[...].astype(jnp.float32)) if has_plain else None
     visible = mask_ref[...] != 0 if has_mask else None
     scale = math.sqrt(head_dim)
@@ -476,7 +475,7 @@ def _per_value_kernel(*refs, maps_of_value, num_maps, head_dim, has_plain, has_b
 
 
 def _pallas_forward(q, k, v, t5_table, mask, maps, encoding: Encoding, interpret: bool):
-    """The per-value kernel over every (sequence, head, query block); [..., N, H, D] -> [..., N, H, Dv]."""
+    """The plane kernel over every (sequence, head, query block); [..., N, H, D] -> [..., N, H, Dv]."""
     from jax.experimental import pallas as pl  # imported here: only this path needs them
     from jax.experimental.pallas import triton as pl_triton
 
@@ -484,28 +483,29 @@ def _pallas_forward(q, k, v, t5_table, mask, maps, encoding: Encoding, interpret
     count = int(np.prod(lead))
     n_pad, r_pad, dv_pad = _pow2(n), _pow2(r), _pow2(dv)
     block = min(PALLAS_BLOCK_Q, n_pad)
-    values, index = _distinct_values(maps)
-    num_maps, u_pad, m_pad = len(maps), _pow2(len(values), 1), _pow2(len(maps), 1)
+    planes, index = plane_cover(maps)
+    num_maps, p_pad, m_pad = len(maps), _pow2(len(planes), 1), _pow2(len(maps), 1)
 
     def heads_first(x, width):  # [..., N, H, w] -> [S, H, n_pad, width], zero padded
         x = jnp.swapaxes(x.reshape((count,) + x.shape[-3:]), 1, 2)
         return jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - n), (0, width - x.shape[-1])))
 
-    qa, qb = q[..., 0:r:2], q[..., 1:r:2]
-    swapped = jnp.stack([-qb, qa], axis=-1).reshape(q.shape[:-1] + (r,))  # (a, b) -> (-b, a) per pair
-    # R(-theta u) q = q * cos(theta u) + swapped * (-sin(theta u)), per interleaved pair
-    angles = values.astype(np.float64)[:, None] * encoding.rope_freqs()[None, :]
-    cos, sin = np.zeros((u_pad, r_pad), np.float32), np.zeros((u_pad, r_pad), np.float32)
-    cos[:len(values), :r], sin[:len(values), :r] = np.repeat(np.cos(angles), 2, 1), np.repeat(-np.sin(angles), 2, 1)
+    def per_plane(x, offset):  # x rotated for every plane -> [S, H, p_pad, n_pad, r_pad] (padding planes zero)
+        frames, freqs = np.arange(n), encoding.rope_freqs()
+        rotated = [heads_first(rotate(x, (frames // s if s else 0 * frames) + offset(c), freqs), r_pad)
+                   for s, c in planes]
+        return jnp.pad(jnp.stack(rotated, axis=2).astype(x.dtype),
+                       ((0, 0), (0, 0), (0, p_pad - len(planes)), (0, 0), (0, 0)))
+
     idx = np.zeros((m_pad, n_pad, n_pad), np.int32)
     idx[:num_maps, :n, :n] = index
-    operands = [heads_first(q[..., :r], r_pad), heads_first(swapped, r_pad), heads_first(k[..., :r], r_pad),
-                heads_first(v, dv_pad), jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(idx)]
+    operands = [per_plane(q[..., :r], lambda c: 0), per_plane(k[..., :r], lambda c: c), heads_first(v, dv_pad),
+                jnp.asarray(idx)]
     seq_head = lambda width, rows: pl.BlockSpec((None, None, rows, width), lambda s, hh, i: (s, hh, i, 0))
     whole = lambda width: pl.BlockSpec((None, None, n_pad, width), lambda s, hh, i: (s, hh, 0, 0))
-    table = pl.BlockSpec((u_pad, r_pad), lambda s, hh, i: (0, 0))
-    specs = [seq_head(r_pad, block), seq_head(r_pad, block), whole(r_pad), whole(dv_pad), table, table,
-             pl.BlockSpec((m_pad, block, n_pad), lambda s, hh, i: (0, i, 0))]
+    specs = [pl.BlockSpec((None, None, p_pad, block, r_pad), lambda s, hh, i: (s, hh, 0, i, 0)),
+             pl.BlockSpec((None, None, p_pad, n_pad, r_pad), lambda s, hh, i: (s, hh, 0, 0, 0)),
+             whole(dv_pad), pl.BlockSpec((m_pad, block, n_pad), lambda s, hh, i: (0, i, 0))]
     has_plain = r < d
     if has_plain:
         d_pad = _pow2(d - r)
@@ -521,21 +521,21 @@ def _pallas_forward(q, k, v, t5_table, mask, maps, encoding: Encoding, interpret
         rows, shared = _mask_rows(mask, lead, n, n_pad)
         operands.append(rows)
         specs.append(pl.BlockSpec((None, block, n_pad), lambda s, hh, i: (s // shared, i, 0)))
-    maps_of_value = tuple(tuple(m for m in range(num_maps) if np.any(index[m] == u)) for u in range(len(values)))
-    kernel = functools.partial(_per_value_kernel, maps_of_value=maps_of_value, num_maps=num_maps, head_dim=d,
+    maps_of_plane = tuple(tuple(m for m in range(num_maps) if np.any(index[m] == p)) for p in range(len(planes)))
+    kernel = functools.partial(_plane_kernel, maps_of_plane=maps_of_plane, num_maps=num_maps, head_dim=d,
                                has_plain=has_plain, has_bias=has_bias, has_mask=has_mask)
     out = pl.pallas_call(
         kernel, grid=(count, h, n_pad // block), in_specs=specs, out_specs=seq_head(dv_pad, block),
         out_shape=jax.ShapeDtypeStruct((count, h, n_pad, dv_pad), v.dtype), interpret=interpret,
         compiler_params=pl_triton.CompilerParams(num_warps=PALLAS_NUM_WARPS, num_stages=1),
-        name="per_value_rope_attention")(*operands)
+        name="plane_rope_attention")(*operands)
     return jnp.swapaxes(out[:, :, :n, :dv], 1, 2).reshape(lead + (n, h, dv))
 
 
 def _attend_pallas(q, k, v, maps, mask, encoding: Encoding, t5_table, chunk_bytes):
     """``implementation="pallas"`` under integer maps with mapped RoPE: the forward pass is one Pallas kernel
-    (interpreted on a CPU) that never writes the U logit planes to memory; gradients are those of the jnp
-    per-value path (recomputed in the backward pass)."""
+    (interpreted on a CPU) that never writes logits to memory; gradients are those of the jnp
+    plane path (recomputed in the backward pass)."""
     interpret = jax.default_backend() == "cpu"
 
     @jax.custom_vjp
@@ -548,7 +548,7 @@ def _attend_pallas(q, k, v, maps, mask, encoding: Encoding, t5_table, chunk_byte
     def backward(saved, grad):
         *arrays, mask = saved
         reference = lambda q, k, v, t5: _attend(q, k, v, maps, mask, encoding, t5, None, None, None, chunk_bytes,
-                                                "per_value")
+                                                "planes")
         return (*jax.vjp(reference, *arrays)[1](grad), None)
 
     attend.defvjp(forward, backward)
@@ -671,7 +671,7 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
       mask: optional extra bool mask ``[..., N, N]`` (AND-ed with the method's).
       spatial_shape: ``(h, w)`` for FreeLong: the last leading dim must then be the flattened ``h * w``.
       implementation: None for the jnp path; ``"cudnn"`` (or ``"xla"``) for fused attention where the RoPE is
-        an absolute rotation; ``"pallas"`` for the per-value kernel where it is mapped (module doc).
+        an absolute rotation; ``"pallas"`` for the plane kernel where it is mapped (module doc).
       chunk_bytes: memory bound for the mapped-RoPE intermediate (planes, per-value or per-frequency); None:
         1 GiB on accelerators, 16 MiB on a CPU (``CPU_CHUNK_BYTES``).
       mapped_rope: how RoPE is computed under maps that are not a multiple of ``j - i``: "planes",
