@@ -4,14 +4,14 @@ LaVie-sized: 2 videos x 40 x 64 latent pixels = 5120 sequences of N frames, 8 he
 plus the T5 bias (LaVie's temporal attention). Prints a table of median milliseconds (and the ratio to
 ``direct`` on the same path) for N = 128 and one larger case, on three paths: ``jnp`` (implementation=None),
 ``cudnn`` (jax.nn.dot_product_attention where the RoPE is a rotation of absolute positions) and ``pallas`` (the
-per-value Pallas kernel where the RoPE is mapped; the jnp path elsewhere). Run on a GPU:
+plane-cover Pallas kernel where the RoPE is mapped; the jnp path elsewhere). Run on a GPU:
 
     python benchmarks/attention_bench.py --frames 128 256 --repeats 10
 
 Methods whose RoPE runs under a mapped (non-linear) position map are timed once per ``--variants`` entry,
 side by side in one process (calls interleaved round-robin): ``CHOICE[@CHUNK_MIB]`` with CHOICE ``auto`` (what
-the library picks, see ``jaxlongvid.attention.rope_path``), ``per_value`` or ``per_frequency`` (the formulation
-used before the per-value one existed), and optionally temporal_attention's ``chunk_bytes`` in MiB
+the library picks, see ``jaxlongvid.attention.rope_path``), ``planes``, ``per_value`` or ``per_frequency`` (the
+formulation used before the other two existed), and optionally temporal_attention's ``chunk_bytes`` in MiB
 (``per_frequency@1024`` is the code path and chunk of the library before the per-value formulation). Other
 methods do not depend on it and are timed once. On a CPU, use fewer sequences and float32:
 
@@ -61,7 +61,7 @@ def resolve(maps, enc, choice, chunk_mib, implementation):
     if rope not in ("planes", "per_value", "per_frequency"):
         return rope, None
     if implementation == "pallas" and np.array_equal(maps, np.rint(maps)):
-        return "pallas kernel", None  # the kernel computes per value whatever the choice, without chunks
+        return "pallas kernel", None  # the kernel computes the plane cover whatever the choice, without chunks
     return rope, chunk_mib
 
 
@@ -96,7 +96,7 @@ def main():
                                          "longdiff-no-ifs,clip,interpolate,group-only,freeloc")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--paths", default="jnp,cudnn,pallas",
-                    help="jnp, cudnn, xla (jax.nn.dot_product_attention) and/or pallas (the per-value kernel where "
+                    help="jnp, cudnn, xla (jax.nn.dot_product_attention) and/or pallas (the plane kernel where "
                          "RoPE is mapped, else jnp; interpreted, so very slow, on a CPU)")
     ap.add_argument("--variants", nargs="+", default=["auto", "per_frequency"],
                     help="mapped-RoPE variants timed side by side: CHOICE[@CHUNK_MIB], CHOICE one of auto, "

@@ -242,16 +242,21 @@ def _per_value_rope_logits(q: jnp.ndarray, k: jnp.ndarray, maps: np.ndarray, fre
             for f in flat]
 
 
+def _plane_positions(s: int, c: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The positions plane ``(s, c)`` rotates q and k by: ``floor(i / s)`` and ``floor(j / s) + c`` (s = 0: 0
+    and c), so that its logits hold relative position ``k position - q position``."""
+    grid = np.arange(n) // s if s else np.zeros(n, np.int64)
+    return grid, grid + c
+
+
 def _plane_rope_logits(q: jnp.ndarray, k: jnp.ndarray, maps: np.ndarray, freqs: np.ndarray) -> list:
     """``q_i . R(theta P_ij) k_j`` for integer maps ``[M, N, N]`` from the planes of :func:`plane_cover`:
     [..., N, H, 2K] x2 -> M arrays [..., H, N, N] (float32). Plane (s, c) is the product of q rotated by
     floor(i / s) and k rotated by floor(j / s) + c; each map takes, entry by entry, its plane's logits."""
     planes, index = plane_cover(maps)
-    frames = np.arange(q.shape[-3])
     logits = []
     for s, c in planes:
-        grid = frames // s if s else np.zeros_like(frames)
-        q_pos, k_pos = grid, grid + c
+        q_pos, k_pos = _plane_positions(s, c, q.shape[-3])
         logits.append(_dot(rotate(q, q_pos, freqs), rotate(k, k_pos, freqs)))
     out = []
     for which in index:
@@ -416,7 +421,7 @@ def _attend_fused(q, k, v, maps, mask, encoding, t5_table, rel_k, implementation
     return (out / len(maps)).astype(v.dtype).reshape(q.shape[:-1] + v.shape[-1:])
 
 
-# ---- Pallas kernel: per-value RoPE logits on chip ---------------------------------------------------------------
+# ---- Pallas kernel: plane-cover RoPE logits on chip ---------------------------------------------------------------
 PALLAS_BLOCK_Q = 16  # query rows per program; each program holds M logit tiles of [block, padded N] float32
 PALLAS_NUM_WARPS = 4
 
@@ -490,17 +495,16 @@ def _pallas_forward(q, k, v, t5_table, mask, maps, encoding: Encoding, interpret
         x = jnp.swapaxes(x.reshape((count,) + x.shape[-3:]), 1, 2)
         return jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - n), (0, width - x.shape[-1])))
 
-    def per_plane(x, offset):  # x rotated for every plane -> [S, H, p_pad, n_pad, r_pad] (padding planes zero)
-        frames, freqs = np.arange(n), encoding.rope_freqs()
-        rotated = [heads_first(rotate(x, (frames // s if s else 0 * frames) + offset(c), freqs), r_pad)
-                   for s, c in planes]
+    positions = [_plane_positions(s, c, n) for s, c in planes]  # (q, k) positions per plane
+
+    def per_plane(x, which):  # x rotated for every plane -> [S, H, p_pad, n_pad, r_pad] (padding planes zero)
+        rotated = [heads_first(rotate(x, pos[which], encoding.rope_freqs()), r_pad) for pos in positions]
         return jnp.pad(jnp.stack(rotated, axis=2).astype(x.dtype),
                        ((0, 0), (0, 0), (0, p_pad - len(planes)), (0, 0), (0, 0)))
 
     idx = np.zeros((m_pad, n_pad, n_pad), np.int32)
     idx[:num_maps, :n, :n] = index
-    operands = [per_plane(q[..., :r], lambda c: 0), per_plane(k[..., :r], lambda c: c), heads_first(v, dv_pad),
-                jnp.asarray(idx)]
+    operands = [per_plane(q[..., :r], 0), per_plane(k[..., :r], 1), heads_first(v, dv_pad), jnp.asarray(idx)]
     seq_head = lambda width, rows: pl.BlockSpec((None, None, rows, width), lambda s, hh, i: (s, hh, i, 0))
     whole = lambda width: pl.BlockSpec((None, None, n_pad, width), lambda s, hh, i: (s, hh, 0, 0))
     specs = [pl.BlockSpec((None, None, p_pad, block, r_pad), lambda s, hh, i: (s, hh, 0, i, 0)),

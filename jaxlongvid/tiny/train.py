@@ -53,7 +53,8 @@ class TinyConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     seed: int = 0
-    # Experiments toward prompted directions (MODEL_CARD.md, "Known limits"); off in the shipped recipe.
+    # Experiments toward prompted directions (MODEL_CARD.md, "Direction of linear motion"); off in the shipped
+    # recipe.
     temporal_conv: bool = False  # zero-padded temporal conv blocks after every ResNet (VideoCrafter2 style)
     high_noise_fraction: float = 0.0  # share of each batch whose timestep is drawn from [high_noise_from, T)
     high_noise_from: int = 800
