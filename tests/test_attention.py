@@ -274,7 +274,7 @@ def test_rope_path_choice():
     assert rope_path(wide[..., :20, :20], Encoding(rope_dim=32)) == "per_value"  # no cover smaller than U
 
 
-# ---- the per-value Pallas kernel (interpreted on the CPU) ----------------------------------------------------------
+# ---- the plane-cover Pallas kernel (interpreted on the CPU) --------------------------------------------------------
 @pytest.mark.parametrize("n", [17, 64])
 @pytest.mark.parametrize("name", MAPPED)
 def test_pallas_kernel_matches_jnp_path(name, n):
