@@ -164,7 +164,7 @@ def test_grow_params_adds_identity_temporal_convs():
     # weights trained without temporal conv blocks, placed into the architecture with them, compute the same
     cfg = train.TinyConfig(frames=4, size=16, temporal_conv=True)
     grown_cfg = cfg.unet()
-    plain_cfg = train.TinyConfig(frames=4, size=16).unet()
+    plain_cfg = train.TinyConfig(frames=4, size=16, temporal_conv=False).unet()
     assert grown_cfg.temporal_conv and not plain_cfg.temporal_conv
     x = jax.random.normal(jax.random.key(1), (2, 4, 16, 16, 3))
     ctx = jax.random.normal(jax.random.key(2), (2, train.CONTEXT_LENGTH, 64))
@@ -179,3 +179,28 @@ def test_grow_params_adds_identity_temporal_convs():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="unknown leaves"):
         train.grow_params(plain, grown)  # the larger tree does not fit the smaller
+
+
+def test_widen_word_pairs_moves_only_the_named_pairs():
+    from jaxlongvid.models import text as text_model
+
+    cfg = train.TinyConfig()
+    params = text_model.init_params(cfg.text(), jax.random.key(0))
+    tok = train.tokenizer()
+    widened = train.widen_word_pairs(params, tok, train.OPPOSITE_DIRECTIONS, 8.0)
+    before = np.asarray(params["token_embedding"]["embedding"])
+    after = np.asarray(widened["token_embedding"]["embedding"])
+    moved = set()
+    for a, b in train.OPPOSITE_DIRECTIONS:
+        ia, ib = (int(tok.encode([w])[0][1]) for w in (a, b))
+        moved |= {ia, ib}
+        old = before[ia] - before[ib]
+        np.testing.assert_allclose(after[ia] - after[ib], old + 8.0 * old / np.linalg.norm(old), atol=1e-5)
+        np.testing.assert_allclose(after[ia] + after[ib], before[ia] + before[ib], atol=1e-6)  # same midpoint
+    others = [i for i in range(len(before)) if i not in moved]
+    np.testing.assert_array_equal(after[others], before[others])
+    rest = lambda p: {k: v for k, v in p.items() if k != "token_embedding"}
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((np.asarray(x) == np.asarray(y)).all()),
+                                     rest(widened), rest(params)))
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        train.widen_word_pairs(params, tok, (("right", "sideways"),), 1.0)

@@ -3,12 +3,12 @@
     python -m jaxlongvid.tiny.train --workdir runs/tiny --max-minutes 9 [--resume] [--export DIR]
 
 Pixel-space v-prediction diffusion with the cosine noise schedule of 16-frame 32x32 clips from
-:mod:`jaxlongvid.tiny.data`, with a LaVie-style 3D UNet (RoPE + T5-bias temporal attention) and a small
-CLIP-style text encoder over the caption vocabulary, trained jointly from scratch. optax AdamW with warm-up and
-gradient clipping, an EMA of the weights, classifier-free-guidance caption dropout. An orbax checkpoint of the
-whole training state is written every ``--save-minutes`` and when ``--max-minutes`` runs out, so one run spans
-several short device commands: each resumes from the latest checkpoint in ``--workdir``. Batches are drawn
-from a seed per step, so a resumed run sees the same data as an uninterrupted one.
+:mod:`jaxlongvid.tiny.data`, with a LaVie-style 3D UNet (RoPE + T5-bias temporal attention, plus temporal conv
+blocks) and a small CLIP-style text encoder over the caption vocabulary, trained jointly from scratch. optax
+AdamW with warm-up and gradient clipping, an EMA of the weights, classifier-free-guidance caption dropout. An
+orbax checkpoint of the whole training state is written every ``--save-minutes`` and when ``--max-minutes`` runs
+out, so one run spans several short device commands: each resumes from the latest checkpoint in ``--workdir``.
+Batches are drawn from a seed per step, so a resumed run sees the same data as an uninterrupted one.
 
 ``--resume`` without a checkpoint in the workdir starts from the weights shipped in the package (EMA weights;
 the optimizer moments are not shipped, so they restart at zero).
@@ -53,11 +53,12 @@ class TinyConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     seed: int = 0
-    # Experiments toward prompted directions (MODEL_CARD.md, "Direction of linear motion"); off in the shipped
-    # recipe.
-    temporal_conv: bool = False  # zero-padded temporal conv blocks after every ResNet (VideoCrafter2 style)
-    high_noise_fraction: float = 0.0  # share of each batch whose timestep is drawn from [high_noise_from, T)
-    high_noise_from: int = 800
+    # What made the model follow the prompted direction of linear motion (MODEL_CARD.md, "Direction of linear
+    # motion"): zero-padded temporal convs tell a frame where it sits in the clip, and extra training where
+    # the direction is decided (t >= 900) gives it a signal.
+    temporal_conv: bool = True  # zero-padded temporal conv blocks after every ResNet (VideoCrafter2 style)
+    high_noise_fraction: float = 0.1  # share of each batch whose timestep is drawn from [high_noise_from, T)
+    high_noise_from: int = 900
 
     def unet(self) -> UNet3DConfig:
         return UNet3DConfig(family="tiny", in_channels=3, out_channels=3, block_channels=(32, 64, 128),
@@ -107,6 +108,30 @@ def grow_params(fresh: dict, trained: dict) -> tuple[dict, int]:
                          f"{unknown[:3]}, {len(mismatched)} with other shapes {mismatched[:3]}")
     merged = {k: old.get(k, v) for k, v in new.items()}
     return traverse_util.unflatten_dict(merged, sep="/"), len(new) - len(old)
+
+
+OPPOSITE_DIRECTIONS = (("right", "left"), ("down", "up"))
+
+
+def widen_word_pairs(text_params: dict, tok: WordTokenizer, pairs, by: float) -> dict:
+    """Text weights with the token embeddings of each word pair moved apart by ``by`` along their difference
+    (each word by half), everything else unchanged.
+
+    The direction words sit at a symmetric saddle: a denoiser that ignores the sign of a motion gives the
+    text encoder no reason to tell "left" from "right", and a text encoder whose outputs for them differ by
+    0.3 (against 4.8 for "right" and "up") gives the denoiser nothing to use. Widening the pair once breaks
+    the tie; training then keeps what is useful.
+    """
+    table = np.array(text_params["token_embedding"]["embedding"], dtype=np.float32)
+    for a, b in pairs:
+        ia, ib = (int(tok.encode([w])[0][1]) for w in (a, b))  # [0] is the start token
+        if tok.unk_id in (ia, ib):
+            raise ValueError(f"widen_word_pairs: {a!r} or {b!r} is not in the vocabulary")
+        unit = (table[ia] - table[ib]) / np.linalg.norm(table[ia] - table[ib])
+        table[ia] += 0.5 * by * unit
+        table[ib] -= 0.5 * by * unit
+    embedding = {**text_params["token_embedding"], "embedding": jnp.asarray(table)}
+    return {**text_params, "token_embedding": embedding}
 
 
 def make_optimizer(cfg: TinyConfig):
@@ -239,10 +264,15 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--init", default="tiny",
                     help="pipeline that --resume starts from when the workdir has no checkpoint (default: shipped)")
-    ap.add_argument("--temporal-conv", action="store_true", help="experiment: add temporal conv blocks")
-    ap.add_argument("--high-noise-fraction", type=float, default=0.0,
-                    help="experiment: share of timesteps drawn from [--high-noise-from, T)")
-    ap.add_argument("--high-noise-from", type=int, default=800)
+    defaults = TinyConfig()
+    ap.add_argument("--temporal-conv", action=argparse.BooleanOptionalAction, default=defaults.temporal_conv,
+                    help="temporal conv blocks after every ResNet")
+    ap.add_argument("--high-noise-fraction", type=float, default=defaults.high_noise_fraction,
+                    help="share of timesteps drawn from [--high-noise-from, T)")
+    ap.add_argument("--high-noise-from", type=int, default=defaults.high_noise_from)
+    ap.add_argument("--widen-directions", type=float, default=0.0,
+                    help="when starting from --init weights: move the token embeddings of right/left and "
+                         "down/up apart by this much (the shipped weights: 8 at step 50,480; see the card)")
     ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                     help="data-rendering processes")
     args = ap.parse_args(argv)
@@ -261,11 +291,16 @@ def main(argv=None):
     if restored is not None:
         state = restored
         print(f"resumed from {args.workdir} at step {int(state['step'])}", flush=True)
+        if args.widen_directions:
+            print("--widen-directions ignored: it applies once, when starting from --init weights", flush=True)
     elif args.resume:
         from jaxlongvid.pipeline import load
 
         shipped = load(args.init)
         weights, grown = grow_params(params, {"unet": shipped.params["unet"], "text": shipped.params["text"]})
+        if args.widen_directions:
+            weights["text"] = widen_word_pairs(weights["text"], tokenizer(), OPPOSITE_DIRECTIONS,
+                                               args.widen_directions)
         step = int(shipped.config.extra.get("train", {}).get("steps", 0))
         state = {"params": weights, "ema": weights, "opt_state": optimizer.init(weights),
                  "step": jnp.asarray(step, jnp.int32)}
