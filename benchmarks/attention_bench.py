@@ -9,14 +9,16 @@ plane-cover Pallas kernel where the RoPE is mapped; the jnp path elsewhere). Run
     python benchmarks/attention_bench.py --frames 128 256 --repeats 10
 
 Methods whose RoPE runs under a mapped (non-linear) position map are timed once per ``--variants`` entry,
-side by side in one process (calls interleaved round-robin): ``CHOICE[@CHUNK_MIB]`` with CHOICE ``auto`` (what
-the library picks, see ``jaxlongvid.attention.rope_path``), ``planes``, ``per_value`` or ``per_frequency`` (the
-formulation used before the other two existed), and optionally temporal_attention's ``chunk_bytes`` in MiB
-(``per_frequency@1024`` is the code path and chunk of the library before the per-value formulation). Other
-methods do not depend on it and are timed once. On a CPU, use fewer sequences and float32:
+side by side in one process (calls interleaved round-robin): ``CHOICE[@CHUNK_MIB][/AVERAGE]`` with CHOICE
+``auto`` (what the library picks, see ``jaxlongvid.attention.rope_path``), ``planes``, ``per_value`` or
+``per_frequency`` (the formulation used before the other two existed), optionally temporal_attention's
+``chunk_bytes`` in MiB (``per_frequency@1024`` is the code path and chunk of the library before the per-value
+formulation) and its ``map_average`` (``auto/per_map``: one softmax per map, as before the slot average; it
+matters only where several maps are averaged). Other methods do not depend on it and are timed once. On a CPU,
+use fewer sequences and float32:
 
     python benchmarks/attention_bench.py --frames 128 --sequences 64 --dtype float32 --paths jnp --repeats 5 \
-        --methods direct,longdiff,clip,freeloc --variants auto per_frequency@1024 per_frequency
+        --methods direct,longdiff,clip,freeloc --variants auto auto/per_map per_frequency
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlongvid.attention import Encoding, rope_path, temporal_attention
+from jaxlongvid.attention import Encoding, map_slots, rope_path, temporal_attention
 from jaxlongvid.methods import PRESETS
 
 
@@ -48,21 +50,34 @@ def bench_interleaved(fns, args, repeats):
 
 
 def parse_variant(text):
+    text, _, average = text.partition("/")
     choice, _, chunk = text.partition("@")
-    return choice, int(chunk) if chunk else None
+    return choice, int(chunk) if chunk else None, average or "auto"
 
 
-def resolve(maps, enc, choice, chunk_mib, implementation):
-    """The computation a variant runs: (RoPE path, chunk) where the chunk matters, None where it cannot run."""
+def resolve(maps, enc, choice, chunk_mib, average, implementation):
+    """The computation a variant runs: (RoPE path, chunk where it matters, map average where it matters), None
+    where it cannot run."""
     try:
         rope = rope_path(maps, enc, choice)
     except ValueError:  # planes or per_value under a fractional map
         return None
+    if average == "auto":
+        average = "slots" if len(map_slots(maps)[0]) < len(maps) else "per_map"
+    average = average if len(maps) > 1 else "one map"
     if rope not in ("planes", "per_value", "per_frequency"):
-        return rope, None
+        return rope, None, average
     if implementation == "pallas" and np.array_equal(maps, np.rint(maps)):
-        return "pallas kernel", None  # the kernel computes the plane cover whatever the choice, without chunks
-    return rope, chunk_mib
+        return "pallas kernel", None, None  # the kernel computes the plane cover whatever the choice, no chunks
+    return rope, chunk_mib, average
+
+
+def label(resolved):
+    """A variant's computation as printed: the RoPE path, and the map average where several maps are averaged."""
+    if resolved is None:
+        return "n/a"
+    rope, _, average = resolved
+    return rope if average in (None, "one map") else f"{rope}, {average}"
 
 
 def check(shape, dtype, enc, method, kf, spatial, impl, key):
@@ -99,9 +114,9 @@ def main():
                     help="jnp, cudnn, xla (jax.nn.dot_product_attention) and/or pallas (the plane kernel where "
                          "RoPE is mapped, else jnp; interpreted, so very slow, on a CPU)")
     ap.add_argument("--variants", nargs="+", default=["auto", "per_frequency"],
-                    help="mapped-RoPE variants timed side by side: CHOICE[@CHUNK_MIB], CHOICE one of auto, "
-                         "planes, per_value, per_frequency; CHUNK_MIB temporal_attention's chunk_bytes in MiB (default: "
-                         "the library's)")
+                    help="mapped-RoPE variants timed side by side: CHOICE[@CHUNK_MIB][/AVERAGE], CHOICE one of "
+                         "auto, planes, per_value, per_frequency; CHUNK_MIB temporal_attention's chunk_bytes in MiB "
+                         "(default: the library's); AVERAGE its map_average, auto, slots or per_map")
     ap.add_argument("--check", action="store_true",
                     help="before timing, compare each non-jnp path's output with the jnp path in float32 at the "
                          "highest matmul precision, on fresh inputs: prints ||out - ref|| / ||ref||")
@@ -128,12 +143,13 @@ def main():
                     if method.needs_keyframes else None
                 maps = method.position_maps(n, enc.native_frames)
                 # variants that resolve to the same computation are timed once
-                resolved = [resolve(maps, enc, choice, chunk_mib, impl) for choice, chunk_mib in variants]
+                resolved = [resolve(maps, enc, *variant, impl) for variant in variants]
                 distinct = sorted({r for r in resolved if r is not None}, key=str)
                 fns = []
-                for rope, chunk_mib in distinct:
-                    choice = next(c for (c, m), r in zip(variants, resolved) if r == (rope, chunk_mib))
+                for rope, chunk_mib, average in distinct:
+                    choice = next(c for (c, _, _), r in zip(variants, resolved) if r == (rope, chunk_mib, average))
                     chunk = {} if chunk_mib is None else {"chunk_bytes": chunk_mib << 20}
+                    chunk["map_average"] = average if average in ("slots", "per_map") else "auto"
 
                     @jax.jit
                     def run(q, k, v, t5, kf, method=method, impl=impl, choice=choice, chunk=chunk):
@@ -148,7 +164,7 @@ def main():
                 except Exception as e:  # report, keep going (e.g. out of memory)
                     print(f"N={n} {path} {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                     timed = {}
-                cells = [(r[0] if r else "n/a", timed.get(r, float("nan"))) for r in resolved]
+                cells = [(label(r), timed.get(r, float("nan"))) for r in resolved]
                 ms = cells[0][1]
                 base = ms if name == "direct" else base
                 ratio = ms / base if base else float("nan")

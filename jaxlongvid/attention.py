@@ -9,6 +9,14 @@ frames, independently for every leading index (video x pixel). What differs betw
 * the merge: average of the softmax probabilities over the M maps (LongDiff), FreeNoise window fusion, or
   FreeLong's spectral blend of a global and a local branch.
 
+The average over M maps costs V exps per logit instead of M, V being the number of distinct values the maps
+take at one (i, j) (:func:`map_slots`; GROUP+SHIFT: 2, against its 9 maps at 128 frames, 17 at 256). Every
+position term depends only on the mapped value, so the logits are computed for V "slot" maps, exponentiated
+once against a common row maximum, and each map's softmax sum is a 0/1-weighted sum of those exps (a product
+with a static matrix per query row); the average is the exps weighted by the mean of each map's inverse sum. A
+map whose row maximum lies far below the common one could lose its sum to float32 underflow: that is checked at
+run time (``SLOT_GAP_LIMIT``), and such input takes one softmax per map instead (:func:`_slot_average`).
+
 Position encodings, each exact for any map:
 
 * RoPE on the first ``rope_dim`` dims of each head, interleaved pairs (LaVie). When a map is a multiple of
@@ -368,23 +376,155 @@ def _masked_softmax(logits: jnp.ndarray, mask) -> jnp.ndarray:
     return jax.nn.softmax(logits, axis=-1)
 
 
-def _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, with_rel_rows=0, mapped_rope="auto"):
-    """Softmax probabilities averaged over the maps ([..., H, N, N] float32), and (when ``with_rel_rows``) the
-    averaged probability mass on each relative-table row ([..., H, N, rows])."""
-    probs = rel_mass = 0.0
+MAP_AVERAGES = ("auto", "slots", "per_map")
+# The slot average is kept only if every map's softmax sum, taken against the common row maximum, is at least
+# exp(-SLOT_GAP_LIMIT) (see _slot_average): a bound on the float32 rounding it adds, far from underflow.
+SLOT_GAP_LIMIT = 20.0
+
+
+def map_slots(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of ``maps [M, N, N]`` at each ``(i, j)`` as V "slot" maps, and which slot each map takes.
+
+    Returns ``slots [V, N, N]`` (V: the most distinct values at any entry; they are listed in order of first
+    appearance over m, so slot 0 is map 0, and an entry with fewer values repeats its last) and ``sel`` int32
+    ``[M, N, N]`` with ``maps[m, i, j] == slots[sel[m, i, j], i, j]``. GROUP+SHIFT's s maps take 2 values at
+    every entry (``sign(d) ceil(|d| / s)`` and ``sign(d) floor(|d| / s)``). Cached per map array."""
+    maps = np.asarray(maps)
+    return _map_slots(maps.tobytes(), maps.dtype.str, maps.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _map_slots(data: bytes, dtype: str, shape: tuple) -> tuple:
+    flat = np.frombuffer(data, np.dtype(dtype)).reshape(shape[0], -1)
+    first = np.argmax(flat[:, None] == flat[None, :], axis=1)  # [M, NN]: the first map with the same value
+    is_new = first == np.arange(shape[0])[:, None]
+    slot_of_new = np.cumsum(is_new, axis=0) - 1  # a new value's slot: values seen before it at its entry
+    sel = np.take_along_axis(slot_of_new, first, axis=0)
+    width = int(slot_of_new.max()) + 1
+    slots = np.empty((width, flat.shape[1]), flat.dtype)
+    for v in range(width):  # the value first seen as slot v, else the entry's last slot
+        taken = np.minimum(v, slot_of_new[-1])
+        slots[v] = np.take_along_axis(flat, np.argmax(is_new & (slot_of_new == taken), axis=0)[None], axis=0)[0]
+    slots, sel = slots.reshape((width,) + shape[1:]), sel.reshape(shape).astype(np.int32)
+    slots.setflags(write=False)
+    sel.setflags(write=False)
+    return slots, sel
+
+
+def _rel_onehot(pmap: np.ndarray, encoding: Encoding, rows: int) -> jnp.ndarray:
+    """Each entry's relative-table row, one-hot: [N, N, rows] float32."""
+    return jax.nn.one_hot(_rel_rows(pmap, encoding.rel_distance), rows, dtype=jnp.float32)
+
+
+# Sums over keys batched over query rows: at the highest precision, or a GPU may round them to TF32.
+_row_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+
+
+def _per_map_probabilities(q, k, maps, mask, encoding, t5_table, rel_k, with_rel_rows=0, mapped_rope="auto"):
+    """One masked softmax per map from each map's own logits, averaged (see :func:`_probabilities`)."""
+    probs, rel_mass = 0.0, 0.0 if with_rel_rows else None
     for pmap, logits in zip(maps, _logits(q, k, maps, encoding, t5_table, rel_k, mapped_rope)):
         p = _masked_softmax(logits, mask) / len(maps)
         probs = probs + p
         if with_rel_rows:
-            onehot = jax.nn.one_hot(_rel_rows(pmap, encoding.rel_distance), with_rel_rows, dtype=p.dtype)
-            rel_mass = rel_mass + jnp.einsum("...hij,ijr->...hir", p, onehot)
+            rel_mass = rel_mass + _row_einsum("...hij,ijr->...hir", p, _rel_onehot(pmap, encoding, with_rel_rows))
     return probs, rel_mass
 
 
-def _attend_reference(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, mapped_rope="auto"):
+def _slot_average(logits, slots, sel, encoding, with_rel_rows=0):
+    """The average of the M maps' softmaxes from the V masked slot logits (:func:`map_slots`), with V exps per
+    entry instead of M; returns ``(probs, rel_mass, fits)``.
+
+    Map m's logits are ``L_sel[m]``. With a common row stabiliser c (the maximum over keys and slots), ``E_v =
+    exp(L_v - c)``, map m's softmax sum is ``Z_m = sum_j E_sel[m, i, j]`` and the average is ``sum_v E_v W_v``
+    with ``W_v = (1/M) sum_m [sel[m] = v] / Z_m``: per map only 0/1-weighted sums (products with a static 0/1
+    matrix per query row), no exp.
+
+    The guarantee: ``fits`` is False if a row that sees a key has ``Z_m < exp(-SLOT_GAP_LIMIT)`` in some map (the
+    caller then takes one softmax per map). As ``exp(-gap) <= Z_m <= N exp(-gap)``, gap being c minus the map's
+    own row maximum, it is True only if every gap <= SLOT_GAP_LIMIT + ln N (25.5 at 256 frames): each map's
+    largest terms stay normal float32 (>= e^-25.5), the terms that underflow carry < N e^(gap - 87.3) < e^-56 of
+    its mass, and the
+    rounding of ``L - c`` adds at most gap * 2^-24 (1.5e-6) relative error to its largest terms."""
+    top = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in logits])
+    top = jax.lax.stop_gradient(top)  # the average does not depend on it
+    exps = [jnp.exp(x - top) for x in logits]
+    chosen = [(sel == v).astype(np.float32) for v in range(len(slots))]  # [M, N, N] 0/1, static
+    sums = sum(_row_einsum("...ij,mij->...im", e, c) for e, c in zip(exps, chosen))  # Z_m(i): [..., H, N, M]
+    floor = math.exp(-SLOT_GAP_LIMIT)
+    # rows under the floor are never used, but a gradient passes through them (as zeros): keep them finite
+    inverse = 1.0 / jnp.where(sums >= floor, sums, 1.0)
+    weighted = [e * _row_einsum("...im,mij->...ij", inverse, c) / len(sel) for e, c in zip(exps, chosen)]
+    rel_mass = None
+    if with_rel_rows:  # each slot's probability mass on its relative-table rows
+        rel_mass = sum(_row_einsum("...hij,ijr->...hir", w, _rel_onehot(s, encoding, with_rel_rows))
+                       for w, s in zip(weighted, slots))
+    fits = jnp.all((sums >= floor) | jnp.isneginf(top))  # rows that see no key: NaN either way
+    return sum(weighted), rel_mass, fits
+
+
+def _per_map_average(logits, slots, sel, encoding, with_rel_rows=0):
+    """One softmax per map, each selected from the masked slot logits, averaged: the exact fallback of
+    :func:`_slot_average` (same returns but ``fits``). A loop over the maps, so one map's probabilities are
+    live at a time."""
+    which = jnp.asarray(sel)
+    onehots = [_rel_onehot(s, encoding, with_rel_rows) for s in slots] if with_rel_rows else []
+
+    def one_map(m, total):
+        probs, rel_mass = total
+        x = logits[0]
+        for v in range(1, len(slots)):
+            x = jnp.where(which[m] == v, logits[v], x)
+        p = jax.nn.softmax(x, axis=-1) / len(sel)
+        if with_rel_rows:
+            rel_mass = rel_mass + sum(_row_einsum("...hij,ijr->...hir", jnp.where(which[m] == v, p, 0.0), onehot)
+                                      for v, onehot in enumerate(onehots))
+        return probs + p, rel_mass
+
+    zeros = jnp.zeros_like(logits[0])
+    rel_zeros = jnp.zeros(zeros.shape[:-1] + (with_rel_rows,), zeros.dtype) if with_rel_rows else None
+    return jax.lax.fori_loop(0, len(sel), one_map, (zeros, rel_zeros))
+
+
+def _check_map_average(map_average: str):
+    if map_average not in MAP_AVERAGES:
+        raise ValueError(f"map_average must be one of {MAP_AVERAGES}, got {map_average!r}")
+
+
+def _takes_slots(maps: np.ndarray, map_average: str) -> bool:
+    """Whether :func:`_probabilities` averages ``maps`` by slots (``map_average`` "auto": where they take fewer
+    distinct values per entry than there are maps)."""
+    _check_map_average(map_average)
+    return map_average == "slots" or (map_average == "auto" and len(map_slots(maps)[0]) < len(maps))
+
+
+def _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, with_rel_rows=0, mapped_rope="auto",
+                   map_average="auto"):
+    """Softmax probabilities averaged over the maps ([..., H, N, N] float32), and (when ``with_rel_rows``) the
+    averaged probability mass on each relative-table row ([..., H, N, rows], else None).
+
+    ``map_average``: "per_map" takes one softmax per map; "slots" computes the logits of the V distinct values
+    at each entry (:func:`map_slots`) and takes their slot average (:func:`_slot_average`, V exps per entry
+    instead of M), or, where that does not fit float32, one softmax per map from the same logits (a run-time
+    branch: one under jit and ``lax.map``, a select of both under ``vmap``); "auto": slots where V < M
+    (GROUP+SHIFT: 2 against s)."""
+    if not _takes_slots(maps, map_average):
+        return _per_map_probabilities(q, k, maps, mask, encoding, t5_table, rel_k, with_rel_rows, mapped_rope)
+    slots, sel = map_slots(maps)
+    logits = _logits(q, k, slots, encoding, t5_table, rel_k, mapped_rope)
+    if mask is not None:  # -inf before exp, not a where after it: no inf * 0 in the gradient
+        logits = [jnp.where(mask[..., None, :, :], x, -jnp.inf) for x in logits]
+    probs, rel_mass, fits = _slot_average(logits, slots, sel, encoding, with_rel_rows)
+    # rematerialised: under grad its residuals are the logits, not M probability matrices
+    per_map = jax.checkpoint(lambda x: _per_map_average(x, slots, sel, encoding, with_rel_rows))
+    return jax.lax.cond(fits, lambda _: (probs, rel_mass), per_map, logits)
+
+
+def _attend_reference(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, mapped_rope="auto",
+                      map_average="auto"):
     """Plain jnp: probabilities averaged over the maps, then applied to v (and the relative V table)."""
     rows = 0 if rel_v is None else rel_v.shape[0]
-    probs, rel_mass = _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, rows, mapped_rope)
+    probs, rel_mass = _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, rows, mapped_rope, map_average)
     out = jnp.einsum("...hij,...jhd->...ihd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     if rel_v is not None:
         out = out + jnp.einsum("...hir,rd->...ihd", rel_mass, rel_v.astype(jnp.float32))
@@ -560,7 +700,7 @@ def _attend_pallas(q, k, v, maps, mask, encoding: Encoding, t5_table, chunk_byte
 
 
 def _attend(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, implementation, chunk_bytes,
-            mapped_rope="auto"):
+            mapped_rope="auto", map_average="auto"):
     """Attention of every leading index under ``maps`` and ``mask`` ([..., N, N] bool or None)."""
     path = rope_path(maps, encoding, mapped_rope)
     mapped = path in ("planes", "per_value", "per_frequency")
@@ -570,7 +710,7 @@ def _attend(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, implementatio
         implementation = None  # nothing for the kernel to save: the jnp path
     if implementation is not None and rel_v is None and not mapped:
         return _attend_fused(q, k, v, maps, mask, encoding, t5_table, rel_k, implementation)
-    args = (maps, encoding, t5_table, rel_k, rel_v, mapped_rope)
+    args = (maps, encoding, t5_table, rel_k, rel_v, mapped_rope, map_average)
     if not mapped:
         return _attend_reference(q, k, v, maps, mask, *args[1:])
     # Mapped RoPE materialises L (planes), U (per value) or rope_dim (per frequency) logit-sized arrays per
@@ -582,6 +722,8 @@ def _attend(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, implementatio
     count = int(np.prod(lead)) if lead else 1
     planes = (len(plane_cover(maps)[0]) if path == "planes" else
               len(np.unique(maps)) if path == "per_value" else encoding.rope_dim)
+    if _takes_slots(maps, map_average):  # and the exps and weights of each of its V slots
+        planes += 2 * len(map_slots(maps)[0])
     per_seq = 4 * h * n * n * planes
     batch = max(1, min(count, chunk_bytes // per_seq))
     if batch >= count:
@@ -591,11 +733,25 @@ def _attend(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, implementatio
     if mask is not None:
         operands["mask"] = flat(jnp.broadcast_to(mask, lead + mask.shape[-2:]))
 
-    def one(x):
+    def chunk(x):
         return _attend_reference(x["q"], x["k"], x["v"], maps, x.get("mask"), *args[1:])
 
-    out = jax.lax.map(one, operands, batch_size=batch)
+    out = _map_chunks(chunk, operands, batch)
     return out.reshape(q.shape[:-1] + v.shape[-1:])
+
+
+def _map_chunks(fn, operands: dict, batch: int):
+    """``fn`` over consecutive chunks of ``batch`` entries of the operands' leading axis (the rest as one last
+    chunk), concatenated. Unlike ``lax.map(..., batch_size=)``, ``fn`` is not vmapped: it sees each chunk's
+    batch axis, so a ``lax.cond`` inside stays a branch instead of becoming a select of both."""
+    count = len(next(iter(operands.values())))
+    whole = count - count % batch
+    steps = {key: x[:whole].reshape((whole // batch, batch) + x.shape[1:]) for key, x in operands.items()}
+    out = jax.lax.map(fn, steps)
+    out = out.reshape((whole,) + out.shape[2:])
+    if whole < count:
+        out = jnp.concatenate([out, fn({key: x[whole:] for key, x in operands.items()})])
+    return out
 
 
 def _method_mask_and_maps(method: Method, encoding: Encoding, n: int, keyframes, mask):
@@ -662,7 +818,7 @@ def merge_passes(outputs, lses):
 def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="direct", t5_table=None, rel_k=None,
                        rel_v=None, keyframes=None, mask=None, spatial_shape: Optional[tuple[int, int]] = None,
                        implementation: Optional[str] = None, chunk_bytes: Optional[int] = None,
-                       mapped_rope: str = "auto"):
+                       mapped_rope: str = "auto", map_average: str = "auto"):
     """Attention over frames of ``q, k, v: [..., N, heads, dim]`` under a long-video method.
 
     Args:
@@ -681,6 +837,9 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
       mapped_rope: how RoPE is computed under maps that are not a multiple of ``j - i``: "planes",
         "per_value", "per_frequency" (all exact, see the module doc), or "auto" (the smallest intermediate,
         see ``rope_path``). Maps that are multiples of ``j - i`` always use the absolute rotation.
+      map_average: how the jnp path averages the softmaxes of several maps: "slots" (one exp per distinct
+        value at each entry), "per_map" (one softmax per map), or "auto" (slots where the maps take fewer
+        distinct values per entry than there are maps, as GROUP+SHIFT's). Both exact; see the module doc.
     Returns:
       ``[..., N, heads, dim]`` in v's dtype.
     """
@@ -694,8 +853,9 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
     _check_tables(encoding, heads, dim, t5_table, rel_k, rel_v)
     if rel_v is not None and v.shape[-1] != dim:
         raise ValueError(f"rel_v needs v's dim ({v.shape[-1]}) to equal q's ({dim})")
+    _check_map_average(map_average)
     attend = lambda q_, k_, v_, maps, m: _attend(q_, k_, v_, maps, m, encoding, t5_table, rel_k, rel_v,
-                                                 implementation, chunk_bytes, mapped_rope)
+                                                 implementation, chunk_bytes, mapped_rope, map_average)
     if method.merge == "freenoise":
         if keyframes is not None or mask is not None:
             raise ValueError("method with merge='freenoise' takes no keyframes or extra mask")

@@ -6,6 +6,7 @@ relative (measured: at most 5e-7), gradients included.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +15,11 @@ import pytest
 
 import reference
 from jaxlongvid import masks
-from jaxlongvid.attention import (Encoding, TemporalAttention, attention_logsumexp, attention_probabilities,
-                                  merge_passes, plane_cover, rope_path, temporal_attention)
+from jaxlongvid.attention import (SLOT_GAP_LIMIT, Encoding, TemporalAttention, _logits, _slot_average,
+                                  attention_logsumexp, attention_probabilities, map_slots, merge_passes, plane_cover,
+                                  rope_path, temporal_attention)
 from jaxlongvid.methods import PRESETS, Method
+from jaxlongvid.positions import t5_bucket
 
 RTOL = 2e-5
 
@@ -414,6 +417,8 @@ def test_bad_input_errors_name_the_problem():
         temporal_attention(q, k, v, encoding=Encoding(rope_dim=16), method="direct")
     with pytest.raises(ValueError, match="rope_dim"):
         Encoding(rope_dim=3)
+    with pytest.raises(ValueError, match="map_average must be one of"):
+        temporal_attention(q, k, v, encoding=enc, t5_table=t5, map_average="slot")
 
 
 def test_merge_passes_over_disjoint_tiers_equals_one_softmax():
@@ -435,3 +440,114 @@ def test_merge_passes_over_disjoint_tiers_equals_one_softmax():
     np.testing.assert_allclose(merged, whole, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="averages 5 maps"):
         attention_logsumexp(q, k, encoding=enc, method="longdiff-no-ifs", t5_table=t5)
+
+
+# ---- LongDiff's average over maps: slots (one exp per distinct value) against one softmax per map -----------------
+def test_map_slots_recover_every_map():
+    rng = np.random.default_rng(4)
+    for shape, spread in [((1, 5, 5), 3), ((6, 9, 9), 3), ((4, 16, 16), 1), ((3, 8, 8), 100)]:
+        maps = rng.integers(-spread, spread + 1, shape)
+        slots, sel = map_slots(maps)
+        assert np.array_equal(np.take_along_axis(slots, sel, axis=0), maps)  # every map value recovered exactly
+        distinct = np.array([[len(np.unique(maps[:, i, j])) for j in range(shape[2])] for i in range(shape[1])])
+        assert len(slots) == distinct.max() and np.array_equal(slots[0], maps[0])
+        assert np.array_equal(np.max(sel, axis=0) + 1, distinct)  # each map takes the first slot of its value
+    for n in (64, 128, 256):  # GROUP+SHIFT: 2 slots, copies 0 and s - 1 (ceil and floor of |d| / s)
+        maps = PRESETS["longdiff"].position_maps(n, 16)
+        slots, _ = map_slots(maps)
+        assert len(maps) > 2 and np.array_equal(slots, maps[[0, -1]])
+
+
+@functools.lru_cache(maxsize=None)
+def _averaged(enc, method, map_average, chunk_bytes=None):
+    """Output, and the gradient of a random projection of it w.r.t. q, k, v and the tables, jitted."""
+    def f(q, k, v, t5, rel_k, rel_v, keyframes, weight):
+        out = temporal_attention(q, k, v, encoding=enc, method=method, t5_table=t5, rel_k=rel_k, rel_v=rel_v,
+                                 keyframes=keyframes, map_average=map_average, chunk_bytes=chunk_bytes)
+        return jnp.sum(out * weight), out
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))
+
+
+LAVIE = Encoding(rope_dim=32, t5_buckets=32, native_frames=16)  # head dim 40
+
+
+@pytest.mark.parametrize("name, enc_name, n", [
+    ("longdiff", "lavie", 17), ("longdiff-no-ifs", "lavie", 64), ("longdiff", "lavie", 128),
+    ("longdiff-no-ifs", "lavie", 256), ("longdiff-no-ifs", "rel_kv", 17), ("longdiff", "rel_kv", 64)])
+def test_slot_average_equals_one_softmax_per_map(name, enc_name, n):
+    """Float32, outputs and gradients: at most 2e-6 relative apart (measured: outputs 3.3e-7, gradients 1.2e-6,
+    d/dt5 at 128 frames), except d/dt5 at 256
+    frames, 5e-6: a sum over 256 x 256 entries per bucket, where the per-map loop's own error against a float64
+    gradient is 3.7e-6 (the slots': 1.0e-6). N = 17 has 2 maps and 2 slots: the slots are forced."""
+    enc, dim = (LAVIE, 40) if enc_name == "lavie" else ENCODINGS[enc_name]
+    method = PRESETS[name]
+    q, k, v, tables = _inputs(n, dim, seqs=1, seed=9)
+    weight = np.random.default_rng(n).standard_normal(v.shape).astype(np.float32)
+    t = _used_tables(enc, tables)
+    args = (q, k, v, t["t5_table"], t["rel_k"], t["rel_v"], _keyframes(method, n, 1, 9), weight)
+    (_, slots), g_slots = _averaged(enc, method, "slots")(*args)
+    (_, per_map), g_per_map = _averaged(enc, method, "per_map")(*args)
+    assert _rel_err(slots, per_map) <= 2e-6, f"outputs differ by {_rel_err(slots, per_map):.1e}"
+    for what, a, b in zip(["q", "k", "v", "t5", "rel_k", "rel_v"], g_slots, g_per_map):
+        if b is not None:
+            tolerance = 5e-6 if what == "t5" and n == 256 else 2e-6
+            assert _rel_err(a, b) <= tolerance, f"d/d{what} differs by {_rel_err(a, b):.1e}"
+
+
+def _gaps(q, k, maps, enc, t5):
+    """Float64: each map's row maximum below the common one (over keys and maps), [seqs, heads, maps, N]."""
+    logits = np.array([[[reference.logits_one(q[s, :, h], k[s, :, h], p, enc.rope_dim, enc.rope_theta, t5[:, h],
+                                              None, 0) for p in maps] for h in range(q.shape[2])]
+                       for s in range(q.shape[0])])  # [S, H, M, N, N]
+    return logits.max(axis=(2, 4))[:, :, None] - logits.max(axis=4)
+
+
+def _slot_fits(maps, enc):
+    """Jitted ``(q, k, t5) -> fits``: whether the slot average of ``maps`` is kept."""
+    slots, sel = map_slots(maps)
+    return jax.jit(lambda q, k, t5: _slot_average(_logits(q, k, slots, enc, t5, None), slots, sel, enc)[2])
+
+
+def test_slot_average_guards_against_underflow():
+    """A map whose row maximum lies far below the common stabiliser: the slot sums are checked, and the call
+    takes one softmax per map instead, so outputs stay within RTOL of the float64 reference, gradients too."""
+    enc, dim = ENCODINGS["rope_t5"]
+    n = 17
+    method = Method("g", positions="group_shift", num_groups=4)  # 6 maps, 2 slots; relative position +3 is
+    maps = method.position_maps(n, 16)  # reached in the first rows by copies 0-3 only
+    q, k, v, tables = _inputs(n, dim)
+    bucket = int(t5_bucket(np.array(3), 32, 32))
+    slot_fits = _slot_fits(maps, enc)
+    weight = np.random.default_rng(1).standard_normal(v.shape).astype(np.float32)
+    for bias, fits_expected in [(14.0, True), (60.0, False), (100.0, False)]:
+        t5 = tables["t5_table"].copy()
+        t5[bucket] = bias  # copies 4 and 5 of rows 0 and 1 lie ~bias below the others
+        gaps = _gaps(q, k, maps, enc, t5)
+        fits = slot_fits(q, k, t5)
+        assert bool(fits) == fits_expected, bias
+        if fits:  # the bound the check guarantees
+            assert gaps.max() <= SLOT_GAP_LIMIT + math.log(n)
+        else:
+            assert gaps.max() > SLOT_GAP_LIMIT
+        if bias == 100.0:  # one common stabiliser would leave these maps' largest terms subnormal
+            assert np.exp(-gaps.max()) < np.finfo(np.float32).tiny
+        ref = reference.attention(q, k, v, maps, rope_dim=enc.rope_dim, t5_table=t5)
+        args = (q, k, v, t5, None, None, None, weight)
+        (_, out), grads = _averaged(enc, method, "slots")(*args)  # the fallback's gradient where it is taken
+        (_, per_map), per_map_grads = _averaged(enc, method, "per_map")(*args)
+        assert _rel_err(out, ref) <= RTOL and _rel_err(per_map, ref) <= RTOL, bias
+        for a, b in zip(grads[:4], per_map_grads[:4]):
+            assert _rel_err(a, b) <= 2e-6, bias
+    # huge q and k norms (logits up to ~100, gaps far above the limit), IFS mask; chunked (one sequence per
+    # lax.map step: the fallback stays a branch) and under vmap (a select of both) alike
+    q, k, v, tables = _inputs(40, dim, seed=2)
+    q, k = q * 6, k * 6
+    method = PRESETS["longdiff"]
+    kf = _keyframes(method, 40, 2, 2)
+    assert not _slot_fits(method.position_maps(40, 16), enc)(q, k, tables["t5_table"])
+    ref = _reference(method, enc, q, k, v, tables, kf)
+    kw = dict(encoding=enc, method=method, t5_table=tables["t5_table"])
+    attend = lambda q, k, v, kf: temporal_attention(q, k, v, keyframes=kf, chunk_bytes=1, **kw)
+    assert _rel_err(jax.jit(attend)(q, k, v, kf), ref) <= RTOL
+    batched = jax.jit(jax.vmap(attend))(q[:, None], k[:, None], v[:, None], kf[:, None])[:, 0]
+    assert _rel_err(batched, ref) <= RTOL
