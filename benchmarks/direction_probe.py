@@ -11,9 +11,11 @@ for "moving right" and "moving left", and the mean over noisings of corr(frame, 
 clip. A model that cannot tell frames apart at t = T predicts the same centroid in every frame and for both
 prompts. Then the v-prediction loss of 32 linear clips (8 per direction) captioned with their true direction,
 the opposite one and a perpendicular one: a model that ignores the direction word scores all three alike.
-Last, how close the denoiser is to time-reversal equivariance on those clips (true captions):
+Then how close the denoiser is to time-reversal equivariance on those clips (true captions):
 ||reverse(f(reverse(x))) - f(x)|| / ||f(x)||. An equivariant denoiser treats a clip and its reversal alike, so
-its caption cannot pick the sign of a motion (reversing "moving right" gives "moving left").
+its caption cannot pick the sign of a motion (reversing "moving right" gives "moving left"). Last, how far
+apart the text encoder puts the captions of opposite directions, against two perpendicular ones: a text encoder
+that maps "left" and "right" to nearly the same context leaves the denoiser nothing to read the sign from.
 Runs on a CPU in about four minutes:
 
     python benchmarks/direction_probe.py [--model DIR]
@@ -106,6 +108,17 @@ def main() -> None:
         forward = predict(clips, tokens, t, noise)[0]
         backward = predict(clips[:, ::-1], tokens, t, noise[:, ::-1])[0][:, ::-1]
         print(f"t={t}: {float(jnp.linalg.norm(backward - forward) / jnp.linalg.norm(forward)):.4f}")
+    caption = PROMPT.format
+    context = lambda words: np.asarray(encoder.apply({"params": pipe.params["text"]},
+                                                     pipe.tokenizer.encode([caption(w) for w in words])))
+    print("text encoder: largest per-token distance between the outputs for two captions "
+          f"({caption('<word>')!r}), and between the two words' token embeddings")
+    table = np.asarray(pipe.params["text"]["token_embedding"]["embedding"])
+    for first, second in (("right", "left"), ("down", "up"), ("right", "up")):
+        out = context([first, second])
+        ids = pipe.tokenizer.encode([first, second])[:, 1]  # [:, 0] is the start token
+        print(f"{first} vs {second}: outputs {np.linalg.norm(out[0] - out[1], axis=-1).max():.2f}  "
+              f"embeddings {np.linalg.norm(table[ids[0]] - table[ids[1]]):.2f}")
 
 
 if __name__ == "__main__":
