@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlongvid.attention import Encoding, map_slots, rope_path, temporal_attention
+from jaxlongvid.attention import Encoding, map_average_path, rope_path, temporal_attention
 from jaxlongvid.methods import PRESETS
 
 
@@ -62,9 +62,7 @@ def resolve(maps, enc, choice, chunk_mib, average, implementation):
         rope = rope_path(maps, enc, choice)
     except ValueError:  # planes or per_value under a fractional map
         return None
-    if average == "auto":
-        average = "slots" if len(map_slots(maps)[0]) < len(maps) else "per_map"
-    average = average if len(maps) > 1 else "one map"
+    average = map_average_path(maps, average) if len(maps) > 1 else "one map"
     if rope not in ("planes", "per_value", "per_frequency"):
         return rope, None, average
     if implementation == "pallas" and np.array_equal(maps, np.rint(maps)):

@@ -116,7 +116,7 @@ def main() -> None:
     table = np.asarray(pipe.params["text"]["token_embedding"]["embedding"])
     for first, second in (("right", "left"), ("down", "up"), ("right", "up")):
         out = context([first, second])
-        ids = pipe.tokenizer.encode([first, second])[:, 1]  # [:, 0] is the start token
+        ids = [pipe.tokenizer.ids[w] for w in (first, second)]
         print(f"{first} vs {second}: outputs {np.linalg.norm(out[0] - out[1], axis=-1).max():.2f}  "
               f"embeddings {np.linalg.norm(table[ids[0]] - table[ids[1]]):.2f}")
 

@@ -189,6 +189,21 @@ def _group_sizes(maps: np.ndarray, most: int = 6) -> list[int]:
     return sorted({1, *sorted(weight, key=lambda s: -weight[s])[:most]})
 
 
+def _cached_per_array(fn):
+    """``fn(maps)`` cached on the array's contents: static maps come back at every trace."""
+    @functools.lru_cache(maxsize=64)
+    def cached(data: bytes, dtype: str, shape: tuple):
+        return fn(np.frombuffer(data, np.dtype(dtype)).reshape(shape))
+
+    @functools.wraps(fn)
+    def wrapper(maps):
+        maps = np.asarray(maps)
+        return cached(maps.tobytes(), maps.dtype.str, maps.shape)
+
+    return wrapper
+
+
+@_cached_per_array
 def plane_cover(maps: np.ndarray) -> tuple[tuple[tuple[int, int], ...], np.ndarray]:
     """Planes that hold every entry of the integer maps ``[M, N, N]``, and each entry's plane (int32 [M, N, N]).
 
@@ -198,13 +213,8 @@ def plane_cover(maps: np.ndarray) -> tuple[tuple[tuple[int, int], ...], np.ndarr
     not yet covered (candidates: the group sizes of :func:`_group_sizes`, every offset c, and the constants,
     which alone always cover, so the loop ends); if that takes more planes than the maps have values, one
     constant plane per value. Cached per map array."""
-    maps = np.asarray(maps)
-    return _plane_cover(maps.astype(np.int64).tobytes(), maps.shape)
-
-
-@functools.lru_cache(maxsize=64)
-def _plane_cover(data: bytes, shape: tuple) -> tuple:
-    maps = np.frombuffer(data, np.int64).reshape(shape)
+    maps = maps.astype(np.int64)
+    shape = maps.shape
     frames = np.arange(shape[-1])
     offsets = {s: maps - (frames[None, :] // s - frames[:, None] // s) for s in _group_sizes(maps)}
     offsets[0] = maps
@@ -370,10 +380,13 @@ def _check_tables(encoding: Encoding, heads: int, dim: int, t5_table, rel_k, rel
 
 
 # ---- attention under M maps and a mask ---------------------------------------------------------------------
+def _mask_logits(logits: jnp.ndarray, mask) -> jnp.ndarray:
+    """-inf where ``mask`` ([..., N, N] over the leading dims, broadcast over heads) is False."""
+    return logits if mask is None else jnp.where(mask[..., None, :, :], logits, -jnp.inf)
+
+
 def _masked_softmax(logits: jnp.ndarray, mask) -> jnp.ndarray:
-    if mask is not None:  # [..., N, N] over the leading dims: add the head axis
-        logits = jnp.where(mask[..., None, :, :], logits, -jnp.inf)
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(_mask_logits(logits, mask), axis=-1)
 
 
 MAP_AVERAGES = ("auto", "slots", "per_map")
@@ -382,6 +395,7 @@ MAP_AVERAGES = ("auto", "slots", "per_map")
 SLOT_GAP_LIMIT = 20.0
 
 
+@_cached_per_array
 def map_slots(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct values of ``maps [M, N, N]`` at each ``(i, j)`` as V "slot" maps, and which slot each map takes.
 
@@ -389,13 +403,8 @@ def map_slots(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     appearance over m, so slot 0 is map 0, and an entry with fewer values repeats its last) and ``sel`` int32
     ``[M, N, N]`` with ``maps[m, i, j] == slots[sel[m, i, j], i, j]``. GROUP+SHIFT's s maps take 2 values at
     every entry (``sign(d) ceil(|d| / s)`` and ``sign(d) floor(|d| / s)``). Cached per map array."""
-    maps = np.asarray(maps)
-    return _map_slots(maps.tobytes(), maps.dtype.str, maps.shape)
-
-
-@functools.lru_cache(maxsize=64)
-def _map_slots(data: bytes, dtype: str, shape: tuple) -> tuple:
-    flat = np.frombuffer(data, np.dtype(dtype)).reshape(shape[0], -1)
+    shape = maps.shape
+    flat = maps.reshape(shape[0], -1)
     first = np.argmax(flat[:, None] == flat[None, :], axis=1)  # [M, NN]: the first map with the same value
     is_new = first == np.arange(shape[0])[:, None]
     slot_of_new = np.cumsum(is_new, axis=0) - 1  # a new value's slot: values seen before it at its entry
@@ -491,11 +500,13 @@ def _check_map_average(map_average: str):
         raise ValueError(f"map_average must be one of {MAP_AVERAGES}, got {map_average!r}")
 
 
-def _takes_slots(maps: np.ndarray, map_average: str) -> bool:
-    """Whether :func:`_probabilities` averages ``maps`` by slots (``map_average`` "auto": where they take fewer
-    distinct values per entry than there are maps)."""
-    _check_map_average(map_average)
-    return map_average == "slots" or (map_average == "auto" and len(map_slots(maps)[0]) < len(maps))
+def map_average_path(maps: np.ndarray, choice: str = "auto") -> str:
+    """How :func:`_probabilities` averages the softmaxes of ``maps`` [M, N, N]: "slots" or "per_map" (``choice``
+    "auto": slots where the maps take fewer distinct values per entry than there are maps)."""
+    _check_map_average(choice)
+    if choice != "auto":
+        return choice
+    return "slots" if len(map_slots(maps)[0]) < len(maps) else "per_map"
 
 
 def _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, with_rel_rows=0, mapped_rope="auto",
@@ -508,12 +519,12 @@ def _probabilities(q, k, maps, mask, encoding, t5_table, rel_k, with_rel_rows=0,
     instead of M), or, where that does not fit float32, one softmax per map from the same logits (a run-time
     branch: one under jit and ``lax.map``, a select of both under ``vmap``); "auto": slots where V < M
     (GROUP+SHIFT: 2 against s)."""
-    if not _takes_slots(maps, map_average):
+    if map_average_path(maps, map_average) == "per_map":
         return _per_map_probabilities(q, k, maps, mask, encoding, t5_table, rel_k, with_rel_rows, mapped_rope)
     slots, sel = map_slots(maps)
     logits = _logits(q, k, slots, encoding, t5_table, rel_k, mapped_rope)
-    if mask is not None:  # -inf before exp, not a where after it: no inf * 0 in the gradient
-        logits = [jnp.where(mask[..., None, :, :], x, -jnp.inf) for x in logits]
+    # -inf before exp, not a where after it: no inf * 0 in the gradient
+    logits = [_mask_logits(x, mask) for x in logits]
     probs, rel_mass, fits = _slot_average(logits, slots, sel, encoding, with_rel_rows)
     # rematerialised: under grad its residuals are the logits, not M probability matrices
     per_map = jax.checkpoint(lambda x: _per_map_average(x, slots, sel, encoding, with_rel_rows))
@@ -722,7 +733,7 @@ def _attend(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, implementatio
     count = int(np.prod(lead)) if lead else 1
     planes = (len(plane_cover(maps)[0]) if path == "planes" else
               len(np.unique(maps)) if path == "per_value" else encoding.rope_dim)
-    if _takes_slots(maps, map_average):  # and the exps and weights of each of its V slots
+    if map_average_path(maps, map_average) == "slots":  # and the exps and weights of each of its V slots
         planes += 2 * len(map_slots(maps)[0])
     per_seq = 4 * h * n * n * planes
     batch = max(1, min(count, chunk_bytes // per_seq))

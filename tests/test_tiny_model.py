@@ -192,7 +192,7 @@ def test_widen_word_pairs_moves_only_the_named_pairs():
     after = np.asarray(widened["token_embedding"]["embedding"])
     moved = set()
     for a, b in train.OPPOSITE_DIRECTIONS:
-        ia, ib = (int(tok.encode([w])[0][1]) for w in (a, b))
+        ia, ib = tok.ids[a], tok.ids[b]
         moved |= {ia, ib}
         old = before[ia] - before[ib]
         np.testing.assert_allclose(after[ia] - after[ib], old + 8.0 * old / np.linalg.norm(old), atol=1e-5)

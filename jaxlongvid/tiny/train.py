@@ -124,9 +124,9 @@ def widen_word_pairs(text_params: dict, tok: WordTokenizer, pairs, by: float) ->
     """
     table = np.array(text_params["token_embedding"]["embedding"], dtype=np.float32)
     for a, b in pairs:
-        ia, ib = (int(tok.encode([w])[0][1]) for w in (a, b))  # [0] is the start token
-        if tok.unk_id in (ia, ib):
+        if a not in tok.ids or b not in tok.ids:
             raise ValueError(f"widen_word_pairs: {a!r} or {b!r} is not in the vocabulary")
+        ia, ib = tok.ids[a], tok.ids[b]
         unit = (table[ia] - table[ib]) / np.linalg.norm(table[ia] - table[ib])
         table[ia] += 0.5 * by * unit
         table[ib] -= 0.5 * by * unit
