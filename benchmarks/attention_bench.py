@@ -66,7 +66,7 @@ def resolve(maps, enc, choice, chunk_mib, average, implementation):
     if rope not in ("planes", "per_value", "per_frequency"):
         return rope, None, average
     if implementation == "pallas" and np.array_equal(maps, np.rint(maps)):
-        return "pallas kernel", None, None  # the kernel computes the plane cover whatever the choice, no chunks
+        return "pallas kernel", None, average  # the kernel computes the plane cover whatever the choice, no chunks
     return rope, chunk_mib, average
 
 

@@ -48,9 +48,10 @@ probability. ``implementation="cudnn"`` routes maps that need no mapped RoPE thr
 ``jax.nn.dot_product_attention`` (one fused call per map, outputs averaged, which equals averaging
 probabilities because the output is linear in them); ``implementation="pallas"`` routes integer maps that do
 need it (no relative K/V tables) through a Pallas kernel (Triton on GPUs, interpreted on a CPU) that computes
-the plane-cover logits of a block of queries on chip (q and k pre-rotated per plane), selects each map's, and
-averages the M softmaxes before one ``P @ V``, never writing logits to memory (forward pass only: its gradient
-is the jnp plane path's); anything else takes the jnp path.
+the plane-cover logits of a block of queries on chip (q and k pre-rotated per plane), selects each map's (or
+each slot's, with the slot average and its fallback as on the jnp path), and averages the M softmaxes before one
+``P @ V``, never writing logits to memory (forward pass only: its gradient is the jnp plane path's); anything
+else takes the jnp path.
 """
 
 from __future__ import annotations
@@ -600,16 +601,23 @@ def _mask_rows(mask, lead: tuple, n: int, n_pad: int):
     return full.astype(jnp.int32), int(np.prod(lead[split:]))
 
 
-def _plane_kernel(*refs, maps_of_plane, num_maps, head_dim, has_plain, has_bias, has_mask):
-    """One (sequence, head, query block): the cover's plane logits, per-map selection, softmax, average, one
-    P @ V."""
-    qr_ref, kr_ref, v_ref, idx_ref, *optional, out_ref = refs
+def _plane_kernel(*refs, maps_of_plane, num_logits, num_maps, head_dim, has_plain, has_bias, has_mask):
+    """One (sequence, head, query block): the cover's plane logits, per-map (or per-slot) selection, the average
+    of the maps' softmaxes, one P @ V.
+
+    ``num_logits`` logit maps are formed: the maps themselves (``num_maps`` = 0: one softmax each), or the slots
+    of :func:`map_slots` (then ``sel_ref`` says which slot each of the ``num_maps`` maps takes, the average is
+    :func:`_slot_average`'s, and ``fits_ref`` gets, per query row, whether its sums cleared the floor)."""
+    qr_ref, kr_ref, v_ref, idx_ref, *optional = refs
     optional = iter(optional)
+    sel_ref = next(optional) if num_maps else None
     qp_ref, kp_ref = (next(optional), next(optional)) if has_plain else (None, None)
     bias_ref = next(optional) if has_bias else None
     mask_ref = next(optional) if has_mask else None
+    out_ref = next(optional)
+    fits_ref = next(optional) if num_maps else None
     dot_t = lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    logits = [None] * num_maps
+    logits = [None] * num_logits
     for p, maps in enumerate(maps_of_plane):  # q and k rotated for plane p: its logits for every key
         s_p = dot_t(qr_ref[p].astype(jnp.float32), kr_ref[p].astype(jnp.float32))
         for m in maps:
@@ -617,21 +625,42 @@ def _plane_kernel(*refs, maps_of_plane, num_maps, head_dim, has_plain, has_bias,
     plain = dot_t(qp_ref[...].astype(jnp.float32), kp_ref[...].astype(jnp.float32)) if has_plain else None
     visible = mask_ref[...] != 0 if has_mask else None
     scale = math.sqrt(head_dim)
-    probs = 0.0
-    for m in range(num_maps):  # the jnp path's order of operations, so both round alike
+    for m in range(num_logits):  # the jnp path's order of operations, so both round alike
         x = logits[m] if plain is None else logits[m] + plain
         x = x / scale if bias_ref is None else x / scale + bias_ref[m]
-        if visible is not None:
-            x = jnp.where(visible, x, -jnp.inf)
-        e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-        probs = probs + e / jnp.sum(e, axis=-1, keepdims=True) / num_maps
+        logits[m] = x if visible is None else jnp.where(visible, x, -jnp.inf)
+    probs = 0.0
+    if num_maps:  # slot average: one exp per slot against the rows' common maximum
+        top = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1) for x in logits])  # [block]
+        exps = [jnp.exp(x - top[:, None]) for x in logits]
+        floor = math.exp(-SLOT_GAP_LIMIT)
+        no_key = jnp.isneginf(top)  # rows that see no key: NaN either way
+        cleared = None  # every map's sum >= floor
+        for m in range(num_maps):
+            which = sel_ref[m]
+            x = exps[0]
+            for slot in range(1, num_logits):
+                x = jnp.where(which == slot, exps[slot], x)
+            total = jnp.sum(x, axis=-1)  # map m's softmax sum
+            ok = total >= floor
+            cleared = ok if cleared is None else cleared & ok
+            probs = probs + x * (1.0 / (num_maps * jnp.where(ok, total, 1.0)))[:, None]
+        fits_ref[...] = (no_key | cleared).astype(jnp.int32)
+    else:
+        for x in logits:
+            e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+            probs = probs + e / jnp.sum(e, axis=-1, keepdims=True) / num_logits
     v = v_ref[...]
     out = jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     out_ref[...] = out.astype(out_ref.dtype)
 
 
-def _pallas_forward(q, k, v, t5_table, mask, maps, encoding: Encoding, interpret: bool):
-    """The plane kernel over every (sequence, head, query block); [..., N, H, D] -> [..., N, H, Dv]."""
+def _pallas_forward(q, k, v, t5_table, mask, maps, encoding: Encoding, interpret: bool, map_average="auto"):
+    """The plane kernel over every (sequence, head, query block); [..., N, H, D] -> [..., N, H, Dv].
+
+    Where :func:`map_average_path` says "slots", the kernel forms the slot logits and takes the slot average; if
+    a row's sums fall under the floor it says so, and the call reruns with one softmax per map (a run-time
+    branch, as on the jnp path)."""
     from jax.experimental import pallas as pl  # imported here: only this path needs them
     from jax.experimental.pallas import triton as pl_triton
 
@@ -639,8 +668,10 @@ def _pallas_forward(q, k, v, t5_table, mask, maps, encoding: Encoding, interpret
     count = int(np.prod(lead))
     n_pad, r_pad, dv_pad = _pow2(n), _pow2(r), _pow2(dv)
     block = min(PALLAS_BLOCK_Q, n_pad)
-    planes, index = plane_cover(maps)
-    num_maps, p_pad, m_pad = len(maps), _pow2(len(planes), 1), _pow2(len(maps), 1)
+    slot_average = map_average_path(maps, map_average) == "slots"
+    logit_maps, sel = map_slots(maps) if slot_average else (maps, None)
+    planes, index = plane_cover(logit_maps)
+    num_logits, p_pad, l_pad = len(logit_maps), _pow2(len(planes), 1), _pow2(len(logit_maps), 1)
 
     def heads_first(x, width):  # [..., N, H, w] -> [S, H, n_pad, width], zero padded
         x = jnp.swapaxes(x.reshape((count,) + x.shape[-3:]), 1, 2)
@@ -653,14 +684,20 @@ def _pallas_forward(q, k, v, t5_table, mask, maps, encoding: Encoding, interpret
         return jnp.pad(jnp.stack(rotated, axis=2).astype(x.dtype),
                        ((0, 0), (0, 0), (0, p_pad - len(planes)), (0, 0), (0, 0)))
 
-    idx = np.zeros((m_pad, n_pad, n_pad), np.int32)
-    idx[:num_maps, :n, :n] = index
-    operands = [per_plane(q[..., :r], 0), per_plane(k[..., :r], 1), heads_first(v, dv_pad), jnp.asarray(idx)]
+    def padded(table):  # static int [L, N, N] -> [pow2(L), n_pad, n_pad]
+        out = np.zeros((_pow2(len(table), 1), n_pad, n_pad), np.int32)
+        out[:len(table), :n, :n] = table
+        return jnp.asarray(out)
+
+    operands = [per_plane(q[..., :r], 0), per_plane(k[..., :r], 1), heads_first(v, dv_pad), padded(index)]
     seq_head = lambda width, rows: pl.BlockSpec((None, None, rows, width), lambda s, hh, i: (s, hh, i, 0))
     whole = lambda width: pl.BlockSpec((None, None, n_pad, width), lambda s, hh, i: (s, hh, 0, 0))
     specs = [pl.BlockSpec((None, None, p_pad, block, r_pad), lambda s, hh, i: (s, hh, 0, i, 0)),
              pl.BlockSpec((None, None, p_pad, n_pad, r_pad), lambda s, hh, i: (s, hh, 0, 0, 0)),
-             whole(dv_pad), pl.BlockSpec((m_pad, block, n_pad), lambda s, hh, i: (0, i, 0))]
+             whole(dv_pad), pl.BlockSpec((l_pad, block, n_pad), lambda s, hh, i: (0, i, 0))]
+    if slot_average:
+        operands.append(padded(sel))
+        specs.append(pl.BlockSpec((_pow2(len(sel), 1), block, n_pad), lambda s, hh, i: (0, i, 0)))
     has_plain = r < d
     if has_plain:
         d_pad = _pow2(d - r)
@@ -668,26 +705,34 @@ def _pallas_forward(q, k, v, t5_table, mask, maps, encoding: Encoding, interpret
         specs += [seq_head(d_pad, block), whole(d_pad)]
     has_bias = t5_table is not None
     if has_bias:
-        bias = jnp.stack([_t5_bias(p, encoding, t5_table) for p in maps], axis=1)  # [H, M, N, N]
-        operands.append(jnp.pad(bias, ((0, 0), (0, m_pad - num_maps), (0, n_pad - n), (0, n_pad - n))))
-        specs.append(pl.BlockSpec((None, m_pad, block, n_pad), lambda s, hh, i: (hh, 0, i, 0)))
+        bias = jnp.stack([_t5_bias(p, encoding, t5_table) for p in logit_maps], axis=1)  # [H, L, N, N]
+        operands.append(jnp.pad(bias, ((0, 0), (0, l_pad - num_logits), (0, n_pad - n), (0, n_pad - n))))
+        specs.append(pl.BlockSpec((None, l_pad, block, n_pad), lambda s, hh, i: (hh, 0, i, 0)))
     has_mask = mask is not None or n_pad != n
     if has_mask:
         rows, shared = _mask_rows(mask, lead, n, n_pad)
         operands.append(rows)
         specs.append(pl.BlockSpec((None, block, n_pad), lambda s, hh, i: (s // shared, i, 0)))
-    maps_of_plane = tuple(tuple(m for m in range(num_maps) if np.any(index[m] == p)) for p in range(len(planes)))
-    kernel = functools.partial(_plane_kernel, maps_of_plane=maps_of_plane, num_maps=num_maps, head_dim=d,
-                               has_plain=has_plain, has_bias=has_bias, has_mask=has_mask)
-    out = pl.pallas_call(
-        kernel, grid=(count, h, n_pad // block), in_specs=specs, out_specs=seq_head(dv_pad, block),
-        out_shape=jax.ShapeDtypeStruct((count, h, n_pad, dv_pad), v.dtype), interpret=interpret,
-        compiler_params=pl_triton.CompilerParams(num_warps=PALLAS_NUM_WARPS, num_stages=1),
+    maps_of_plane = tuple(tuple(m for m in range(num_logits) if np.any(index[m] == p)) for p in range(len(planes)))
+    kernel = functools.partial(_plane_kernel, maps_of_plane=maps_of_plane, num_logits=num_logits,
+                               num_maps=len(maps) if slot_average else 0, head_dim=d, has_plain=has_plain,
+                               has_bias=has_bias, has_mask=has_mask)
+    out_specs, out_shape = [seq_head(dv_pad, block)], [jax.ShapeDtypeStruct((count, h, n_pad, dv_pad), v.dtype)]
+    if slot_average:  # per query row: did the slot sums clear the floor
+        out_specs.append(pl.BlockSpec((None, None, block), lambda s, hh, i: (s, hh, i)))
+        out_shape.append(jax.ShapeDtypeStruct((count, h, n_pad), jnp.int32))
+    out, *fits = pl.pallas_call(
+        kernel, grid=(count, h, n_pad // block), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
+        interpret=interpret, compiler_params=pl_triton.CompilerParams(num_warps=PALLAS_NUM_WARPS, num_stages=1),
         name="plane_rope_attention")(*operands)
-    return jnp.swapaxes(out[:, :, :n, :dv], 1, 2).reshape(lead + (n, h, dv))
+    out = jnp.swapaxes(out[:, :, :n, :dv], 1, 2).reshape(lead + (n, h, dv))
+    if not slot_average:
+        return out
+    per_map = lambda: _pallas_forward(q, k, v, t5_table, mask, maps, encoding, interpret, "per_map")
+    return jax.lax.cond(jnp.all(fits[0][:, :, :n] != 0), lambda: out, per_map)
 
 
-def _attend_pallas(q, k, v, maps, mask, encoding: Encoding, t5_table, chunk_bytes):
+def _attend_pallas(q, k, v, maps, mask, encoding: Encoding, t5_table, chunk_bytes, map_average):
     """``implementation="pallas"`` under integer maps with mapped RoPE: the forward pass is one Pallas kernel
     (interpreted on a CPU) that never writes logits to memory; gradients are those of the jnp
     plane path (recomputed in the backward pass)."""
@@ -695,7 +740,7 @@ def _attend_pallas(q, k, v, maps, mask, encoding: Encoding, t5_table, chunk_byte
 
     @jax.custom_vjp
     def attend(q, k, v, t5, mask):
-        return _pallas_forward(q, k, v, t5, mask, maps, encoding, interpret)
+        return _pallas_forward(q, k, v, t5, mask, maps, encoding, interpret, map_average)
 
     def forward(q, k, v, t5, mask):
         return attend(q, k, v, t5, mask), (q, k, v, t5, mask)
@@ -703,7 +748,7 @@ def _attend_pallas(q, k, v, maps, mask, encoding: Encoding, t5_table, chunk_byte
     def backward(saved, grad):
         *arrays, mask = saved
         reference = lambda q, k, v, t5: _attend(q, k, v, maps, mask, encoding, t5, None, None, None, chunk_bytes,
-                                                "planes")
+                                                "planes", map_average)
         return (*jax.vjp(reference, *arrays)[1](grad), None)
 
     attend.defvjp(forward, backward)
@@ -717,7 +762,7 @@ def _attend(q, k, v, maps, mask, encoding, t5_table, rel_k, rel_v, implementatio
     mapped = path in ("planes", "per_value", "per_frequency")
     if implementation == "pallas":
         if mapped and rel_k is None and rel_v is None and _is_integer_map(maps):
-            return _attend_pallas(q, k, v, maps, mask, encoding, t5_table, chunk_bytes)
+            return _attend_pallas(q, k, v, maps, mask, encoding, t5_table, chunk_bytes, map_average)
         implementation = None  # nothing for the kernel to save: the jnp path
     if implementation is not None and rel_v is None and not mapped:
         return _attend_fused(q, k, v, maps, mask, encoding, t5_table, rel_k, implementation)

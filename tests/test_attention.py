@@ -323,6 +323,31 @@ def test_pallas_kernel_lavie_shape_shared_mask_rows_and_gradients():
     assert _rel_err(whole(q, k, v, "pallas"), whole(q, k, v, None)) <= 2e-6
 
 
+def test_pallas_kernel_slot_average_and_its_fallback():
+    """The kernel's slot average (LongDiff at 64 frames: 5 maps, 2 slots) against one softmax per map in the
+    kernel and the float64 reference; with a map's row maximum ~60 and ~100 below the others (the
+    underflow test below) the kernel flags the rows and the call reruns with one softmax per map."""
+    enc, dim = ENCODINGS["rope_t5"]
+    attend = jax.jit(lambda q, k, v, t5, kf, method, average: temporal_attention(
+        q, k, v, encoding=enc, method=method, t5_table=t5, keyframes=kf, implementation="pallas",
+        map_average=average), static_argnums=(5, 6))
+    method = PRESETS["longdiff"]
+    q, k, v, tables = _inputs(64, dim, seed=5)
+    kf = _keyframes(method, 64, 2, 5)
+    ref = _reference(method, enc, q, k, v, tables, kf)
+    slots = attend(q, k, v, tables["t5_table"], kf, method, "slots")
+    per_map = attend(q, k, v, tables["t5_table"], kf, method, "per_map")
+    assert _rel_err(slots, ref) <= RTOL and _rel_err(slots, per_map) <= 2e-6
+    method = Method("g", positions="group_shift", num_groups=4)  # as in the underflow test below
+    q, k, v, tables = _inputs(17, dim)
+    bucket = int(t5_bucket(np.array(3), 32, 32))
+    for bias in (14.0, 60.0, 100.0):
+        t5 = tables["t5_table"].copy()
+        t5[bucket] = bias
+        ref = reference.attention(q, k, v, method.position_maps(17, 16), rope_dim=enc.rope_dim, t5_table=t5)
+        assert _rel_err(attend(q, k, v, t5, None, method, "slots"), ref) <= RTOL, bias
+
+
 def test_pallas_kernel_lowers_to_triton_for_gpus():
     """No GPU here: check that the kernel lowers for CUDA through Triton (block shapes, ops), not that it runs."""
     from jaxlongvid.attention import _pallas_forward
