@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.attention_bench import bench_interleaved
+from attention_bench import bench_interleaved  # this directory
 from jaxlongvid import attention
 from jaxlongvid.attention import Encoding, temporal_attention
 from jaxlongvid.methods import PRESETS
