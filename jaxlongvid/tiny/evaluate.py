@@ -240,6 +240,7 @@ def main(argv=None) -> int:
     if args.guidance is not None and args.guidance_sweep is not None:
         raise SystemExit("give --guidance or --guidance-sweep, not both")
     import jaxlongvid
+    from jaxlongvid import pipeline
 
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
@@ -297,7 +298,8 @@ def main(argv=None) -> int:
               f"{_pct(verdict['colour_ok_fraction'])} shape {_pct(verdict['shape_ok_fraction'])} of frames, "
               f"motion {verdict['objects'][0]['motion']}")
     print(report_markdown(first["summary"], first_settings))
-    print(f"weights digest: {weights_digest()}")
+    # the digest of the weights evaluated (the card quotes the shipped one)
+    print(f"weights digest: {weights_digest(os.path.join(pipeline.resolve(args.model), pipeline.PARAMS_DIR))}")
     print(f"total {time.perf_counter() - t0:.1f} s")
     return 0
 
