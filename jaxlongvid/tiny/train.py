@@ -47,7 +47,7 @@ class TinyConfig:
     frames: int = 16  # training clip length = the model's native frame count
     batch: int = 32
     # The defaults continue the shipped run as its last phase trained it (MODEL_CARD.md, "Training"); the
-    # phases before took 3e-4 and high_noise_fraction 0.1-0.5.
+    # phases before took 3e-4 and a high_noise_fraction of 0 to 0.5 (the pipeline.json history).
     learning_rate: float = 1e-4
     warmup_steps: int = 500
     weight_decay: float = 0.01
