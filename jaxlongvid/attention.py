@@ -473,6 +473,14 @@ def _slot_average(logits, slots, sel, encoding, with_rel_rows=0):
     return sum(weighted), rel_mass, fits
 
 
+def _pick(which, options: list) -> jnp.ndarray:
+    """``options[which]`` entry by entry (``which``: integer array of the options' shape, or broadcastable)."""
+    out = options[0]
+    for v in range(1, len(options)):
+        out = jnp.where(which == v, options[v], out)
+    return out
+
+
 def _per_map_average(logits, slots, sel, encoding, with_rel_rows=0):
     """One softmax per map, each selected from the masked slot logits, averaged: the exact fallback of
     :func:`_slot_average` (same returns but ``fits``). A loop over the maps, so one map's probabilities are
@@ -482,10 +490,7 @@ def _per_map_average(logits, slots, sel, encoding, with_rel_rows=0):
 
     def one_map(m, total):
         probs, rel_mass = total
-        x = logits[0]
-        for v in range(1, len(slots)):
-            x = jnp.where(which[m] == v, logits[v], x)
-        p = jax.nn.softmax(x, axis=-1) / len(sel)
+        p = jax.nn.softmax(_pick(which[m], logits), axis=-1) / len(sel)
         if with_rel_rows:
             rel_mass = rel_mass + sum(_row_einsum("...hij,ijr->...hir", jnp.where(which[m] == v, p, 0.0), onehot)
                                       for v, onehot in enumerate(onehots))
@@ -637,10 +642,7 @@ def _plane_kernel(*refs, maps_of_plane, num_logits, num_maps, head_dim, has_plai
         no_key = jnp.isneginf(top)  # rows that see no key: NaN either way
         cleared = None  # every map's sum >= floor
         for m in range(num_maps):
-            which = sel_ref[m]
-            x = exps[0]
-            for slot in range(1, num_logits):
-                x = jnp.where(which == slot, exps[slot], x)
+            x = _pick(sel_ref[m], exps)
             total = jnp.sum(x, axis=-1)  # map m's softmax sum
             ok = total >= floor
             cleared = ok if cleared is None else cleared & ok
@@ -893,9 +895,10 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
       mapped_rope: how RoPE is computed under maps that are not a multiple of ``j - i``: "planes",
         "per_value", "per_frequency" (all exact, see the module doc), or "auto" (the smallest intermediate,
         see ``rope_path``). Maps that are multiples of ``j - i`` always use the absolute rotation.
-      map_average: how the jnp path averages the softmaxes of several maps: "slots" (one exp per distinct
-        value at each entry), "per_map" (one softmax per map), or "auto" (slots where the maps take fewer
-        distinct values per entry than there are maps, as GROUP+SHIFT's). Both exact; see the module doc.
+      map_average: how the jnp path and the Pallas kernel average the softmaxes of several maps: "slots" (one
+        exp per distinct value at each entry), "per_map" (one softmax per map), or "auto" (slots where the maps
+        take fewer distinct values per entry than there are maps, as GROUP+SHIFT's). Both exact; see the
+        module doc.
     Returns:
       ``[..., N, heads, dim]`` in v's dtype.
     """

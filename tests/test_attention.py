@@ -323,29 +323,24 @@ def test_pallas_kernel_lavie_shape_shared_mask_rows_and_gradients():
     assert _rel_err(whole(q, k, v, "pallas"), whole(q, k, v, None)) <= 2e-6
 
 
-def test_pallas_kernel_slot_average_and_its_fallback():
+def test_pallas_kernel_slot_average():
     """The kernel's slot average (LongDiff at 64 frames: 5 maps, 2 slots) against one softmax per map in the
-    kernel and the float64 reference; with a map's row maximum ~60 and ~100 below the others (the
-    underflow test below) the kernel flags the rows and the call reruns with one softmax per map."""
+    kernel and the float64 reference; its fallback is checked in the underflow test below."""
     enc, dim = ENCODINGS["rope_t5"]
-    attend = jax.jit(lambda q, k, v, t5, kf, method, average: temporal_attention(
-        q, k, v, encoding=enc, method=method, t5_table=t5, keyframes=kf, implementation="pallas",
-        map_average=average), static_argnums=(5, 6))
     method = PRESETS["longdiff"]
     q, k, v, tables = _inputs(64, dim, seed=5)
     kf = _keyframes(method, 64, 2, 5)
     ref = _reference(method, enc, q, k, v, tables, kf)
-    slots = attend(q, k, v, tables["t5_table"], kf, method, "slots")
-    per_map = attend(q, k, v, tables["t5_table"], kf, method, "per_map")
+    slots, per_map = (_pallas(enc, method, average)(q, k, v, tables["t5_table"], kf)
+                      for average in ("slots", "per_map"))
     assert _rel_err(slots, ref) <= RTOL and _rel_err(slots, per_map) <= 2e-6
-    method = Method("g", positions="group_shift", num_groups=4)  # as in the underflow test below
-    q, k, v, tables = _inputs(17, dim)
-    bucket = int(t5_bucket(np.array(3), 32, 32))
-    for bias in (14.0, 60.0, 100.0):
-        t5 = tables["t5_table"].copy()
-        t5[bucket] = bias
-        ref = reference.attention(q, k, v, method.position_maps(17, 16), rope_dim=enc.rope_dim, t5_table=t5)
-        assert _rel_err(attend(q, k, v, t5, None, method, "slots"), ref) <= RTOL, bias
+
+
+def _pallas(enc, method, map_average):
+    """Jitted ``(q, k, v, t5, keyframes) -> out`` through the Pallas kernel."""
+    return jax.jit(lambda q, k, v, t5, kf: temporal_attention(
+        q, k, v, encoding=enc, method=method, t5_table=t5, keyframes=kf, implementation="pallas",
+        map_average=map_average))
 
 
 def test_pallas_kernel_lowers_to_triton_for_gpus():
@@ -557,6 +552,8 @@ def test_slot_average_guards_against_underflow():
         if bias == 100.0:  # one common stabiliser would leave these maps' largest terms subnormal
             assert np.exp(-gaps.max()) < np.finfo(np.float32).tiny
         ref = reference.attention(q, k, v, maps, rope_dim=enc.rope_dim, t5_table=t5)
+        # the Pallas kernel flags the same rows and reruns with one softmax per map
+        assert _rel_err(_pallas(enc, method, "slots")(q, k, v, t5, None), ref) <= RTOL, bias
         args = (q, k, v, t5, None, None, None, weight)
         (_, out), grads = _averaged(enc, method, "slots")(*args)  # the fallback's gradient where it is taken
         (_, per_map), per_map_grads = _averaged(enc, method, "per_map")(*args)
