@@ -7,19 +7,9 @@ Families (one rule table each, kept as data below):
   ``input_blocks.{k}.{m}`` names, ``temopral_conv`` sic);
 * ModelScope / ZeroScope (a diffusers ``unet/`` folder or its state dict).
 
-How a key is converted: the family's renames (regex substitutions, applied in order) turn the PyTorch module
-path into the Flax one (``down_blocks.0.resnets.1.conv1.weight`` -> ``down_blocks_0/resnets_1/conv1/kernel``;
-``weight`` of a 1-D tensor is a norm ``scale``); a kernel is laid out by ``KERNEL_LAYOUTS`` from its PyTorch
-and Flax ranks (Linear ``[out, in]`` -> Dense ``[in, out]``; Conv2d ``[o, i, kh, kw]`` -> ``[kh, kw, i, o]``;
-Conv1d / Conv2d with kernel 1 -> Dense; Conv3d ``[o, i, kt, kh, kw]`` -> ``[kt, kh, kw, i, o]``); tables (T5
-bias, relative K/V) are copied. Constants are checked and dropped (LaVie's 16 copies of the shared rotary
-``freqs``).
-
-Everything is planned from key names and shapes first (no tensor read): checkpoint keys that no rule maps,
-model parameters that nothing fills, and shape mismatches are reported together in one ``CheckpointError``
-naming the file (a checkpoint of another family fails here, with the family it looks like). Then tensors are
-read and converted one at a time (safetensors through ``safe_open``; ``.pt``/``.ckpt`` memory-mapped with
-``torch.load(weights_only=True, mmap=True)``), so peak host memory is about the output plus one tensor.
+Each family is a :class:`convert.rules.Rules` value (renames, prefix, the LVDM block rewrite, checked
+constants such as LaVie's 16 copies of the shared rotary ``freqs``) run by the one engine in
+:mod:`convert.rules`; a checkpoint of another family fails its plan with the family it looks like.
 
 ``config`` may be a :class:`UNet3DConfig`, the original constructor kwargs (a dict, a JSON file holding them,
 a fixture ``config.json`` with ``constructor_kwargs``, a VideoCrafter inference YAML whose
@@ -32,26 +22,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 
-from convert.readers import TORCH_SUFFIXES, CheckpointError, load_state_dict
-from convert.tree import flat_shapes, validate
+from convert.readers import CheckpointError
+from convert.rules import Rules, convert_state, open_checkpoint, plan_conversion  # noqa: F401 (the UNet API)
 from jaxlongvid.attention import Encoding
 from jaxlongvid.models.unet3d import UNet3DConfig, init_shapes
 
 ConfigLike = Union[None, UNet3DConfig, Mapping, str, os.PathLike]
-
-# ---- kernel layouts: (PyTorch rank, Flax rank) -> (description, transform) ----------------------------------
-KERNEL_LAYOUTS: dict[tuple[int, int], tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
-    (2, 2): ("Linear [out, in] -> Dense [in, out]", lambda w: w.T),
-    (3, 2): ("Conv1d k=1 [out, in, 1] -> Dense [in, out]", lambda w: w[:, :, 0].T),
-    (4, 2): ("Conv2d 1x1 [out, in, 1, 1] -> Dense [in, out]", lambda w: w[:, :, 0, 0].T),
-    (4, 4): ("Conv2d [out, in, kh, kw] -> Conv [kh, kw, in, out]", lambda w: w.transpose(2, 3, 1, 0)),
-    (5, 5): ("Conv3d [out, in, kt, kh, kw] -> Conv [kt, kh, kw, in, out]", lambda w: w.transpose(2, 3, 4, 1, 0)),
-}
 
 # ---- renames shared by the families (suffix rules: they also work on a single module's state dict) ----------
 ATTENTION_RENAMES = (
@@ -122,21 +102,37 @@ def lvdm_block_names(config: UNet3DConfig) -> dict[str, str]:
 
 
 # ---- family rules ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FamilyRules:
-    family: str  # key of FAMILY_TITLES
-    renames: tuple[tuple[str, str], ...]
-    prefix: str = ""  # the UNet's key prefix inside a whole-pipeline checkpoint
-    block_names: Optional[Mapping[str, str]] = None  # LVDM numbered blocks (matched by LVDM_BLOCK)
-    constants: tuple[tuple[str, Callable[[np.ndarray], Optional[str]]], ...] = ()  # checked, then dropped
-
-    @property
-    def title(self) -> str:
-        return FAMILY_TITLES.get(self.family, self.family)
-
-
 FAMILY_TITLES = {"lavie": "LaVie", "videocrafter1": "VideoCrafter1", "videocrafter2": "VideoCrafter2",
                  "videocrafter": "VideoCrafter", "modelscope": "ModelScope"}
+
+
+def family_rules(family: str, renames, **fields) -> Rules:
+    """A UNet family's :class:`Rules`; a failed plan names the family the checkpoint looks like instead."""
+    title = FAMILY_TITLES[family]
+
+    def identify(keys) -> str:
+        detected = detect_family(keys)
+        if detected is None:
+            return ""
+        if detected.startswith(family) or family.startswith(detected):
+            return (f" (it looks like a {title} UNet of another architecture: pass its original constructor "
+                    "kwargs as config)")
+        return f" (it looks like a {FAMILY_TITLES[detected]} UNet)"
+
+    return Rules(f"{title} UNet", renames, identify=identify, **fields)
+
+
+def lvdm_rewrite(config: UNet3DConfig):
+    """VideoCrafter's numbered blocks renamed by :func:`lvdm_block_names` (None for a block the config lacks)."""
+    names = lvdm_block_names(config)
+
+    def rewrite(key: str) -> Optional[str]:
+        m = LVDM_BLOCK.match(key)
+        if not m:
+            return key
+        return names[m.group(1)] + key[m.end():] if m.group(1) in names else None
+
+    return rewrite
 
 
 def _rotary_check(rope_dim: int):
@@ -153,18 +149,18 @@ def _rotary_check(rope_dim: int):
     return check
 
 
-def lavie_rules(config: UNet3DConfig) -> FamilyRules:
-    return FamilyRules("lavie", LAVIE_RENAMES,
-                       constants=((r"(^|\.)rotary_emb\.freqs$", _rotary_check(config.rope_dim or 32)),))
+def lavie_rules(config: UNet3DConfig) -> Rules:
+    return family_rules("lavie", LAVIE_RENAMES,
+                        constants=((r"(^|\.)rotary_emb\.freqs$", _rotary_check(config.rope_dim or 32)),))
 
 
-def videocrafter_rules(config: UNet3DConfig, version: int) -> FamilyRules:
-    return FamilyRules(f"videocrafter{version}", LVDM_RENAMES, prefix="model.diffusion_model.",
-                       block_names=lvdm_block_names(config))
+def videocrafter_rules(config: UNet3DConfig, version: int) -> Rules:
+    return family_rules(f"videocrafter{version}", LVDM_RENAMES, prefix="model.diffusion_model.",
+                        rewrite=lvdm_rewrite(config))
 
 
-def modelscope_rules(config: UNet3DConfig) -> FamilyRules:
-    return FamilyRules("modelscope", MODELSCOPE_RENAMES)
+def modelscope_rules(config: UNet3DConfig) -> Rules:
+    return family_rules("modelscope", MODELSCOPE_RENAMES)
 
 
 def detect_family(keys: Iterable[str]) -> Optional[str]:
@@ -180,202 +176,6 @@ def detect_family(keys: Iterable[str]) -> Optional[str]:
     if has("transformer_in.") or has("temp_convs."):
         return "modelscope"
     return None
-
-
-def flax_path(key: str, rules: FamilyRules, ndim: int) -> Optional[str]:
-    """The Flax parameter path of a PyTorch key (without the family prefix), or None if no rule names it."""
-    if rules.block_names is not None:
-        m = LVDM_BLOCK.match(key)
-        if m:
-            if m.group(1) not in rules.block_names:
-                return None
-            key = rules.block_names[m.group(1)] + key[m.end():]
-    for pattern, repl in rules.renames:
-        key = re.sub(pattern, repl, key)
-    key = re.sub(r"\.(\d+)(?=\.|$)", r"_\1", key)
-    parts = key.split(".")
-    if parts[-1] == "weight":
-        parts[-1] = "scale" if ndim == 1 else "kernel"
-    return "/".join(parts)
-
-
-def _kernel_layout(src_shape: tuple[int, ...], dst_ndim: int):
-    entry = KERNEL_LAYOUTS.get((len(src_shape), dst_ndim))
-    if entry is None:
-        return None
-    if len(src_shape) > dst_ndim and any(s != 1 for s in src_shape[2:]):
-        return None  # only a kernel-1 convolution is a Dense layer
-    return entry[1]
-
-
-def _converted_shape(transform, shape) -> tuple[int, ...]:
-    return tuple(transform(np.broadcast_to(np.zeros((), np.float32), shape)).shape)
-
-
-# ---- streaming checkpoint sources --------------------------------------------------------------------------------
-class _Source:
-    """Key names and shapes up front; ``take(key)`` reads one tensor (and forgets it where it can)."""
-
-    def __init__(self, name: str, shapes: dict[str, tuple[int, ...]], take: Callable[[str], np.ndarray]):
-        self.name, self.shapes, self.take = name, shapes, take
-
-
-def _to_numpy(value) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    import torch
-
-    if value.dtype == torch.bfloat16:
-        value = value.float()
-    return value.detach().cpu().numpy()
-
-
-def _safetensors_source(path: str) -> _Source:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        f = safe_open(path, framework="numpy")
-        slices = {k: f.get_slice(k) for k in f.keys()}
-        shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
-        bf16 = {k for k, s in slices.items() if s.get_dtype() == "BF16"}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-
-    def take(key):
-        try:
-            if key in bf16:  # NumPy has no bfloat16: read this one through torch
-                with safe_open(path, framework="pt") as g:
-                    return _to_numpy(g.get_tensor(key))
-            return f.get_tensor(key)
-        except (SafetensorError, OSError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e})") from None
-
-    return _Source(path, shapes, take)
-
-
-def _unwrap(obj, unwrap: tuple[str, ...]):
-    if isinstance(obj, Mapping):
-        for key in unwrap:
-            if isinstance(obj.get(key), Mapping):
-                return obj[key]
-    return obj
-
-
-def _mapping_source(name: str, state: Mapping, consume: bool) -> _Source:
-    tensors = {k: v for k, v in state.items() if hasattr(v, "shape") and hasattr(v, "dtype")}
-    if not tensors:
-        raise CheckpointError(f"{name}: contains no tensors")
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    take = (lambda k: _to_numpy(tensors.pop(k))) if consume else (lambda k: _to_numpy(tensors[k]))
-    return _Source(name, shapes, take)
-
-
-def _torch_source(path: str, unwrap: tuple[str, ...]) -> _Source:
-    import torch
-
-    try:  # memory-mapped: tensors are read from the file when converted
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # legacy (non-zip) file, unsafe pickle, corrupt file: let the reader decide and explain
-        return _mapping_source(path, load_state_dict(path, unwrap=unwrap), consume=True)
-    obj = _unwrap(obj, unwrap)
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict (a mapping of tensors), got {type(obj).__name__}")
-    return _mapping_source(path, obj, consume=True)
-
-
-def open_checkpoint(source, unwrap: tuple[str, ...] = ("state_dict", "ema")) -> _Source:
-    """A file path (``.safetensors``, ``.pt``, ``.pth``, ``.ckpt``, ``.bin``) or an in-memory state dict."""
-    if isinstance(source, Mapping):
-        return _mapping_source("<state dict>", _unwrap(source, unwrap), consume=False)
-    path = os.fspath(source)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    if path.endswith(".safetensors"):
-        return _safetensors_source(path)
-    if path.endswith(TORCH_SUFFIXES):
-        return _torch_source(path, unwrap)
-    raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors or one of {TORCH_SUFFIXES}")
-
-
-# ---- the conversion -----------------------------------------------------------------------------------------------
-def _listing(items: list[str], limit: int = 8) -> str:
-    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
-def plan_conversion(shapes: Mapping[str, tuple[int, ...]], rules: FamilyRules, expected_tree: Mapping,
-                    name: str) -> dict:
-    """``{checkpoint key: (flax path or None for a checked constant, transform)}`` from key names and shapes.
-
-    Keys outside ``rules.prefix`` (when the checkpoint has it) belong to other components and are skipped.
-    Raises one ``CheckpointError`` naming ``name`` for unmapped keys, unfilled parameters or wrong shapes.
-    """
-    expected = flat_shapes(expected_tree)
-    keys = list(shapes)
-    prefix = rules.prefix if rules.prefix and any(k.startswith(rules.prefix) for k in keys) else ""
-    if prefix:  # whole-pipeline checkpoint: the other components' keys belong to other converters
-        keys = [k for k in keys if k.startswith(prefix)]
-    plan, unused, taken = {}, [], set()
-    for key in keys:
-        short, shape = key[len(prefix):], tuple(shapes[key])
-        check = next((c for p, c in rules.constants if re.search(p, short)), None)
-        if check is not None:
-            plan[key] = (None, check)
-            continue
-        path = flax_path(short, rules, len(shape))
-        if path is None or path not in expected or path in taken:
-            unused.append(key)
-            continue
-        transform = _identity
-        if path.endswith("/kernel"):
-            transform = _kernel_layout(shape, len(expected[path]))
-            if transform is None:
-                unused.append(f"{key} {list(shape)} (cannot become a kernel of shape {list(expected[path])})")
-                continue
-        plan[key] = (path, transform)
-        taken.add(path)
-    missing = sorted(set(expected) - taken)
-    if unused or missing:
-        detected = detect_family(keys)
-        same = detected is not None and (detected.startswith(rules.family) or rules.family.startswith(detected))
-        if same:
-            hint = (f" (it looks like a {rules.title} UNet of another architecture: pass its original constructor "
-                    "kwargs as config)")
-        else:
-            hint = f" (it looks like a {FAMILY_TITLES.get(detected, detected)} UNet)" if detected else ""
-        problems = []
-        if unused:
-            problems.append(f"{len(unused)} checkpoint keys match no {rules.title} parameter: {_listing(unused)}")
-        if missing:
-            problems.append(f"{len(missing)} model parameters have no checkpoint key: {_listing(missing)}")
-        raise CheckpointError(f"{name}: not a {rules.title} UNet checkpoint for this config{hint}; "
-                              + "; ".join(problems))
-    produced = {p: np.broadcast_to(np.zeros((), np.float32), _converted_shape(t, shapes[k]))
-                for k, (p, t) in plan.items() if p is not None}
-    validate(produced, expected_tree, f"{name} ({rules.title} UNet)")  # shapes, before any tensor is read
-    return plan
-
-
-def _identity(w):
-    return w
-
-
-def convert_state(source: _Source, rules: FamilyRules, expected_tree: Mapping) -> dict:
-    """Plan (names and shapes, no data read), then convert ``source`` one tensor at a time."""
-    plan = plan_conversion(source.shapes, rules, expected_tree, source.name)
-    what = f"{source.name} ({rules.title} UNet)"
-    flat = {}
-    for key, (path, transform) in plan.items():
-        value = np.asarray(source.take(key))
-        if path is None:
-            problem = transform(value.astype(np.float32))
-            if problem:
-                raise CheckpointError(f"{what}: {key}: {problem}")
-            continue
-        if not np.issubdtype(value.dtype, np.floating):
-            raise CheckpointError(f"{what}: {key} has dtype {value.dtype}, expected floating point weights")
-        flat[path] = np.ascontiguousarray(transform(value), dtype=np.float32)
-        del value
-    return validate(flat, expected_tree, what)
 
 
 # ---- original constructor kwargs -> UNet3DConfig ----------------------------------------------------------------

@@ -200,7 +200,7 @@ def test_pickle_needing_code_is_refused(tmp_path):
 def test_unused_and_missing_keys_are_listed():
     state = load_file(LAVIE / "model.safetensors")
     extra = {**state, "down_blocks.0.resnets.0.mystery.weight": np.zeros(3, np.float32)}
-    with pytest.raises(CheckpointError, match=r"1 checkpoint keys match no LaVie parameter: .*mystery"):
+    with pytest.raises(CheckpointError, match=r"1 checkpoint keys match no LaVie UNet parameter: .*mystery"):
         convert_lavie_unet(extra, LAVIE / "config.json")
     fewer = {k: v for k, v in state.items() if k != "conv_out.bias"}
     with pytest.raises(CheckpointError, match=r"1 model parameters have no checkpoint key: conv_out/bias"):
