@@ -10,7 +10,7 @@ plane-cover Pallas kernel where the RoPE is mapped; the jnp path elsewhere). Run
 
 Methods whose RoPE runs under a mapped (non-linear) position map are timed once per ``--variants`` entry,
 side by side in one process (calls interleaved round-robin): ``CHOICE[@CHUNK_MIB][/AVERAGE]`` with CHOICE
-``auto`` (what the library picks, see ``jaxlongvid.attention.rope_path``), ``planes``, ``per_value`` or
+``auto`` (what the library picks, see ``jaxlongvid.attention.plan.make_plan``), ``planes``, ``per_value`` or
 ``per_frequency`` (the formulation used before the other two existed), optionally temporal_attention's
 ``chunk_bytes`` in MiB (``per_frequency@1024`` is the code path and chunk of the library before the per-value
 formulation) and its ``map_average`` (``auto/per_map``: one softmax per map, as before the slot average; it
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlongvid.attention import Encoding, map_average_path, rope_path, temporal_attention
+from jaxlongvid.attention import Encoding, info_of_array, make_plan, temporal_attention
 from jaxlongvid.methods import PRESETS
 
 
@@ -58,16 +58,18 @@ def parse_variant(text):
 def resolve(maps, enc, choice, chunk_mib, average, implementation):
     """The computation a variant runs: (RoPE path, chunk where it matters, map average where it matters), None
     where it cannot run."""
-    try:
-        rope = rope_path(maps, enc, choice)
+    info = info_of_array(maps)
+    try:  # the library's own plan (shapes only matter for the chunk, which the variant sets)
+        plan = make_plan(info, enc, 1, 1, 40, "float32", (False, False), implementation, None, choice,
+                         average if average in ("slots", "per_map") else "auto")
     except ValueError:  # planes or per_value under a fractional map
         return None
-    average = map_average_path(maps, average) if len(maps) > 1 else "one map"
-    if rope not in ("planes", "per_value", "per_frequency"):
-        return rope, None, average
-    if implementation == "pallas" and np.array_equal(maps, np.rint(maps)):
+    average = plan.average if len(maps) > 1 else "one map"
+    if plan.kernel == "pallas":
         return "pallas kernel", None, average  # the kernel computes the plane cover whatever the choice, no chunks
-    return rope, chunk_mib, average
+    if not plan.mapped:
+        return plan.rope, None, average
+    return plan.rope, chunk_mib, average
 
 
 def label(resolved):
@@ -136,10 +138,11 @@ def main():
             base = None
             for name in args.methods.split(","):
                 method = PRESETS[name]
-                segs = method.segments(n, 16)
-                kf = jnp.broadcast_to((jnp.arange(segs) * (n // segs))[None, None], (videos, 1, segs)) \
-                    if method.needs_keyframes else None
-                maps = method.position_maps(n, enc.native_frames)
+                kf = None
+                if method.needs_keyframes:
+                    segs = method.mask.segments(n, 16)
+                    kf = jnp.broadcast_to((jnp.arange(segs) * (n // segs))[None, None], (videos, 1, segs))
+                maps = method.positions.maps(n, enc.native_frames, np)
                 # variants that resolve to the same computation are timed once
                 resolved = [resolve(maps, enc, *variant, impl) for variant in variants]
                 distinct = sorted({r for r in resolved if r is not None}, key=str)

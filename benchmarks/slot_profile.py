@@ -29,6 +29,9 @@ import numpy as np
 from attention_bench import bench_interleaved  # this directory
 from jaxlongvid import attention
 from jaxlongvid.attention import Encoding, temporal_attention
+from jaxlongvid.attention.average import mask_logits, row_einsum
+from jaxlongvid.attention.core import method_mask
+from jaxlongvid.attention.plan import ACCELERATOR_CHUNK_BYTES
 from jaxlongvid.methods import PRESETS
 
 
@@ -63,17 +66,19 @@ def main():
     n, heads, dim = args.frames, 8, 40
     enc = Encoding(rope_dim=32, t5_buckets=32, native_frames=16)
     method = PRESETS["longdiff"]
-    maps = method.position_maps(n, enc.native_frames)
+    maps = method.positions.maps(n, enc.native_frames, np)
+    info = attention.info_of_array(maps)
+    rope = attention.rope_path(maps, enc)
     slots, sel = attention.map_slots(maps)
     planes = len(attention.plane_cover(slots)[0]) + 2 * len(slots)
-    chunk = args.sequences or attention.ACCELERATOR_CHUNK_BYTES // (4 * heads * n * n * planes)
+    chunk = args.sequences or ACCELERATOR_CHUNK_BYTES // (4 * heads * n * n * planes)
     dtype = jnp.dtype(args.dtype)
     key = jax.random.key(0)
     q, k, v = (jax.random.normal(kk, (chunk, n, heads, dim), dtype) for kk in jax.random.split(key, 3))
     t5 = jax.random.normal(key, (32, heads), jnp.float32)
-    segs = method.segments(n, enc.native_frames)
+    segs = method.mask.segments(n, enc.native_frames)
     kf = jnp.broadcast_to(jnp.arange(segs) * (n // segs), (chunk, segs))
-    mask, _ = attention._method_mask_and_maps(method, enc, n, kf, None)  # [chunk, N, N]
+    mask = method_mask(method, n, kf, None)  # [chunk, N, N]
 
     def attend(name):
         return jax.jit(lambda q, k, v: temporal_attention(q, k, v, encoding=enc, method=name, t5_table=t5,
@@ -81,18 +86,18 @@ def main():
 
     @jax.jit
     def logits(q, k):
-        return [attention._mask_logits(x, mask) for x in attention._logits(q, k, slots, enc, t5, None)]
+        return [mask_logits(x, mask) for x in attention.logits(q, k, jnp.asarray(slots), info, enc, t5, None, rope)]
 
     @jax.jit
     def average(logits):
-        return attention._slot_average(logits, slots, sel, enc)[0]
+        return attention.slot_average(logits, jnp.asarray(slots), jnp.asarray(sel), enc)[0]
 
     exps = jax.jit(lambda logits: [jnp.exp(x - jnp.max(x, -1, keepdims=True)) for x in logits])
     chosen = [(sel == s).astype(np.float32) for s in range(len(slots))]  # [M, N, N]
 
     @jax.jit
     def sums_contracted(exps):
-        return sum(attention._row_einsum("...ij,mij->...im", e, c) for e, c in zip(exps, chosen))
+        return sum(row_einsum("...ij,mij->...im", e, c) for e, c in zip(exps, chosen))
 
     @jax.jit
     def sums_broadcast(exps):

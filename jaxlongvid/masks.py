@@ -1,8 +1,9 @@
 """Frame masks for temporal attention: ``mask[i, j]`` is True where query frame ``i`` may attend key frame ``j``.
 
-Masks that depend only on the frame count are static NumPy arrays; the IFS mask depends on keyframes chosen
-from the features at run time, so it is built with ``jax.numpy`` and accepts traced keyframes. Every mask here
-keeps the diagonal, so no query row is ever fully masked.
+Masks that depend only on the frame count are formulas over an array module ``xp``: NumPy values for tests and
+analysis, or (``xp=jax.numpy``) built inside a traced program from iotas, never captured as constants. The IFS
+mask depends on keyframes chosen from the features at run time, so it is always built with ``jax.numpy`` and
+accepts traced keyframes. Every mask here keeps the diagonal, so no query row is ever fully masked.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import numpy as np
 from jaxlongvid.positions import _check_int, distance
 
 
-def window(num_frames: int, radius: int) -> np.ndarray:
+def window(num_frames: int, radius: int, xp=np):
     """``|i - j| <= radius``."""
     r = _check_int("window", radius, 0)
-    return np.abs(distance(num_frames)) <= r
+    return xp.abs(distance(num_frames, xp)) <= r
 
 
 def ifs_mask(num_frames: int, keyframes, window: int) -> jnp.ndarray:
@@ -32,11 +33,10 @@ def ifs_mask(num_frames: int, keyframes, window: int) -> jnp.ndarray:
     if keyframes.ndim < 1:
         raise ValueError(f"keyframes must have shape [..., n], got {keyframes.shape}")
     is_key = jnp.any(keyframes[..., :, None] == jnp.arange(n), axis=-2)  # [..., N] over key frames j
-    local = jnp.asarray(np.abs(distance(n)) <= r)
-    return local | is_key[..., None, :]
+    return (jnp.abs(distance(n, jnp)) <= r) | is_key[..., None, :]
 
 
-def tiered(num_frames: int, tiers: Sequence[tuple[int, int]], sink_frames: int = 0) -> np.ndarray:
+def tiered(num_frames: int, tiers: Sequence[tuple[int, int]], sink_frames: int = 0, xp=np):
     """Tiered sparse mask (FreeLOC's TSA for frame attention).
 
     ``tiers`` is a list of ``(max_distance, stride)`` in increasing distance: a key at ``|d| <= max_distance``
@@ -47,9 +47,8 @@ def tiered(num_frames: int, tiers: Sequence[tuple[int, int]], sink_frames: int =
     sink = _check_int("sink_frames", sink_frames, 0)
     if not tiers:
         raise ValueError("tiers must list at least one (max_distance, stride) pair")
-    a = np.abs(distance(n))
-    mask = np.zeros((n, n), dtype=bool)
-    covered = np.zeros((n, n), dtype=bool)
+    a = xp.abs(distance(n, xp))
+    mask = covered = xp.zeros((n, n), dtype=bool)
     last = -1
     for max_d, stride in tiers:
         max_d = _check_int("tier max_distance", max_d, 0)
@@ -58,20 +57,19 @@ def tiered(num_frames: int, tiers: Sequence[tuple[int, int]], sink_frames: int =
             raise ValueError(f"tiers must have increasing max_distance, got {list(tiers)}")
         last = max_d
         here = (a <= max_d) & ~covered
-        mask |= here & (a % stride == 0)
-        covered |= here
-    mask[:, :sink] = True
-    return mask
+        mask = mask | (here & (a % stride == 0))
+        covered = covered | here
+    return mask | (xp.arange(n) < sink)[None, :]
 
 
-def local_window(num_frames: int, radius: int) -> np.ndarray:
+def local_window(num_frames: int, radius: int, xp=np):
     """FreeLong's local branch: each query sees ``2 * radius + 1`` consecutive frames centred on it, the
     window shifted inward at the edges so it always has full width (all frames when N is smaller)."""
     n = _check_int("num_frames", num_frames, 1)
     r = _check_int("window", radius, 0)
     width = min(2 * r + 1, n)
-    start = np.clip(np.arange(n) - r, 0, n - width)
-    j = np.arange(n)
+    start = xp.clip(xp.arange(n) - r, 0, n - width)
+    j = xp.arange(n)
     return (j[None, :] >= start[:, None]) & (j[None, :] < start[:, None] + width)
 
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlongvid import schedulers
-from jaxlongvid.methods import Method, MethodPlan, get_method, method_for_layer
+from jaxlongvid.methods import Method, MethodPlan, as_plan, get_method
 
 ENTROPY = "attention_entropy"  # [B, heads, N] per layer (see TemporalAttention._sow_probe_statistics)
 LOGITS_SQ = "logits_sq"  # [B, heads], at N <= N0
@@ -69,6 +69,11 @@ def _layer_names(model) -> tuple[str, ...]:
     return temporal_layer_names(model.config)
 
 
+def _layer_method(model, name: str) -> Method:
+    """The Method that the model's temporal layer ``name`` runs."""
+    return as_plan(getattr(model, "method", "direct")).resolve(_layer_names(model)).for_layer(name)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _apply_collecting(model, params, x, timesteps, context, fps):
     kwargs = {} if fps is None else {"fps": fps}
@@ -84,8 +89,8 @@ def layer_statistics(model, params, inputs: ProbeInput) -> tuple[jnp.ndarray, di
     ``direct``), ``params`` its weights.
     """
     names = _layer_names(model)
-    merged = [n for i, n in enumerate(names)
-              if method_for_layer(getattr(model, "method", "direct"), i, n).merge != "none"]
+    merged = [n for n in names
+              if _layer_method(model, n).merge is not None]
     if merged:
         raise ValueError(f"temporal layers {merged} merge windows or spectra, which have no single attention "
                          "distribution to probe (use method='direct')")
@@ -113,19 +118,19 @@ def _mean_entropy(model, stats: Sequence[dict], normalize: bool) -> dict[str, fl
         for s in stats:
             h = s[name][ENTROPY]  # [B, heads, N]
             if normalize:
-                h = h / _log_visible_keys(model, i, name, h.shape[-1])
+                h = h / _log_visible_keys(model, name, h.shape[-1])
             values.append(h.reshape(-1))
         result[name] = float(np.mean(np.concatenate(values)))
     return result
 
 
-def _log_visible_keys(model, index: int, name: str, n: int) -> np.ndarray:
+def _log_visible_keys(model, name: str, n: int) -> np.ndarray:
     """``log`` of the number of keys each query frame sees under the layer's method (inf where only one, so
     that the normalised entropy of a single visible key is 0)."""
-    method = method_for_layer(getattr(model, "method", "direct"), index, name)
+    method = _layer_method(model, name)
     if method.needs_keyframes:
         raise ValueError(f"normalize=True needs a static mask, but layer {name!r} uses IFS keyframes")
-    mask = method.static_mask(n)
+    mask = None if method.mask is None else method.mask.static(n, np)
     visible = np.full(n, n) if mask is None else np.asarray(mask).sum(axis=-1)
     return np.where(visible > 1, np.log(np.maximum(visible, 1)), np.inf)
 
@@ -253,7 +258,7 @@ def plan_from_scores(scores: dict, context_threshold: Optional[float] = None,
     each score over the layers. ``scores`` is :func:`probe`'s result."""
     context, position = _checked_scores(scores)
     tsa = _one_method(tsa_method, "tsa_method")
-    vrpr = Method("vrpr", positions="vrpr", vrpr_params=tsa.vrpr_params) if vrpr_method is None \
+    vrpr = Method("vrpr", positions=tsa.positions) if vrpr_method is None \
         else _one_method(vrpr_method, "vrpr_method")
     default = _one_method(default, "default")
     c_thr = float(np.median(list(context.values()))) if context_threshold is None else float(context_threshold)
@@ -316,7 +321,7 @@ def run_from_args(args) -> int:
     scores = probe(pipe, args.prompt, long_frames=args.long_frames, num_steps=args.steps, seed=args.seed,
                    guidance_scale=args.guidance, height=args.height, width=args.width, normalize=args.normalize)
     plan = plan_from_scores(scores, args.context_threshold, args.position_threshold)
-    routes = {name: plan.for_layer(i, name).name for i, name in enumerate(scores["context"])}
+    routes = {name: plan.for_layer(name).name for name in scores["context"]}
     print(f"{'layer':<60} {'context':>9} {'position':>9}  route")
     for name, route in routes.items():
         print(f"{name:<60} {scores['context'][name]:9.4f} {scores['position'][name]:9.4f}  {route}")

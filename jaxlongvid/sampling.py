@@ -50,10 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxlongvid import noise as noise_lib
 from jaxlongvid import schedulers, sharding
 from jaxlongvid.positions import _check_int as _int
-from jaxlongvid.methods import Method, MethodPlan, get_method
+from jaxlongvid.methods import Method, MethodPlan, as_plan, get_method
 from jaxlongvid.pipeline import Pipeline, PipelineConfig, apply_denoiser, decode_latents, encode_text
 
 LATENTS = P(None, sharding.FRAMES)  # [B, F, h, w, C]: frames split, batch whole
@@ -187,11 +186,7 @@ def resolve_mesh(mesh, devices, guided: bool):
 # ---- the pure pieces ------------------------------------------------------------------------------------------
 def initial_noise(key, shape, method) -> jnp.ndarray:
     """Starting latents ``[B, F, h, w, C]``: FreeNoise rescheduling along frames if the method asks, else Gaussian."""
-    method = get_method(method)
-    if method.noise == "freenoise":
-        m = method.default if isinstance(method, MethodPlan) else method
-        return noise_lib.freenoise(key, shape, window=m.context_window, stride=m.context_stride, axis=1)
-    return noise_lib.gaussian(key, shape)
+    return as_plan(method).noise.sample(key, shape, axis=1)
 
 
 def _keys(seed):

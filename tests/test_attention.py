@@ -15,10 +15,12 @@ import pytest
 
 import reference
 from jaxlongvid import masks
-from jaxlongvid.attention import (SLOT_GAP_LIMIT, Encoding, TemporalAttention, _logits, _slot_average,
-                                  attention_logsumexp, attention_probabilities, map_slots, merge_passes, plane_cover,
-                                  rope_path, temporal_attention)
-from jaxlongvid.methods import PRESETS, Method
+from jaxlongvid.attention import (SLOT_GAP_LIMIT, Encoding, TemporalAttention, attention_logsumexp,
+                                  attention_probabilities, info_of_array, info_of_positions, logits, map_slots,
+                                  merge_passes, plane_cover, rope_path, slot_average, slot_maps, temporal_attention)
+from jaxlongvid.attention.maps import plane_index
+from jaxlongvid.methods import (IFS, PRESETS, VRPR, FreeLongBlend, FreeNoiseWindows, GroupShift, Method, Tiered,
+                                Window)
 from jaxlongvid.positions import t5_bucket
 
 RTOL = 2e-5
@@ -64,7 +66,7 @@ def _jitted(enc, method, mapped_rope="auto"):
 def _keyframes(method, n, seqs, seed):
     if not method.needs_keyframes:
         return None
-    segs = method.segments(n, 16)
+    segs = method.mask.segments(n, 16)
     rng = np.random.default_rng(seed)
     return np.stack([np.sort(rng.choice(n, segs, replace=False)) for _ in range(seqs)]).astype(np.int32)
 
@@ -72,27 +74,32 @@ def _keyframes(method, n, seqs, seed):
 def _reference(method, enc, q, k, v, tables, keyframes):
     n = q.shape[1]
     kw = _ref_kwargs(enc, tables)
-    if method.merge == "freenoise":
-        return reference.freenoise_attention(q, k, v, method.context_window, method.context_stride, **kw)
-    maps = method.position_maps(n, enc.native_frames)
-    mask = method.static_mask(n)
+    if isinstance(method.merge, FreeNoiseWindows):
+        return reference.freenoise_attention(q, k, v, method.merge.window, method.merge.stride, **kw)
+    maps = _maps(method, n)
+    mask = None if method.mask is None else method.mask.static(n, np)
     if keyframes is not None:
         ifs = np.zeros((q.shape[0], n, n), bool)
         for s in range(q.shape[0]):
             for i in range(n):
                 for j in range(n):
-                    ifs[s, i, j] = abs(i - j) <= method.window or j in keyframes[s]
+                    ifs[s, i, j] = abs(i - j) <= method.mask.window or j in keyframes[s]
         mask = ifs if mask is None else ifs & mask
     out = reference.attention(q, k, v, maps, mask, **kw)
-    if method.merge == "freelong":
-        local = masks.local_window(n, method.local_window)
+    if isinstance(method.merge, FreeLongBlend):
+        local = masks.local_window(n, method.merge.local_window)
         loc = reference.attention(q, k, v, maps, local if mask is None else local & mask, **kw)
         # spatial_shape (1, seqs): the sequence axis is the width of a one-row image
         g_vid = out.transpose(1, 0, 2, 3).reshape(n, 1, q.shape[0], -1)
         l_vid = loc.transpose(1, 0, 2, 3).reshape(n, 1, q.shape[0], -1)
-        blended = reference.freelong_blend(g_vid, l_vid, method.freelong_d_t, method.freelong_d_s)
+        blended = reference.freelong_blend(g_vid, l_vid, method.merge.d_t, method.merge.d_s)
         out = blended.reshape(n, q.shape[0], q.shape[2], -1).transpose(1, 0, 2, 3)
     return out
+
+
+def _maps(method, n, n0=16):
+    """The method's position maps as NumPy (the reference's input)."""
+    return method.positions.maps(n, n0, np)
 
 
 def _check(method, enc_name, n, seed=0, mapped_rope="auto"):
@@ -133,12 +140,11 @@ def test_every_method_no_encoding(name):
 
 
 @pytest.mark.parametrize("method", [
-    Method("odd-groups", positions="group_shift", num_groups=7, mask="ifs", window=3, num_segments=5),
-    Method("odd-window", mask="window", window=5),
-    Method("odd-tiers", positions="vrpr", vrpr_params=(5, 9, 3, 5), mask="tiered", tiers=((3, 1), (11, 3)),
-           sink_frames=2),
-    Method("odd-freenoise", merge="freenoise", context_window=7, context_stride=3),
-    Method("odd-freelong", merge="freelong", local_window=3, freelong_d_t=0.4, freelong_d_s=0.3),
+    Method("odd-groups", positions=GroupShift(7), mask=IFS(window=3, num_segments=5)),
+    Method("odd-window", mask=Window(5)),
+    Method("odd-tiers", positions=VRPR(5, 9, 3, 5), mask=Tiered(((3, 1), (11, 3)), sink_frames=2)),
+    Method("odd-freenoise", merge=FreeNoiseWindows(7, 3)),
+    Method("odd-freelong", merge=FreeLongBlend(3, d_t=0.4, d_s=0.3)),
 ])
 @pytest.mark.parametrize("n", [17, 64])
 def test_odd_settings(method, n):
@@ -151,9 +157,9 @@ def test_lavie_head_shape_partial_rope():
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((1, 24, 2, 40)).astype(np.float32) for _ in range(3))
     t5 = rng.standard_normal((32, 2)).astype(np.float32)
-    method = Method("g", positions="group_shift", num_groups=8)
+    method = Method("g", positions=GroupShift(8))
     got = np.asarray(temporal_attention(q, k, v, encoding=enc, method=method, t5_table=t5))
-    ref = reference.attention(q, k, v, method.position_maps(24, 16), rope_dim=32, t5_table=t5)
+    ref = reference.attention(q, k, v, _maps(method, 24), rope_dim=32, t5_table=t5)
     assert np.abs(got - ref).max() / np.abs(ref).max() <= RTOL
 
 
@@ -165,9 +171,9 @@ def test_masked_keys_have_exactly_zero_weight():
         kf = _keyframes(method, 64, 2, 0)
         p = np.asarray(attention_probabilities(q, k, encoding=enc, method=method, t5_table=tables["t5_table"],
                                                keyframes=kf))
-        allowed = method.static_mask(64)
+        allowed = method.mask.static(64, np)
         if kf is not None:
-            allowed = np.asarray(masks.ifs_mask(64, kf, method.window))[:, None]
+            allowed = np.asarray(masks.ifs_mask(64, kf, method.mask.window))[:, None]
         allowed = np.broadcast_to(allowed, p.shape)
         assert np.all(p[~allowed] == 0.0), name
         assert np.all(p[allowed] > 0.0), name
@@ -208,7 +214,7 @@ def test_mapped_rope_formulations_agree_with_gradients(name, n):
     """The three exact formulations of RoPE under a mapped position, float32: outputs and gradients agree."""
     enc, dim = ENCODINGS["rope_t5"]
     method = PRESETS[name]
-    maps = method.position_maps(n, enc.native_frames)
+    maps = _maps(method, n)
     for path in ("planes", "per_value", "per_frequency"):
         assert rope_path(maps, enc, path) == path
     q, k, v, tables = _inputs(n, dim, seed=5)
@@ -234,6 +240,8 @@ def _assert_cover_exact(maps):
     n = maps.shape[-1]
     i, j = np.arange(n)[:, None], np.arange(n)[None, :]
     assert index.shape == maps.shape and index.min() == 0 and index.max() == len(planes) - 1
+    # each entry takes the first plane that holds it: what the program computes from the maps
+    np.testing.assert_array_equal(np.asarray(plane_index(jnp.asarray(maps), planes)), index)
     for p, (s, c) in enumerate(planes):
         position = np.broadcast_to(j // s - i // s + c if s else np.full((n, n), c), maps.shape)
         assert np.array_equal(position[index == p], maps[index == p]), (s, c)
@@ -242,11 +250,11 @@ def _assert_cover_exact(maps):
 
 def test_plane_cover_is_exact_and_small():
     # the counts the module doc quotes, at 128 frames (31 distinct values each)
-    counts = {name: len(_assert_cover_exact(PRESETS[name].position_maps(128, 16)))
+    counts = {name: len(_assert_cover_exact(_maps(PRESETS[name], 128)))
               for name in ("longdiff", "clip", "group-only", "freeloc")}
     assert counts == {"longdiff": 3, "clip": 3, "group-only": 3, "freeloc": 11}
     # GROUP+SHIFT's planes are the group grid of j - i plus 0 or +-1: s = ceil(127 / 15) = 9
-    assert sorted(plane_cover(PRESETS["longdiff"].position_maps(128, 16))[0]) == [(9, -1), (9, 0), (9, 1)]
+    assert sorted(plane_cover(_maps(PRESETS["longdiff"], 128))[0]) == [(9, -1), (9, 0), (9, 1)]
     # any integer maps: the cover is exact (at worst one constant plane per value)
     rng = np.random.default_rng(3)
     for shape in [(1, 9, 9), (3, 16, 16), (2, 33, 33)]:
@@ -256,13 +264,13 @@ def test_plane_cover_is_exact_and_small():
 
 def test_rope_path_choice():
     lavie = Encoding(rope_dim=32, t5_buckets=32, native_frames=16)
-    longdiff = PRESETS["longdiff"].position_maps(128, 16)
+    longdiff = _maps(PRESETS["longdiff"], 128)
     assert longdiff.shape[0] == 9 and len(np.unique(longdiff)) == 31
     assert rope_path(longdiff, lavie) == "planes"  # 3 planes < 31 values
     assert rope_path(longdiff, lavie, "per_value") == "per_value"
     assert rope_path(longdiff, Encoding(t5_buckets=32)) == "none"
-    assert rope_path(PRESETS["longdiff-no-pm"].position_maps(128, 16), lavie) == "absolute"
-    assert rope_path(PRESETS["interpolate"].position_maps(128, 16), lavie) == "absolute"
+    assert rope_path(_maps(PRESETS["longdiff-no-pm"], 128), lavie) == "absolute"
+    assert rope_path(_maps(PRESETS["interpolate"], 128), lavie) == "absolute"
     # a fractional map that is not a multiple of j - i: only the per-frequency formulation applies
     bent = np.sign(longdiff[:1]) * np.sqrt(np.abs(longdiff[:1]))
     assert rope_path(bent, lavie) == "per_frequency"
@@ -345,12 +353,14 @@ def _pallas(enc, method, map_average):
 
 def test_pallas_kernel_lowers_to_triton_for_gpus():
     """No GPU here: check that the kernel lowers for CUDA through Triton (block shapes, ops), not that it runs."""
-    from jaxlongvid.attention import _pallas_forward
+    from jaxlongvid.attention.kernels.pallas_gpu import pallas_forward
 
     enc = Encoding(rope_dim=32, t5_buckets=32, native_frames=16)
-    maps = PRESETS["longdiff"].position_maps(128, 16)
+    positions = PRESETS["longdiff"].positions
     shape = jax.ShapeDtypeStruct((2, 3, 128, 2, 40), jnp.bfloat16)
-    forward = lambda q, k, v, t5, mask: _pallas_forward(q, k, v, t5, mask, maps, enc, interpret=False)
+    forward = lambda q, k, v, t5, mask: pallas_forward(q, k, v, t5, mask, positions.maps(128, 16),
+                                                       info_of_positions(positions, 128, 16), enc,
+                                                       interpret=False, average="slots")
     lowered = jax.jit(forward).trace(shape, shape, shape, jax.ShapeDtypeStruct((32, 2), jnp.float32),
                                      jax.ShapeDtypeStruct((2, 1, 128, 128), jnp.bool_))
     assert "__gpu$xla.gpu.triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()
@@ -447,7 +457,7 @@ def test_merge_passes_over_disjoint_tiers_equals_one_softmax():
     q, k, v, tables = _inputs(64, dim)
     t5 = tables["t5_table"]
     method = PRESETS["freeloc"]
-    tiered = method.static_mask(64)
+    tiered = method.mask.static(64, np)
     a = np.abs(np.arange(64)[None, :] - np.arange(64)[:, None])
     parts = [tiered & (a <= 8), tiered & (a > 8) & (a <= 24), tiered & (a > 24)]  # local, middle, sink only
     assert np.array_equal(parts[0] | parts[1] | parts[2], tiered) and not (parts[0] & parts[1]).any()
@@ -472,8 +482,10 @@ def test_map_slots_recover_every_map():
         distinct = np.array([[len(np.unique(maps[:, i, j])) for j in range(shape[2])] for i in range(shape[1])])
         assert len(slots) == distinct.max() and np.array_equal(slots[0], maps[0])
         assert np.array_equal(np.max(sel, axis=0) + 1, distinct)  # each map takes the first slot of its value
+        in_program = jax.jit(slot_maps, static_argnums=1)(jnp.asarray(maps), len(slots))
+        assert all(np.array_equal(np.asarray(a), b) for a, b in zip(in_program, (slots, sel)))
     for n in (64, 128, 256):  # GROUP+SHIFT: 2 slots, copies 0 and s - 1 (ceil and floor of |d| / s)
-        maps = PRESETS["longdiff"].position_maps(n, 16)
+        maps = _maps(PRESETS["longdiff"], n)
         slots, _ = map_slots(maps)
         assert len(maps) > 2 and np.array_equal(slots, maps[[0, -1]])
 
@@ -524,8 +536,12 @@ def _gaps(q, k, maps, enc, t5):
 
 def _slot_fits(maps, enc):
     """Jitted ``(q, k, t5) -> fits``: whether the slot average of ``maps`` is kept."""
-    slots, sel = map_slots(maps)
-    return jax.jit(lambda q, k, t5: _slot_average(_logits(q, k, slots, enc, t5, None), slots, sel, enc)[2])
+    info, rope = info_of_array(maps), rope_path(maps, enc)
+
+    def fits(q, k, t5):
+        slots, sel = slot_maps(jnp.asarray(maps), info.num_slots)
+        return slot_average(logits(q, k, slots, info, enc, t5, None, rope), slots, sel, enc)[2]
+    return jax.jit(fits)
 
 
 def test_slot_average_guards_against_underflow():
@@ -533,8 +549,8 @@ def test_slot_average_guards_against_underflow():
     takes one softmax per map instead, so outputs stay within RTOL of the float64 reference, gradients too."""
     enc, dim = ENCODINGS["rope_t5"]
     n = 17
-    method = Method("g", positions="group_shift", num_groups=4)  # 6 maps, 2 slots; relative position +3 is
-    maps = method.position_maps(n, 16)  # reached in the first rows by copies 0-3 only
+    method = Method("g", positions=GroupShift(4))  # 6 maps, 2 slots; relative position +3 is reached in the
+    maps = _maps(method, n)  # first rows by copies 0-3 only
     q, k, v, tables = _inputs(n, dim)
     bucket = int(t5_bucket(np.array(3), 32, 32))
     slot_fits = _slot_fits(maps, enc)
@@ -566,10 +582,39 @@ def test_slot_average_guards_against_underflow():
     q, k = q * 6, k * 6
     method = PRESETS["longdiff"]
     kf = _keyframes(method, 40, 2, 2)
-    assert not _slot_fits(method.position_maps(40, 16), enc)(q, k, tables["t5_table"])
+    assert not _slot_fits(_maps(method, 40), enc)(q, k, tables["t5_table"])
     ref = _reference(method, enc, q, k, v, tables, kf)
     kw = dict(encoding=enc, method=method, t5_table=tables["t5_table"])
     attend = lambda q, k, v, kf: temporal_attention(q, k, v, keyframes=kf, chunk_bytes=1, **kw)
     assert _rel_err(jax.jit(attend)(q, k, v, kf), ref) <= RTOL
     batched = jax.jit(jax.vmap(attend))(q[:, None], k[:, None], v[:, None], kf[:, None])[:, 0]
     assert _rel_err(batched, ref) <= RTOL
+
+
+# ---- token-level attention (video DiTs): F frames x T tokens ------------------------------------------------------
+@pytest.mark.parametrize("name", ["direct", "longdiff", "freeloc", "interpolate"])
+def test_token_level_attention_applies_frame_maps_to_token_blocks(name):
+    """Every token of frame f takes frame f's positions and mask: the float64 reference under the frame maps
+    and masks expanded to T x T token blocks; the Pallas kernel (where it applies) agrees with the jnp path."""
+    enc, dim = ENCODINGS["rope_t5"]
+    frames, t = 20, 3
+    method = PRESETS[name]
+    q, k, v, tables = _inputs(frames * t, dim, seed=4)
+    kf = _keyframes(method, frames, 2, 4)
+    blocks = lambda a: np.repeat(np.repeat(a, t, axis=-2), t, axis=-1)
+    mask = None if method.mask is None else method.mask.static(frames, np)
+    if kf is not None:
+        mask = np.asarray(masks.ifs_mask(frames, kf, method.mask.window))
+    ref = reference.attention(q, k, v, blocks(_maps(method, frames)), None if mask is None else blocks(mask),
+                              **_ref_kwargs(enc, tables))
+    run = jax.jit(lambda q, k, v, t5, kf, impl: temporal_attention(
+        q, k, v, encoding=enc, method=method, t5_table=t5, keyframes=kf, tokens_per_frame=t, implementation=impl),
+        static_argnums=5)
+    got = run(q, k, v, tables["t5_table"], kf, None)
+    assert _rel_err(got, ref) <= RTOL
+    if name in ("longdiff", "freeloc"):
+        assert _rel_err(run(q, k, v, tables["t5_table"], kf, "pallas"), got) <= 2e-6
+    with pytest.raises(ValueError, match="tokens_per_frame must be an int >= 1 that divides"):
+        temporal_attention(q, k, v, encoding=enc, t5_table=tables["t5_table"], tokens_per_frame=7)
+    with pytest.raises(ValueError, match="takes tokens_per_frame=1"):
+        temporal_attention(q, k, v, encoding=enc, t5_table=tables["t5_table"], method="freenoise", tokens_per_frame=3)

@@ -16,7 +16,7 @@ import pytest
 
 import jaxlongvid
 from jaxlongvid.bench import metrics, runner
-from jaxlongvid.methods import PRESETS, Method
+from jaxlongvid.methods import IFS, PRESETS, GroupShift, Method
 from jaxlongvid.tiny import data
 
 FRAMES = 16
@@ -61,40 +61,17 @@ def keyed(rows):
 # ---- method specs -----------------------------------------------------------------------------------------
 
 
-def test_method_specs_parse_to_replaced_presets_with_canonical_names():
-    assert runner.parse_method("longdiff") is PRESETS["longdiff"]
-    m = runner.parse_method("longdiff:num_groups=8:window=4")
-    assert m == PRESETS["longdiff"].replace(num_groups=8, window=4, name="longdiff[num_groups=8,window=4]")
-    # one name per variant, whatever the order and spacing of the overrides
-    assert runner.parse_method(" longdiff : window = 4:num_groups=8 ") == m
-    f = runner.parse_method("freeloc:vrpr_params=(12,16,2,8):tiers=((8,1),(32,4))")
-    assert f.vrpr_params == (12, 16, 2, 8) and f.tiers == ((8, 1), (32, 4)) and f.mask == "tiered"
-    assert f.name == "freeloc[vrpr_params=(12,16,2,8),tiers=((8,1),(32,4))]"
-    g = runner.parse_method("freelong:freelong_d_t=0.5:local_window=4")
-    assert g.freelong_d_t == 0.5 and isinstance(runner.parse_method("freelong:freelong_d_s=1").freelong_d_s, float)
-    assert runner.parse_method("sliding-window:mask=ifs:num_segments=None").mask == "ifs"
-    listed = runner.parse_methods("direct, longdiff:num_groups=8:window=4,freeloc:vrpr_params=(12, 16, 2, 8),")
+def test_method_lists_parse_each_spec():
+    """``--methods``: specs split at top-level commas, each read by ``methods.parse_method`` (tested with the
+    methods); tuple values keep their commas."""
+    listed = runner.parse_methods("direct, longdiff:num_groups=8:window=4,freeloc:tiers=((8,1), (32,4)),")
     assert [runner.method_label(x) for x in listed] == [
-        "direct", "longdiff[num_groups=8,window=4]", "freeloc[vrpr_params=(12,16,2,8)]"]
-
-
-@pytest.mark.parametrize("spec, message", [
-    ("longdiff:group_size=8:local_window=4", "unknown Method field.*'group_size'"),
-    ("longdiff:name=mine", "unknown Method field.*'name'"),
-    ("longdiff:window=4.5", "window must be an integer"),
-    ("longdiff:window", "expected FIELD=VALUE"),
-    ("longdiff:window=4:window=2", "given twice"),
-    ("longdif:window=4", "unknown method 'longdif'"),
-    ("longdiff:mask=diagonal", "Method.mask must be one of"),
-    ("freeloc:vrpr_params=(1,2)", "vrpr_params must be a tuple of 4 integers"),
-    ("freeloc:tiers=(8,1)", "tiers must be a tuple of"),
-    ("freeloc:vrpr_params=(1,2,3,4", "unbalanced parentheses"),
-    ("freenoise:mask=ifs", "cannot be combined"),
-])
-def test_method_specs_reject_bad_overrides(spec, message):
-    with pytest.raises(ValueError, match=message) as error:
-        runner.parse_method(spec)
-    assert spec.split(":")[0] in str(error.value)
+        "direct", "longdiff[num_groups=8,window=4]", "freeloc[tiers=((8,1),(32,4))]"]
+    assert listed[2].mask.tiers == ((8, 1), (32, 4))
+    with pytest.raises(ValueError, match="method spec 'longdiff:window=4.5'.*window must be an integer"):
+        runner.parse_methods("direct,longdiff:window=4.5")
+    with pytest.raises(ValueError, match="no methods"):
+        runner.parse_methods(" , ")
 
 
 def test_overridden_method_reaches_the_sampler_and_names_the_rows(tmp_path):
@@ -103,8 +80,8 @@ def test_overridden_method_reaches_the_sampler_and_names_the_rows(tmp_path):
                                    runner.prompts(2), [0], str(tmp_path), sample_fn=sampler, reference=False,
                                    **QUIET)
     seen = [c["method"] for c in sampler.calls]
-    assert seen == [PRESETS["longdiff"], PRESETS["longdiff"].replace(window=4, num_groups=8,
-                                                                     name="longdiff[num_groups=8,window=4]")]
+    assert seen == [PRESETS["longdiff"], Method("longdiff[num_groups=8,window=4]", positions=GroupShift(8),
+                                                mask=IFS(window=4))]
     assert [r["method"] for r in read_rows(tmp_path)] == ["longdiff"] * 2 + ["longdiff[num_groups=8,window=4]"] * 2
     assert len(rows) == 4 and (tmp_path / "sheets" / "longdiff_num_groups=8_window=4_16f.png").exists()
     with pytest.raises(ValueError, match="distinct"):

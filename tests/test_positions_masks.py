@@ -1,5 +1,6 @@
 """Position maps, masks, keyframes, noise and the spectral blend against hand-worked cases and references."""
 
+import json
 import math
 
 import jax
@@ -9,7 +10,8 @@ import pytest
 
 import reference
 from jaxlongvid import keyframes, masks, noise, positions, spectral
-from jaxlongvid.methods import PRESETS, Method, MethodPlan, get_method, method_for_layer
+from jaxlongvid.methods import (IFS, PRESETS, VRPR, Clip, FreeNoiseWindows, Group, GroupShift, Identity,
+                                Interpolate, Method, MethodPlan, Window, as_plan, get_method, parse_method)
 
 
 # ---- position maps -------------------------------------------------------------------------------------------
@@ -198,17 +200,109 @@ def test_presets_and_errors():
             "clip", "interpolate", "group-only"} <= set(PRESETS)
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         get_method("nope")
-    with pytest.raises(ValueError, match="Method.mask"):
+    with pytest.raises(ValueError, match="Method.mask must be one of"):
         Method(mask="sparse")
-    with pytest.raises(ValueError, match="Method.window"):
-        Method(window=-1)
-    assert hash(PRESETS["longdiff"]) == hash(Method("longdiff", positions="group_shift", mask="ifs"))
+    with pytest.raises(ValueError, match="Window.radius must be >= 0"):
+        Window(-1)
+    with pytest.raises(ValueError, match="GroupShift.num_groups must be >= 2"):
+        GroupShift(1)
+    with pytest.raises(ValueError, match="cannot be combined with an IFS mask"):
+        Method(merge=FreeNoiseWindows(), mask=IFS())
+    assert hash(PRESETS["longdiff"]) == hash(Method("longdiff", positions=GroupShift(), mask=IFS()))
     ld = PRESETS["longdiff"]
-    assert ld.position_maps(128, 16).shape == (9, 128, 128)
-    assert ld.position_maps(16, 16).shape == (1, 16, 16)  # native length: identity
-    assert ld.segments(128, 16) == 8
+    assert ld.positions.maps(128, 16).shape == (9, 128, 128)
+    assert ld.positions.maps(16, 16).shape == (1, 16, 16)  # native length: identity
+    assert ld.mask.segments(128, 16) == 8 and ld.needs_keyframes
+    assert math.isclose(PRESETS["freelong"].merge.d_t, 0.25)
+
+
+def test_plan_routes_by_layer_path():
+    ld = PRESETS["longdiff"]
     plan = MethodPlan(default=PRESETS["freeloc"], layers=((0, PRESETS["direct"]), ("up.1", ld)))
-    assert method_for_layer(plan, 0).name == "direct"
-    assert method_for_layer(plan, 3, "up.1").name == "longdiff"
-    assert method_for_layer(plan, 3, "down.0").name == "freeloc"
-    assert math.isclose(PRESETS["freelong"].freelong_d_t, 0.25)
+    resolved = plan.resolve(("down.0", "mid.0", "up.1"))
+    assert resolved.layers == (("down.0", PRESETS["direct"]), ("up.1", ld))
+    assert [resolved.for_layer(p).name for p in ("down.0", "mid.0", "up.1")] == ["direct", "freeloc", "longdiff"]
+    with pytest.raises(ValueError, match="resolve the plan"):
+        plan.for_layer("up.1")
+    with pytest.raises(ValueError, match="MethodPlan names temporal layer 3, but this model has 3"):
+        MethodPlan(layers=((3, ld),)).resolve(("a", "b", "c"))
+    with pytest.raises(ValueError, match="unknown temporal layer 'up.9'"):
+        MethodPlan(layers=(("up.9", ld),)).resolve(("a",))
+    assert as_plan("longdiff").for_layer("anything") is ld
+
+
+POSITIONS = [Identity(), Clip(), Clip(5), Interpolate(), Group(), Group(7), GroupShift(), GroupShift(5), VRPR(),
+             VRPR(5, 9, 3, 5)]
+
+
+@pytest.mark.parametrize("part", POSITIONS, ids=repr)
+def test_position_parts_one_formula_numpy_jnp_traced_and_profile(part):
+    """Every part's maps: NumPy, eager jnp and jnp traced under jit agree (exactly for integer maps; the
+    fractional Interpolate map to float32 rounding: NumPy divides in float64), depend on j - i alone (the
+    profile over the 2N-1 distances), and a closed-form plane cover is exact."""
+    for n in (9, 16, 17, 40, 129):
+        want = part.maps(n, 16, np)
+        for got in (part.maps(n, 16), jax.jit(lambda: part.maps(n, 16))()):
+            assert got.dtype == want.dtype
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1.2e-7, atol=0)
+        profile = part.profile(n, 16)
+        d = np.arange(n)[None, :] - np.arange(n)[:, None]
+        np.testing.assert_array_equal(profile[:, d + n - 1], want)
+        planes = part.planes(n, 16)
+        if planes is not None:
+            i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+            covered = np.zeros(want.shape, bool)
+            for s, c in planes:
+                covered |= want == (j // s - i // s + c)
+            assert covered.all(), (n, planes)
+
+
+def test_preset_maps_equal_the_contract_functions():
+    np.testing.assert_array_equal(PRESETS["longdiff"].positions.maps(128, 16, np), positions.group_shift(128, 16))
+    np.testing.assert_array_equal(PRESETS["freeloc"].positions.maps(64, 16, np)[0],
+                                  positions.vrpr(64, 10, 14, 2, 8, 15))
+    np.testing.assert_array_equal(PRESETS["clip"].positions.maps(40, 16, np)[0], positions.clip(40, 15))
+    np.testing.assert_array_equal(PRESETS["interpolate"].positions.maps(40, 16, np)[0],
+                                  positions.interpolate(40, 16))
+    np.testing.assert_array_equal(np.asarray(PRESETS["freeloc"].mask.static(64)),
+                                  masks.tiered(64, ((8, 1), (24, 4)), 1))
+    np.testing.assert_array_equal(np.asarray(PRESETS["sliding-window"].mask.static(30)), masks.window(30, 8))
+    np.testing.assert_array_equal(np.asarray(masks.local_window(30, 8, jnp)), masks.local_window(30, 8))
+
+
+def test_parse_method_specs_and_probe_files(tmp_path):
+    assert parse_method("longdiff") is PRESETS["longdiff"]
+    m = parse_method("longdiff:num_groups=8:window=4")
+    assert m == Method("longdiff[num_groups=8,window=4]", positions=GroupShift(8), mask=IFS(window=4))
+    assert parse_method(" longdiff : window = 4, num_groups=8 ") == m  # ',' separates too; canonical name
+    f = parse_method("freeloc:w1=12:tiers=((8,1),(32,4))")
+    assert f.positions == VRPR(12, 14, 2, 8) and f.mask.tiers == ((8, 1), (32, 4))
+    assert f.name == "freeloc[w1=12,tiers=((8,1),(32,4))]"
+    g = parse_method("freelong:d_s=1")
+    assert isinstance(g.merge.d_s, float) and g.merge.d_s == 1.0
+    w = parse_method("sliding-window:mask=ifs:num_segments=None")
+    assert w.mask == IFS() and w.name == "sliding-window[mask=ifs,num_segments=None]"
+    fn = parse_method("freenoise:stride=8")  # one key sets every part that has the field
+    assert fn.merge.stride == 8 and fn.noise.stride == 8
+    assert parse_method("freenoise:merge.stride=8").noise.stride == 4
+    for spec, message in [("longdiff:group_size=8", "unknown Method field.*'group_size'"),
+                          ("longdiff:window=4.5", "window must be an integer"),
+                          ("longdiff:window", "expected KEY=VALUE"),
+                          ("longdiff:window=4:window=2", "given twice"),
+                          ("longdif:window=4", "unknown method 'longdif'"),
+                          ("longdiff:mask=diagonal", "Method.mask must be one of"),
+                          ("freeloc:tiers=(8,1)", "tiers must be a tuple of"),
+                          ("freeloc:w1=(1,2", "unbalanced parentheses"),
+                          ("freenoise:mask=ifs", "cannot be combined")]:
+        with pytest.raises(ValueError, match=message):
+            parse_method(spec)
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"routes": {"a/attn1": "freeloc", "a/attn2": "direct", "b/attn1": "vrpr"}}))
+    plan = parse_method(str(probe))
+    assert plan.for_layer("a/attn1") == PRESETS["freeloc"] and plan.for_layer("a/attn2") == PRESETS["direct"]
+    assert plan.for_layer("b/attn1").positions == VRPR() and plan.for_layer("b/attn1").mask is None
+    with pytest.raises(ValueError, match="does not exist"):
+        parse_method(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(ValueError, match="not a probe result"):
+        parse_method(str(tmp_path / "bad.json"))

@@ -19,7 +19,7 @@ import pytest
 from flax import traverse_util
 
 from jaxlongvid import probing
-from jaxlongvid.methods import PRESETS, Method, MethodPlan
+from jaxlongvid.methods import PRESETS, VRPR, Method, MethodPlan
 from jaxlongvid.models import text as text_lib
 from jaxlongvid.models.tokenizers import WordTokenizer
 from jaxlongvid.models.unet3d import UNet3DConfig, init_shapes, temporal_layer_names
@@ -241,14 +241,14 @@ def test_plan_from_scores_routes_and_runs(lavie):
     position = dict(zip(names, [0.1, 0.8, 0.3, 0.9]))
     scores = {"context": context, "position": position}
     plan = probing.plan_from_scores(scores)  # medians: context 0.4, position 0.55
-    vrpr = Method("vrpr", positions="vrpr", vrpr_params=PRESETS["freeloc"].vrpr_params)
+    vrpr = Method("vrpr", positions=PRESETS["freeloc"].positions)
     expected = {names[0]: PRESETS["freeloc"], names[3]: PRESETS["freeloc"], names[1]: vrpr}
-    for i, name in enumerate(names):
-        assert plan.for_layer(i, name) == expected.get(name, PRESETS["direct"]), name
-    assert vrpr.mask == "none" and vrpr.positions == "vrpr"
+    for name in names:
+        assert plan.for_layer(name) == expected.get(name, PRESETS["direct"]), name
+    assert vrpr.mask is None and vrpr.positions == VRPR()
     # explicit thresholds and methods
     plan2 = probing.plan_from_scores(scores, 0.8, 0.25, vrpr_method="clip", default="sliding-window")
-    routed = [plan2.for_layer(i, n).name for i, n in enumerate(names)]
+    routed = [plan2.for_layer(n).name for n in names]
     assert routed == ["freeloc", "clip", "clip", "clip"]
     # the plan runs through the UNet (names match) and changes the long video against direct
     x = model_input(4 * N0, seed=6)
@@ -284,7 +284,7 @@ def test_probe_pipeline_end_to_end(lavie):
     assert all(s == 0.0 for s in native_only["context"].values())
     assert native_only["position"] == scores["position"]  # the native run is the same
     plan = probing.plan_from_scores(scores)
-    assert sum(1 for i, n in enumerate(names) if plan.for_layer(i, n).name == "freeloc") == 2  # above the median
+    assert sum(1 for n in names if plan.for_layer(n).name == "freeloc") == 2  # above the median
     with pytest.raises(ValueError, match="long_frames"):
         probing.probe(pipe, PROMPTS, long_frames=N0 - 1)
     with pytest.raises(ValueError, match="multiples"):
@@ -308,6 +308,6 @@ def test_command_line_hook(lavie, tmp_path, capsys):
     assert written["scores"] == probing.probe(pipe, PROMPTS[:1], num_steps=2)
     plan = probing.plan_from_scores(written["scores"])
     names = temporal_layer_names(LAVIE)
-    assert written["routes"] == {n: plan.for_layer(i, n).name for i, n in enumerate(names)}
+    assert written["routes"] == {n: plan.for_layer(n).name for n in names}
     printed = capsys.readouterr().out
     assert all(n in printed for n in names)

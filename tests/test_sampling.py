@@ -22,7 +22,7 @@ import pytest
 import jaxlongvid.pipeline as pipeline_lib
 from jaxlongvid import noise, sampling, schedulers, sharding
 from jaxlongvid.attention import Encoding, TemporalAttention
-from jaxlongvid.methods import MethodPlan, get_method, method_for_layer
+from jaxlongvid.methods import FreeNoiseShuffle, MethodPlan, as_plan, get_method
 from jaxlongvid.models import text as text_lib
 from jaxlongvid.models.tokenizers import WordTokenizer
 from jaxlongvid.models.unet3d import UNet3DConfig, init_shapes
@@ -69,7 +69,7 @@ class StandIn(nn.Module):
     def __call__(self, x, timesteps, context, fps=None):
         cfg = self.config
         c = cfg.channels
-        method = get_method(self.method)
+        plan = as_plan(self.method).resolve(("temporal_0", "temporal_1"))
         video = lambda v: sharding.constrain(v, sharding.VIDEO)
         h = nn.Conv(c, (3, 3), name="conv_in")(x)
         half = c // 2
@@ -84,7 +84,7 @@ class StandIn(nn.Module):
             scale = self.param(f"norm_{i}_scale", nn.initializers.ones, (c,))
             bias = self.param(f"norm_{i}_bias", nn.initializers.zeros, (c,))
             normed = pooled_group_norm(h, cfg.groups, scale, bias)
-            attn = TemporalAttention(1, c, encoding, method_for_layer(method, i, name), name=name)
+            attn = TemporalAttention(1, c, encoding, plan.for_layer(name), name=name)
             h = video(h + attn(normed, features=h))
         out = nn.Conv(cfg.in_channels, (3, 3), name="conv_out")(nn.silu(pooled_group_norm(h, cfg.groups, 1.0, 0.0)))
         return video(x + 0.3 * out)  # near-identity eps prediction keeps the chain bounded
@@ -154,13 +154,13 @@ def reference_sample(pipe: Pipeline, prompts, negatives, num_frames, steps, guid
     """Eager, step by step: text encoder, initial noise, ``pipe.denoiser`` on (uncond, cond) separately,
     guidance and the scheduler step written out from schedulers.Schedule; returns float frames in [-1, 1]."""
     config = pipe.config
-    method = get_method(method)
+    method = as_plan(method)
     cond = pipe.encode_prompts(prompts)
     uncond = pipe.encode_prompts(negatives)
     noise_key, loop_key = jax.random.split(jax.random.key(seed))
     shape = (len(prompts), num_frames, 8, 8, 3)
-    if method.noise == "freenoise":
-        x = noise.freenoise(noise_key, shape, window=method.context_window, stride=method.context_stride, axis=1)
+    if isinstance(method.noise, FreeNoiseShuffle):
+        x = noise.freenoise(noise_key, shape, window=method.noise.window, stride=method.noise.stride, axis=1)
     else:
         x = jax.random.normal(noise_key, shape)
     sched = schedulers.make_schedule(config.scheduler, steps, eta)

@@ -42,9 +42,7 @@ Command line: :func:`add_arguments` and :func:`run_from_args` implement ``jaxlon
 
 from __future__ import annotations
 
-import ast
 import csv
-import dataclasses
 import json
 import math
 import multiprocessing
@@ -57,7 +55,7 @@ import numpy as np
 
 from jaxlongvid import video as video_lib
 from jaxlongvid.bench import metrics
-from jaxlongvid.methods import Method, MethodPlan, get_method
+from jaxlongvid.methods import Method, MethodPlan, parse_method, split_top_level
 from jaxlongvid.tiny import data, vocab
 
 REFERENCE = "ground-truth"
@@ -110,91 +108,9 @@ def prompts(k: int, seed: int = 0, motions=vocab.MOVING_MOTIONS, with_background
 # ---- method specs -----------------------------------------------------------------------------------------
 
 # Method field annotations (strings under ``from __future__ import annotations``) -> (check, description)
-_FIELD_TYPES = {
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    "int | None": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or None"),
-    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    "tuple[int, int, int, int]": (lambda v: isinstance(v, tuple) and len(v) == 4
-                                  and all(isinstance(x, int) for x in v), "a tuple of 4 integers, e.g. (10,14,2,8)"),
-    "tuple[tuple[int, int], ...]": (lambda v: isinstance(v, tuple) and len(v) > 0
-                                    and all(isinstance(t, tuple) and len(t) == 2 and all(isinstance(x, int) for x in t)
-                                            for t in v), "a tuple of (int, int) pairs, e.g. ((8,1),(24,4))"),
-}
-
-
-def _split_top_level(text: str, separator: str) -> list[str]:
-    """``text`` split at ``separator`` outside parentheses (so tuple values keep their commas)."""
-    parts, depth, current = [], 0, []
-    for char in text:
-        depth += (char in "([") - (char in ")]")
-        if char == separator and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    if depth != 0:
-        raise ValueError(f"unbalanced parentheses in {text!r}")
-    return parts + ["".join(current)]
-
-
-def _format_value(value) -> str:
-    if isinstance(value, tuple):
-        return "(" + ",".join(_format_value(v) for v in value) + ")"
-    return str(value)
-
-
-def parse_method(spec) -> Method | MethodPlan:
-    """A preset name or ``PRESET:FIELD=VALUE[:FIELD=VALUE...]`` -> the Method (Method / MethodPlan values pass).
-
-    FIELD is any :class:`~jaxlongvid.methods.Method` field but ``name``; VALUE a Python literal (``8``, ``0.3``,
-    ``None``, ``(10,14,2,8)``, ``((8,1),(24,4))``) or a bare word for string fields (``mask=window``). The
-    overrides are applied with ``dataclasses.replace`` (so the Method checks its values), and the result is
-    named ``PRESET[FIELD=VALUE,...]`` with the fields in the Method's field order: one spelling per variant, a
-    stable key in ``results.csv``.
-    """
-    if isinstance(spec, (Method, MethodPlan)):
-        return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"a method must be a preset name, a spec string or a Method, got {type(spec).__name__}")
-    preset, *assignments = [part.strip() for part in _split_top_level(spec.strip(), ":")]
-    base = get_method(preset)
-    if not assignments:
-        return base
-    fields = {f.name: f for f in dataclasses.fields(Method) if f.name != "name"}
-    values = {}
-    for assignment in assignments:
-        key, equals, text = (s.strip() for s in assignment.partition("="))
-        if not (key and equals and text):
-            raise ValueError(f"method spec {spec!r}: expected FIELD=VALUE after ':', got {assignment!r}")
-        if key in values:
-            raise ValueError(f"method spec {spec!r}: field {key!r} is given twice")
-        values[key] = text
-    unknown = [k for k in values if k not in fields]
-    if unknown:
-        raise ValueError(f"method spec {spec!r}: unknown Method field(s) {', '.join(map(repr, unknown))}; "
-                         f"the fields are {', '.join(fields)}")
-    for key, text in values.items():
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # a bare word: a string field's value
-        if isinstance(value, list):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        check = _FIELD_TYPES.get(str(fields[key].type))
-        if check is not None and not check[0](value):
-            raise ValueError(f"method spec {spec!r}: {key} must be {check[1]}, got {text!r}")
-        values[key] = float(value) if str(fields[key].type) == "float" else value
-    name = preset + "[" + ",".join(f"{k}={_format_value(values[k])}" for k in fields if k in values) + "]"
-    try:
-        return dataclasses.replace(base, name=name, **values)
-    except ValueError as e:
-        raise ValueError(f"method spec {spec!r}: {e}") from None
-
-
 def parse_methods(text: str) -> list[Method | MethodPlan]:
     """The ``--methods`` list: specs separated by commas (commas inside parentheses belong to a value)."""
-    specs = [s.strip() for s in _split_top_level(text, ",") if s.strip()]
+    specs = [s.strip() for s in split_top_level(text, ",") if s.strip()]
     if not specs:
         raise ValueError(f"no methods in {text!r}")
     return [parse_method(s) for s in specs]
@@ -490,7 +406,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--methods", default="direct,freenoise,freelong,longdiff,freeloc",
                         help="comma-separated methods: preset names, or PRESET:FIELD=VALUE[:FIELD=VALUE...] to "
                              "override Method fields (Python literals; commas inside parentheses stay with the "
-                             "value), e.g. 'longdiff:num_groups=8:window=4,freeloc:vrpr_params=(12,16,2,8)'; "
+                             "value), e.g. 'longdiff:num_groups=8:window=4,freeloc:w1=12:w2=16'; "
                              "such a variant is named longdiff[num_groups=8,window=4] in the results")
     parser.add_argument("--prompts", type=int, default=8, help="number of benchmark prompts (see prompts())")
     parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt list")

@@ -35,7 +35,7 @@ LayerNorms                       per token                       per token
 so under a mesh the frame axis stays split over devices; pooled statistics become cross-device reductions.
 
 Every temporal attention is :class:`jaxlongvid.attention.TemporalAttention`. Layer ``i`` in forward order,
-named by its parameter path (``temporal_layer_names(config)``), runs ``method_for_layer(method, i, name)``.
+named by its parameter path (``temporal_layer_names(config)``), runs ``as_plan(method).resolve(names).for_layer(path)``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import numpy as np
 
 from jaxlongvid.attention import Encoding
 from jaxlongvid.configs import JsonConfig
-from jaxlongvid.methods import Method, MethodPlan, get_method, method_for_layer
+from jaxlongvid.methods import Method, MethodPlan, as_plan
 from jaxlongvid.models.layers import (ResnetBlock, SpatialTransformer, TemporalTransformer, TimestepEmbedding,
                                       GroupNorm, conv2d, shard_frames, timestep_sinusoid, upsample_nearest)
 
@@ -197,14 +197,6 @@ def temporal_layer_names(config: UNet3DConfig) -> tuple[str, ...]:
     return tuple(name for module in _attention_modules(config) for name in _layers_in(config, module))
 
 
-def _check_plan(plan: MethodPlan, names: tuple[str, ...]):
-    for key, _ in plan.layers:
-        if isinstance(key, int) and not 0 <= key < len(names):
-            raise ValueError(f"MethodPlan names temporal layer {key}, but this UNet has {len(names)} (0..{len(names) - 1})")
-        if isinstance(key, str) and key not in names:
-            raise ValueError(f"MethodPlan names unknown temporal layer {key!r}; see temporal_layer_names(config)")
-
-
 # ---- blocks ----------------------------------------------------------------------------------------------------
 class _Stage(nn.Module):
     """Shared constructors for the encoder, middle and decoder blocks of one level."""
@@ -292,10 +284,8 @@ class UNet3D(nn.Module):
 
     def _layer_methods(self) -> dict[str, Method]:
         names = temporal_layer_names(self.config)
-        method = get_method(self.method)
-        if isinstance(method, MethodPlan):
-            _check_plan(method, names)
-        return {name: method_for_layer(method, i, name) for i, name in enumerate(names)}
+        plan = as_plan(self.method).resolve(names)
+        return {name: plan.for_layer(name) for name in names}
 
     def _check_inputs(self, x, context):
         cfg = self.config

@@ -1,0 +1,212 @@
+"""``temporal_attention``: attention over frames under a long-video method, and the single-layer analysis
+functions. The method reaches the kernel in three steps: its positions part builds the maps in the program
+(with their static facts), :func:`~jaxlongvid.attention.plan.make_plan` decides once how to compute, and
+:func:`attend` runs that plan."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxlongvid import masks
+from jaxlongvid.attention import merges
+from jaxlongvid.attention.average import probabilities
+from jaxlongvid.attention.encoding import Encoding, check_tables, logits as map_logits
+from jaxlongvid.attention.kernels.fused import attend_fused
+from jaxlongvid.attention.kernels.pallas_gpu import pallas_forward
+from jaxlongvid.attention.maps import MapInfo, info_of_positions, token_maps
+from jaxlongvid.attention.plan import AttentionPlan, make_plan, map_average_of, rope_formulation
+from jaxlongvid.attention.reference import attend_jnp_chunked
+from jaxlongvid.methods import FreeLongBlend, FreeNoiseWindows, Method, MethodPlan, get_method
+
+
+def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="direct", t5_table=None, rel_k=None,
+                       rel_v=None, keyframes=None, mask=None, spatial_shape: Optional[tuple[int, int]] = None,
+                       implementation: Optional[str] = None, chunk_bytes: Optional[int] = None,
+                       mapped_rope: str = "auto", map_average: str = "auto", tokens_per_frame: int = 1):
+    """Attention over frames of ``q, k, v: [..., N, heads, dim]`` under a long-video method.
+
+    Args:
+      encoding: the model's position encoding (static).
+      method: preset name or :class:`~jaxlongvid.methods.Method` (a plan must be resolved to one layer's
+        Method first, see ``MethodPlan.for_layer``).
+      t5_table: ``[buckets, heads]`` T5 bias table, when ``encoding.t5_buckets``.
+      rel_k, rel_v: ``[2R+1, dim]`` relative key/value tables, when ``encoding.rel_distance``.
+      keyframes: int ``[..., n]`` IFS keyframes, broadcastable over the leading dims (methods with IFS).
+      mask: optional extra bool mask ``[..., N, N]`` (AND-ed with the method's).
+      spatial_shape: ``(h, w)`` for FreeLong: the last leading dim must then be the flattened ``h * w``.
+      implementation: None for the jnp path; ``"cudnn"`` (or ``"xla"``) for fused attention where the RoPE is
+        an absolute rotation; ``"pallas"`` for the plane kernel where it is mapped; ``"auto"``: per backend
+        (``plan.make_plan``).
+      chunk_bytes: memory bound for the mapped-RoPE intermediate of the jnp path; None: 1 GiB on accelerators,
+        16 MiB on a CPU.
+      mapped_rope: how RoPE is computed under maps that are not a multiple of ``j - i``: "planes",
+        "per_value", "per_frequency" (all exact, see ``encoding``), or "auto" (the smallest intermediate).
+      map_average: how the softmaxes of several maps are averaged: "slots", "per_map", or "auto" (see
+        ``average``). Both exact.
+      tokens_per_frame: T > 1 for token-level attention (video DiTs): the N = F T tokens are laid out frame by
+        frame, the method's maps, mask and keyframes are over the F frames and apply to every token of a frame
+        (``maps.token_maps``); ``mask`` is then token-level. Methods with a merge take T = 1.
+    Returns:
+      ``[..., N, heads, dim]`` in v's dtype.
+    """
+    method = one_method(method)
+    if q.ndim < 3 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"q, k, v must be [..., N, heads, dim] with equal shapes (v may differ in dim), got "
+                         f"q {q.shape}, k {k.shape}, v {v.shape}")
+    n, heads, dim = q.shape[-3:]
+    if isinstance(tokens_per_frame, bool) or not isinstance(tokens_per_frame, int) or tokens_per_frame < 1 \
+            or n % tokens_per_frame:
+        raise ValueError(f"tokens_per_frame must be an int >= 1 that divides the {n} tokens, got {tokens_per_frame!r}")
+    if tokens_per_frame > 1 and method.merge is not None:
+        raise ValueError(f"method {method.name!r} merges windows or spectra: it takes tokens_per_frame=1")
+    check_tables(encoding, heads, dim, t5_table, rel_k, rel_v)
+    if rel_v is not None and v.shape[-1] != dim:
+        raise ValueError(f"rel_v needs v's dim ({v.shape[-1]}) to equal q's ({dim})")
+    options = dict(implementation=implementation, chunk_bytes=chunk_bytes, mapped_rope=mapped_rope,
+                   map_average=map_average)
+
+    def run(q_, k_, v_, maps, info, mask_):
+        return attend(q_, k_, v_, maps, info, mask_, encoding, t5_table, rel_k, rel_v, **options)
+
+    if isinstance(method.merge, FreeNoiseWindows):
+        if keyframes is not None or mask is not None:
+            raise ValueError("method with a FreeNoise merge takes no keyframes or extra mask")
+        return merges.freenoise(q, k, v, method, encoding.native_frames, run)
+    if tokens_per_frame > 1:
+        frames = n // tokens_per_frame
+        frame_mask = method_mask(method, frames, keyframes, None)
+        maps, info = method_maps(method, frames, encoding.native_frames)
+        full_mask = combine_masks(None if frame_mask is None else token_maps(frame_mask, tokens_per_frame), mask)
+        return run(q, k, v, token_maps(maps, tokens_per_frame), info.for_tokens(tokens_per_frame), full_mask)
+    full_mask = method_mask(method, n, keyframes, mask)
+    maps, info = method_maps(method, n, encoding.native_frames)
+    out = run(q, k, v, maps, info, full_mask)
+    if isinstance(method.merge, FreeLongBlend):
+        local = combine_masks(masks.local_window(n, method.merge.local_window, jnp), full_mask)
+        out = merges.freelong(out, run(q, k, v, maps, info, local), method.merge, spatial_shape)
+    return out
+
+
+def one_method(method) -> Method:
+    method = get_method(method)
+    if isinstance(method, MethodPlan):
+        raise TypeError("temporal_attention takes one layer's Method; resolve a MethodPlan with MethodPlan.for_layer")
+    return method
+
+
+def method_maps(method: Method, n: int, native_frames: int):
+    """The method's position maps ``[M, N, N]`` built in the program, and their static facts."""
+    return method.positions.maps(n, native_frames), info_of_positions(method.positions, n, native_frames)
+
+
+def combine_masks(a, b):
+    if a is None or b is None:
+        return b if a is None else jnp.asarray(a)
+    return jnp.asarray(a) & jnp.asarray(b)
+
+
+def method_mask(method: Method, n: int, keyframes, mask):
+    """The method's full mask (static part, IFS part, caller's part), built in the program; None: all keys."""
+    full = combine_masks(None if method.mask is None else method.mask.static(n), mask)
+    if method.needs_keyframes:
+        if keyframes is None:
+            raise ValueError(f"method {method.name!r} uses IFS and needs keyframes [..., n]")
+        return combine_masks(method.mask.with_keyframes(n, keyframes), full)
+    if keyframes is not None:
+        raise ValueError(f"keyframes were given but method {method.name!r} does not use IFS")
+    return full
+
+
+def attend(q, k, v, maps, info: MapInfo, mask, encoding: Encoding, t5_table, rel_k, rel_v, **options):
+    """Attention of every leading index under ``maps`` (jnp [M, N, N]) and ``mask`` ([..., N, N] bool or None):
+    plans once, then runs the plan."""
+    n, heads, dim = q.shape[-3:]
+    plan = make_plan(info, encoding, math.prod(q.shape[:-3]), heads, dim, jnp.dtype(q.dtype).name,
+                     (rel_k is not None, rel_v is not None), **options)
+    if plan.kernel == "pallas":
+        backward = make_plan(info, encoding, math.prod(q.shape[:-3]), heads, dim, jnp.dtype(q.dtype).name,
+                             (False, False), None, options.get("chunk_bytes"), "planes", plan.average)
+        return attend_pallas(q, k, v, maps, info, mask, encoding, t5_table, plan, backward)
+    if plan.kernel == "fused":
+        return attend_fused(q, k, v, maps, info, mask, encoding, t5_table, rel_k, plan.implementation)
+    return attend_jnp_chunked(q, k, v, maps, info, mask, encoding, t5_table, rel_k, rel_v, plan.rope, plan.average,
+                              plan.chunk)
+
+
+def attend_pallas(q, k, v, maps, info: MapInfo, mask, encoding: Encoding, t5_table, plan: AttentionPlan,
+                  backward: AttentionPlan):
+    """The plane kernel's forward pass (interpreted on a CPU) with the jnp plane path's gradient (``backward``,
+    recomputed in the backward pass)."""
+    interpret = jax.default_backend() == "cpu"
+
+    @jax.custom_vjp
+    def run(q, k, v, t5, mask, maps):
+        return pallas_forward(q, k, v, t5, mask, maps, info, encoding, interpret, plan.average)
+
+    def forward(q, k, v, t5, mask, maps):
+        return run(q, k, v, t5, mask, maps), (q, k, v, t5, mask, maps)
+
+    def grads(saved, grad):
+        *arrays, mask, maps = saved
+        reference = lambda q, k, v, t5: attend_jnp_chunked(q, k, v, maps, info, mask, encoding, t5, None, None,
+                                                           backward.rope, backward.average, backward.chunk)
+        return (*jax.vjp(reference, *arrays)[1](grad), None, None)
+
+    run.defvjp(forward, grads)
+    return run(q, k, v, t5_table, None if mask is None else jnp.asarray(mask), maps)
+
+
+# ---- single-layer analysis ---------------------------------------------------------------------------------------
+def one_layer(what: str, q, encoding, method, t5_table, rel_k, keyframes, mask):
+    """Checks shared by the single-layer analysis functions; returns the method, full mask, maps and facts."""
+    method = get_method(method)
+    if not isinstance(method, Method) or method.merge is not None:
+        raise ValueError(f"{what} needs one layer's Method without a merge")
+    check_tables(encoding, q.shape[-2], q.shape[-1], t5_table, rel_k, rel_k)
+    n = q.shape[-3]
+    return method, method_mask(method, n, keyframes, mask), *method_maps(method, n, encoding.native_frames)
+
+
+def attention_probabilities(q, k, *, encoding: Encoding = Encoding(), method="direct", t5_table=None,
+                            rel_k=None, keyframes=None, mask=None):
+    """The attention weights ``[..., heads, N, N]`` (float32) that ``temporal_attention`` applies to v, for
+    methods without a window/spectral merge. Used by tests (masked keys are exactly 0) and layer probing."""
+    _, full_mask, maps, info = one_layer("attention_probabilities", q, encoding, method, t5_table, rel_k,
+                                         keyframes, mask)
+    rope = rope_formulation(info, encoding)
+    return probabilities(q, k, maps, info, full_mask, encoding, t5_table, rel_k, rope,
+                         map_average_of(info, "auto", rope))[0]
+
+
+def attention_logsumexp(q, k, *, encoding: Encoding = Encoding(), method="direct", t5_table=None, rel_k=None,
+                        keyframes=None, mask=None):
+    """``logsumexp_j`` of the masked logits, ``[..., heads, N]`` float32 (-inf where a row sees no key), for a
+    single-map method. With :func:`merge_passes` it combines attention computed over disjoint key sets."""
+    method, full_mask, maps, info = one_layer("attention_logsumexp", q, encoding, method, t5_table, rel_k,
+                                              keyframes, mask)
+    if info.num_maps != 1:
+        raise ValueError(f"method {method.name!r} averages {info.num_maps} maps: its passes cannot be merged by "
+                         "log-sum-exp")
+    logits = map_logits(q, k, maps, info, encoding, t5_table, rel_k, rope_formulation(info, encoding))[0]
+    if full_mask is not None:
+        logits = jnp.where(full_mask[..., None, :, :], logits, -jnp.inf)
+    return jax.nn.logsumexp(logits, axis=-1)
+
+
+def merge_passes(outputs, lses):
+    """Merge attention passes over DISJOINT key sets into the attention over their union (FreeLOC-style).
+
+    ``outputs``: ``[P, ..., N, heads, dim]``, each pass's softmax-weighted values; ``lses``: ``[P, ..., heads,
+    N]`` from :func:`attention_logsumexp`. Pass p's weight for a query is ``exp(lse_p - logsumexp_p lse_p)``;
+    a pass whose row saw no key (lse = -inf) contributes nothing, even if its output is NaN.
+    """
+    lses = jnp.asarray(lses, jnp.float32)
+    total = jax.nn.logsumexp(lses, axis=0)
+    weights = jnp.where(jnp.isneginf(lses), 0.0, jnp.exp(lses - total))  # [P, ..., H, N]
+    weights = jnp.swapaxes(weights, -1, -2)[..., None]  # [P, ..., N, H, 1]
+    outputs = jnp.asarray(outputs, jnp.float32)
+    return jnp.sum(jnp.where(weights > 0, weights * outputs, 0.0), axis=0)

@@ -1,0 +1,1 @@
+"""Fast attention kernels; each must match the jnp path (``jaxlongvid.attention.reference``) in tests."""

@@ -1,0 +1,108 @@
+"""The Flax module that every model's temporal attention uses."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxlongvid import sharding
+from jaxlongvid.attention.core import attention_probabilities, temporal_attention
+from jaxlongvid.attention.encoding import Encoding, logits as map_logits
+from jaxlongvid.attention.maps import info_of_array
+from jaxlongvid.attention.plan import rope_formulation
+from jaxlongvid.keyframes import select_keyframes
+from jaxlongvid.methods import Method
+
+
+def explicit_logits(q, k, maps: np.ndarray, encoding: Encoding, t5_table, rel_k) -> list:
+    """Logits under explicit (small, NumPy) maps ``[M, N, N]``: the probe's shifted positions."""
+    info = info_of_array(maps)
+    return map_logits(q, k, jnp.asarray(maps), info, encoding, t5_table, rel_k, rope_formulation(info, encoding))
+
+
+class TemporalAttention(nn.Module):
+    """Multi-head self-attention over frames of a ``[B, N, h, w, C]`` video tensor (channels last).
+
+    Parameters (names follow the PyTorch originals so converters are rename tables): ``to_q``, ``to_k``,
+    ``to_v`` (no bias by default), ``to_out`` (with bias), and, per the encoding, ``t5_bias`` ``[buckets,
+    heads]``, ``rel_k`` / ``rel_v`` ``[2R+1, head_dim]``. Normalisation before the attention belongs to the
+    calling block, which passes its un-normalised input as ``features`` for IFS keyframe selection.
+
+    Under a mesh with a ``frames`` axis the sequences are resharded over pixels for the attention (every
+    query needs every frame), and the caller's layout is restored by the compiler afterwards.
+    """
+
+    num_heads: int
+    head_dim: int
+    encoding: Encoding = Encoding()
+    method: Method = Method("direct")  # this layer's method (a plan resolves per layer: MethodPlan.for_layer)
+    qkv_bias: bool = False
+    out_bias: bool = True
+    implementation: Optional[str] = None
+    dtype: jnp.dtype = jnp.float32  # compute dtype; softmax statistics stay float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, features: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+        b, n, h, w, c = x.shape
+        inner = self.num_heads * self.head_dim
+        seq = jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b, h * w, n, c)
+        seq = sharding.constrain(seq, P(sharding.DATA, sharding.FRAMES))
+
+        def project(name, bias):
+            y = nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=name)(seq)
+            return y.reshape(b, h * w, n, self.num_heads, self.head_dim)
+
+        q, k, v = project("to_q", self.qkv_bias), project("to_k", self.qkv_bias), project("to_v", self.qkv_bias)
+        enc = self.encoding
+        t5 = rel_k = rel_v = None
+        if enc.t5_buckets:
+            t5 = self.param("t5_bias", nn.initializers.normal(0.02), (enc.t5_buckets, self.num_heads))
+        if enc.rel_distance:
+            rows = 2 * enc.rel_distance + 1
+            init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+            rel_k = self.param("rel_k", init, (rows, self.head_dim))
+            rel_v = self.param("rel_v", init, (rows, self.head_dim))
+        keyframes = None
+        if self.method.needs_keyframes:
+            f = x if features is None else features
+            f = jnp.transpose(f, (0, 1, 4, 2, 3)).reshape(b, n, f.shape[-1], h * w)  # [B, N, C, hw]
+            segments = self.method.mask.segments(n, enc.native_frames)
+            keyframes = jax.vmap(lambda one: select_keyframes(one, segments))(f)[:, None, :]  # [B, 1, n]
+        if self.is_mutable_collection("intermediates"):  # layer probing only (jaxlongvid.probing)
+            self._sow_probe_statistics(q, k, t5, rel_k, keyframes)
+        out = temporal_attention(q, k, v, encoding=enc, method=self.method, t5_table=t5, rel_k=rel_k,
+                                 rel_v=rel_v, keyframes=keyframes, spatial_shape=(h, w),
+                                 implementation=self.implementation)
+        out = nn.Dense(c, use_bias=self.out_bias, dtype=self.dtype, name="to_out")(
+            out.reshape(b, h * w, n, inner))
+        return jnp.transpose(out.reshape(b, h, w, n, c), (0, 3, 1, 2, 4))
+
+    def _sow_probe_statistics(self, q, k, t5, rel_k, keyframes):
+        """Statistics that FreeLOC's layer probing reads, sown only while ``intermediates`` is mutable
+        (``apply(..., mutable=["intermediates"])``), so ordinary calls compute none of this:
+
+        * ``attention_entropy`` ``[B, heads, N]``: entropy (nats) of each query frame's attention weights under
+          this layer's method, averaged over pixels (methods without a merge);
+        * at N <= N0 only, ``logits_sq`` and ``shift_change_sq`` ``[B, heads]``: the squared Frobenius norm of
+          the logits under the model's own positions (no mask), and of their change when every relative
+          distance d becomes d + sign(d) * N0 (all beyond the trained +-(N0 - 1)).
+        """
+        enc = self.encoding
+        if self.method.merge is None:
+            p = attention_probabilities(q, k, encoding=enc, method=self.method, t5_table=t5, rel_k=rel_k,
+                                        keyframes=keyframes)  # [B, hw, heads, N, N]
+            plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+            self.sow("intermediates", "attention_entropy", -jnp.mean(jnp.sum(plogp, axis=-1), axis=1))
+        n = q.shape[-3]
+        if n <= enc.native_frames:
+            d = np.arange(n)[None, :] - np.arange(n)[:, None]
+
+            ori = explicit_logits(q, k, d[None], enc, t5, rel_k)[0]
+            change = explicit_logits(q, k, (d + np.sign(d) * enc.native_frames)[None], enc, t5, rel_k)[0] - ori
+            self.sow("intermediates", "logits_sq", jnp.sum(jnp.square(ori), axis=(1, 3, 4)))
+            self.sow("intermediates", "shift_change_sq", jnp.sum(jnp.square(change), axis=(1, 3, 4)))

@@ -1,0 +1,130 @@
+"""The attention plan: every choice of how to compute one attention call, made once and passed down.
+
+:func:`make_plan` takes the maps' static facts (``MapInfo``), the encoding, the call's shapes, the backend and
+the caller's options, and returns an :class:`AttentionPlan`: the RoPE formulation, the map average, the kernel
+and the chunking of the jnp path. Nothing below it decides again. It is a pure function of hashable values,
+cached by value.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import jax
+import numpy as np
+
+from jaxlongvid.attention.encoding import Encoding
+from jaxlongvid.attention.maps import MapInfo, info_of_array
+
+MAPPED_ROPE = ("auto", "planes", "per_value", "per_frequency")
+MAP_AVERAGES = ("auto", "slots", "per_map")
+IMPLEMENTATIONS = (None, "auto", "xla", "cudnn", "pallas")
+# Chunk bounds of the mapped-RoPE intermediate. On a CPU a chunk that stays in the last-level cache runs 2-4x
+# faster than one of 1 GiB (measured, docs/benchmarks.md); an accelerator wants large batches.
+ACCELERATOR_CHUNK_BYTES = 1 << 30
+CPU_CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How one attention call runs (module doc)."""
+
+    rope: str  # none | absolute | planes | per_value | per_frequency
+    average: str  # slots | per_map
+    kernel: str  # jnp | fused (jax.nn.dot_product_attention) | pallas (the plane kernel)
+    implementation: Optional[str] = None  # the fused kernel's implementation ("xla", "cudnn")
+    chunk: int = 0  # sequences per chunk on the jnp path (0: all at once)
+
+    @property
+    def mapped(self) -> bool:
+        return self.rope in ("planes", "per_value", "per_frequency")
+
+
+def rope_formulation(info: MapInfo, encoding: Encoding, choice: str = "auto") -> str:
+    """How RoPE is applied: "none" (no RoPE), "absolute" (every map is a multiple of ``j - i``), else "planes",
+    "per_value" or "per_frequency" (``encoding`` module doc).
+
+    ``choice="auto"`` picks by the size of the intermediate, counted in logit-sized planes per sequence and
+    head: the plane cover writes L planes, per-value one per distinct value (U), per-frequency ``rope_dim``
+    per map for each of its M maps. For integer maps: planes when L < U, else per value when ``U <= M *
+    rope_dim`` (one matrix product instead of elementwise passes, so a tie goes to it). Fractional maps always
+    take per-frequency."""
+    if choice not in MAPPED_ROPE:
+        raise ValueError(f"mapped_rope must be one of {MAPPED_ROPE}, got {choice!r}")
+    if not encoding.rope_dim:
+        return "none"
+    if info.linear:
+        return "absolute"
+    if choice in ("planes", "per_value") and not info.integer:
+        raise ValueError(f"mapped_rope={choice!r} needs integer position maps (these have fractional values)")
+    if choice != "auto":
+        return choice
+    if not info.integer:
+        return "per_frequency"
+    values = len(info.values)
+    if len(info.planes) < values:
+        return "planes"
+    return "per_value" if values <= info.num_maps * encoding.rope_dim else "per_frequency"
+
+
+def rope_path(maps: np.ndarray, encoding: Encoding, choice: str = "auto") -> str:
+    """:func:`rope_formulation` of explicit NumPy maps ``[M, N, N]``."""
+    return rope_formulation(info_of_array(maps), encoding, choice)
+
+
+def map_average_of(info: MapInfo, choice: str = "auto", rope: str = "none") -> str:
+    """"slots" or "per_map" (``average`` module doc); "auto": slots where the maps take fewer distinct values per
+    entry than there are maps. Several maps that are each a multiple of ``j - i`` keep one softmax per map
+    (their slots would not be)."""
+    if choice not in MAP_AVERAGES:
+        raise ValueError(f"map_average must be one of {MAP_AVERAGES}, got {choice!r}")
+    if rope == "absolute" and info.num_maps > 1:
+        return "per_map"
+    if choice != "auto":
+        return choice
+    return "slots" if info.num_slots < info.num_maps else "per_map"
+
+
+@functools.lru_cache(maxsize=512)
+def make_plan(info: MapInfo, encoding: Encoding, sequences: int, heads: int, head_dim: int, dtype: str,
+              has_rel: tuple[bool, bool], implementation: Optional[str] = None, chunk_bytes: Optional[int] = None,
+              mapped_rope: str = "auto", map_average: str = "auto", backend: Optional[str] = None) -> AttentionPlan:
+    """The plan of an attention call over ``sequences`` sequences of N frames, ``heads`` heads of ``head_dim``
+    in ``dtype`` (a NumPy dtype name).
+
+    Kernels: "pallas" takes the plane kernel where RoPE is mapped, maps are integer and there are no relative
+    K/V tables (else the jnp path: nothing for the kernel to save); "xla"/"cudnn" take
+    ``jax.nn.dot_product_attention`` where RoPE is an absolute rotation and there is no relative V table.
+    "auto" picks per backend: on GPUs the plane kernel where it applies, cuDNN fused attention for the rest
+    where cuDNN takes the input (bfloat16/float16, head dim a multiple of 8), else jnp; jnp elsewhere.
+    The jnp path under mapped RoPE is chunked over sequences so that its intermediate (L planes, U values or
+    ``rope_dim`` per map, plus the slot average's exps and weights) stays under ``chunk_bytes`` (None: 1 GiB
+    on accelerators, 16 MiB on a CPU)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    backend = backend or jax.default_backend()
+    rope = rope_formulation(info, encoding, mapped_rope)
+    average = map_average_of(info, map_average, rope)
+    mapped = rope in ("planes", "per_value", "per_frequency")
+    rel_k, rel_v = has_rel
+    if implementation == "auto":
+        implementation = None
+        if backend == "gpu":
+            cudnn_input = dtype in ("bfloat16", "float16") and head_dim % 8 == 0
+            implementation = "pallas" if mapped else "cudnn" if cudnn_input else None
+    if implementation == "pallas" and mapped and info.integer and not (rel_k or rel_v):
+        return AttentionPlan(rope, average, "pallas")
+    if implementation in ("xla", "cudnn") and not rel_v and not mapped:
+        return AttentionPlan(rope, average, "fused", implementation)
+    if not mapped:
+        return AttentionPlan(rope, average, "jnp")
+    if chunk_bytes is None:
+        chunk_bytes = CPU_CHUNK_BYTES if backend == "cpu" else ACCELERATOR_CHUNK_BYTES
+    planes = {"planes": len(info.planes or ()), "per_value": len(info.values)}.get(rope, encoding.rope_dim)
+    if average == "slots":  # and the exps and weights of each of its V slots
+        planes += 2 * info.num_slots
+    n = info.num_frames
+    batch = max(1, min(sequences, chunk_bytes // (4 * heads * n * n * planes)))
+    return AttentionPlan(rope, average, "jnp", chunk=0 if batch >= sequences else batch)
