@@ -3,10 +3,11 @@
 Maps and masks are built in the program from iotas, so neither should grow with N^2. Prints, per method and
 frame count: lowering seconds, StableHLO text size, the largest captured constant and, with --compile, the
 compile seconds. Runs on any backend (CPU: the tiny model; on a GPU pass --model with a converted pipeline or a
-full-size config via --config).
+full-size UNet config via --config, shapes only, no weights).
 
   python benchmarks/lowering_scale.py --methods direct,longdiff,freeloc --frames 128,256,512,1024
-  python benchmarks/lowering_scale.py --config lavie --height 320 --width 512 --batch 2 --compile
+  python benchmarks/lowering_scale.py --config lavie --latent 40x64 --batch 2 --dtype bfloat16 --compile \
+      --methods direct,longdiff --frames 128,512,1024   # 320x512 pixels, classifier-free guidance batch
 """
 
 from __future__ import annotations
@@ -28,20 +29,22 @@ def main():
     parser.add_argument("--methods", default="direct,longdiff,freeloc,freenoise,freelong")
     parser.add_argument("--frames", default="128,256,512,1024")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
+    parser.add_argument("--latent", help="latent HxW (default: the pipeline's image size over its VAE factor; "
+                                          "needed with --config, e.g. 40x64 for 320x512 pixels)")
     parser.add_argument("--dtype", help="compute dtype (default: the pipeline's)")
     parser.add_argument("--compile", action="store_true", help="also compile (prints compile seconds)")
     args = parser.parse_args()
     config = load_config(args.model)
-    if args.config:
-        config = dataclasses.replace(config, unet=getattr(UNet3DConfig, args.config)())
+    if args.config:  # the UNet alone: the pipeline's other parts are not used
+        config = dataclasses.replace(config, unet=getattr(UNet3DConfig, args.config)(), vae=None,
+                                     missing=tuple(sorted({*config.missing, "vae"})))
+    latent = tuple(int(x) for x in args.latent.split("x")) if args.latent else None
     if args.dtype:
         config = dataclasses.replace(config, dtype=args.dtype)
     print(f"{'method':<12} {'frames':>6} {'lower s':>8} {'HLO MB':>8} {'largest const':>14} {'compile s':>10}")
     for method in args.methods.split(","):
         for frames in (int(f) for f in args.frames.split(",")):
-            lowered, seconds = lower_denoiser(config, method, frames, args.batch, args.height, args.width)
+            lowered, seconds = lower_denoiser(config, method, frames, args.batch, latent)
             text = lowered.as_text()
             largest = max(constant_sizes(text), default=0)
             compile_s = ""

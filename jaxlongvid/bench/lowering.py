@@ -37,11 +37,12 @@ def constant_sizes(text: str) -> list[int]:
     return sizes
 
 
-def lower_denoiser(config: PipelineConfig, method, frames: int, batch: int = 1, height=None, width=None):
-    """``(lowered, seconds)``: one denoiser call on ``[batch, frames, h, w, C]`` latents, lowered for shapes."""
+def lower_denoiser(config: PipelineConfig, method, frames: int, batch: int = 1, latent_size=None):
+    """``(lowered, seconds)``: one denoiser call on ``[batch, frames, h, w, C]`` latents, lowered for shapes;
+    ``latent_size`` (h, w) defaults to the pipeline's image size over its VAE factor."""
     unet = config.unet
     factor = config.latent_factor
-    h, w = (height or config.height) // factor, (width or config.width) // factor
+    h, w = latent_size or (config.height // factor, config.width // factor)
     params = init_shapes(unet)
     x = jax.ShapeDtypeStruct((batch, frames, h, w, unet.in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.int32)
