@@ -353,7 +353,7 @@ def _pallas(enc, method, map_average):
 
 def test_pallas_kernel_lowers_to_triton_for_gpus():
     """No GPU here: check that the kernel lowers for CUDA through Triton (block shapes, ops), not that it runs."""
-    from jaxlongvid.attention.kernels.pallas_gpu import pallas_forward
+    from jaxlongvid.attention.kernels.plane import pallas_forward
 
     enc = Encoding(rope_dim=32, t5_buckets=32, native_frames=16)
     positions = PRESETS["longdiff"].positions
@@ -618,3 +618,46 @@ def test_token_level_attention_applies_frame_maps_to_token_blocks(name):
         temporal_attention(q, k, v, encoding=enc, t5_table=tables["t5_table"], tokens_per_frame=7)
     with pytest.raises(ValueError, match="takes tokens_per_frame=1"):
         temporal_attention(q, k, v, encoding=enc, t5_table=tables["t5_table"], method="freenoise", tokens_per_frame=3)
+
+
+# ---- the plan: kernels per backend; the plane kernel's TPU build ---------------------------------------------------
+def test_auto_plan_picks_kernels_per_backend():
+    from jaxlongvid.attention import make_plan
+
+    lavie = Encoding(rope_dim=32, t5_buckets=32, native_frames=16)
+    longdiff = info_of_positions(PRESETS["longdiff"].positions, 128, 16)
+    direct = info_of_positions(PRESETS["direct"].positions, 128, 16)
+    plan = lambda info, backend, dtype="bfloat16", rel=(False, False): make_plan(
+        info, lavie, 4096, 8, 40, dtype, rel, "auto", backend=backend)
+    assert (plan(longdiff, "gpu").kernel, plan(longdiff, "gpu").implementation) == ("pallas", "gpu")
+    assert (plan(direct, "gpu").kernel, plan(direct, "gpu").implementation) == ("fused", "cudnn")
+    assert plan(direct, "gpu", "float32").kernel == "jnp"  # cuDNN takes half precision only
+    assert plan(longdiff, "gpu", rel=(True, True)).kernel == "jnp"  # the kernel has no relative tables
+    assert (plan(longdiff, "tpu").kernel, plan(longdiff, "tpu").implementation) == ("pallas", "tpu")
+    assert plan(direct, "tpu").kernel == plan(longdiff, "cpu").kernel == "jnp"
+    assert (plan(longdiff, "cpu").rope, plan(longdiff, "cpu").average) == ("planes", "slots")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        make_plan(direct, lavie, 1, 8, 40, "float32", (False, False), "flash")
+
+
+def test_plane_kernel_tpu_build_lowers_to_mosaic_and_matches_in_interpret_mode():
+    """No TPU here: the TPU build (128-query blocks, Mosaic parameters) lowers for TPUs, and interpreted it
+    equals the jnp path."""
+    from jaxlongvid.attention.kernels.plane import pallas_forward
+
+    enc, dim = ENCODINGS["rope_t5"]
+    positions = PRESETS["longdiff"].positions
+    q, k, v, tables = _inputs(64, dim, seed=7)
+    kf = _keyframes(PRESETS["longdiff"], 64, 2, 7)
+    mask = masks.ifs_mask(64, kf, 8)
+
+    def tpu_kernel(q, k, v, t5, mask, interpret):
+        return pallas_forward(q, k, v, t5, mask, positions.maps(64, 16), info_of_positions(positions, 64, 16), enc,
+                              interpret=interpret, average="slots", target="tpu")
+
+    got = jax.jit(functools.partial(tpu_kernel, interpret=True))(q, k, v, tables["t5_table"], mask)
+    want = temporal_attention(q, k, v, encoding=enc, method="longdiff", t5_table=tables["t5_table"], keyframes=kf)
+    assert _rel_err(got, want) <= 2e-6
+    lowered = jax.jit(functools.partial(tpu_kernel, interpret=False)).trace(
+        q, k, v, tables["t5_table"], mask).lower(lowering_platforms=("tpu",))
+    assert "tpu_custom_call" in lowered.as_text()

@@ -16,7 +16,7 @@ from jaxlongvid.attention import merges
 from jaxlongvid.attention.average import probabilities
 from jaxlongvid.attention.encoding import Encoding, check_tables, logits as map_logits
 from jaxlongvid.attention.kernels.fused import attend_fused
-from jaxlongvid.attention.kernels.pallas_gpu import pallas_forward
+from jaxlongvid.attention.kernels.plane import pallas_forward
 from jaxlongvid.attention.maps import MapInfo, info_of_positions, token_maps
 from jaxlongvid.attention.plan import AttentionPlan, make_plan, map_average_of, rope_formulation
 from jaxlongvid.attention.reference import attend_jnp_chunked
@@ -145,7 +145,7 @@ def attend_pallas(q, k, v, maps, info: MapInfo, mask, encoding: Encoding, t5_tab
 
     @jax.custom_vjp
     def run(q, k, v, t5, mask, maps):
-        return pallas_forward(q, k, v, t5, mask, maps, info, encoding, interpret, plan.average)
+        return pallas_forward(q, k, v, t5, mask, maps, info, encoding, interpret, plan.average, plan.implementation)
 
     def forward(q, k, v, t5, mask, maps):
         return run(q, k, v, t5, mask, maps), (q, k, v, t5, mask, maps)

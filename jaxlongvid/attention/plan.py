@@ -34,7 +34,7 @@ class AttentionPlan:
     rope: str  # none | absolute | planes | per_value | per_frequency
     average: str  # slots | per_map
     kernel: str  # jnp | fused (jax.nn.dot_product_attention) | pallas (the plane kernel)
-    implementation: Optional[str] = None  # the fused kernel's implementation ("xla", "cudnn")
+    implementation: Optional[str] = None  # fused: "xla" or "cudnn"; pallas: its target, "gpu" or "tpu"
     chunk: int = 0  # sequences per chunk on the jnp path (0: all at once)
 
     @property
@@ -98,7 +98,8 @@ def make_plan(info: MapInfo, encoding: Encoding, sequences: int, heads: int, hea
     K/V tables (else the jnp path: nothing for the kernel to save); "xla"/"cudnn" take
     ``jax.nn.dot_product_attention`` where RoPE is an absolute rotation and there is no relative V table.
     "auto" picks per backend: on GPUs the plane kernel where it applies, cuDNN fused attention for the rest
-    where cuDNN takes the input (bfloat16/float16, head dim a multiple of 8), else jnp; jnp elsewhere.
+    where cuDNN takes the input (bfloat16/float16, head dim a multiple of 8), else jnp; on TPUs the plane
+    kernel (Mosaic) where it applies, else jnp; jnp on CPUs.
     The jnp path under mapped RoPE is chunked over sequences so that its intermediate (L planes, U values or
     ``rope_dim`` per map, plus the slot average's exps and weights) stays under ``chunk_bytes`` (None: 1 GiB
     on accelerators, 16 MiB on a CPU)."""
@@ -114,8 +115,10 @@ def make_plan(info: MapInfo, encoding: Encoding, sequences: int, heads: int, hea
         if backend == "gpu":
             cudnn_input = dtype in ("bfloat16", "float16") and head_dim % 8 == 0
             implementation = "pallas" if mapped else "cudnn" if cudnn_input else None
+        elif backend == "tpu":
+            implementation = "pallas" if mapped else None
     if implementation == "pallas" and mapped and info.integer and not (rel_k or rel_v):
-        return AttentionPlan(rope, average, "pallas")
+        return AttentionPlan(rope, average, "pallas", "tpu" if backend == "tpu" else "gpu")
     if implementation in ("xla", "cudnn") and not rel_v and not mapped:
         return AttentionPlan(rope, average, "fused", implementation)
     if not mapped:

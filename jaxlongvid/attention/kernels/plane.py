@@ -1,5 +1,5 @@
-"""The plane kernel: LongDiff-style mapped-RoPE attention in one Pallas kernel (Triton on GPUs, interpreted on
-a CPU). For a block of queries it computes the plane-cover logits on chip (q and k pre-rotated per plane),
+"""The plane kernel: LongDiff-style mapped-RoPE attention in one Pallas kernel (Triton on GPUs, Mosaic on TPUs,
+interpreted on a CPU; the TPU build uses 128-query blocks and is checked to lower, not yet run on a TPU). For a block of queries it computes the plane-cover logits on chip (q and k pre-rotated per plane),
 selects each map's (or each slot's, with the slot average and its checked fallback, as on the jnp path),
 averages the M softmaxes and takes one ``P @ V``, never writing logits to memory. Forward pass only: its
 gradient is the jnp plane path's (recomputed in the backward pass)."""
@@ -17,6 +17,7 @@ from jaxlongvid.attention.encoding import Encoding, plane_rotations, rotate, t5_
 from jaxlongvid.attention.maps import MapInfo, plane_index, slot_maps
 
 BLOCK_Q = 16  # query rows per program; each program holds M logit tiles of [block, padded N] float32
+BLOCK_Q_TPU = 128  # Mosaic tiles: a block's last dim is a multiple of 128 (or the whole padded N)
 NUM_WARPS = 4
 
 
@@ -76,7 +77,7 @@ def plane_kernel(*refs, num_planes, num_logits, num_maps, head_dim, has_plain, h
         top = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1) for x in logits])  # [block]
         exps = [jnp.exp(x - top[:, None]) for x in logits]
         floor = math.exp(-SLOT_GAP_LIMIT)
-        no_key = jnp.isneginf(top)  # rows that see no key: NaN either way
+        no_key = top == -jnp.inf  # rows that see no key: NaN either way
         cleared = None  # every map's sum >= floor
         for m in range(num_maps):
             x = pick(sel_ref[m], exps)
@@ -84,7 +85,7 @@ def plane_kernel(*refs, num_planes, num_logits, num_maps, head_dim, has_plain, h
             ok = total >= floor
             cleared = ok if cleared is None else cleared & ok
             probs = probs + x * (1.0 / (num_maps * jnp.where(ok, total, 1.0)))[:, None]
-        fits_ref[...] = (no_key | cleared).astype(jnp.int32)
+        fits_ref[...] = (no_key | cleared).astype(jnp.int32)[None, :]
     else:
         for x in logits:
             e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
@@ -94,19 +95,30 @@ def plane_kernel(*refs, num_planes, num_logits, num_maps, head_dim, has_plain, h
     out_ref[...] = out.astype(out_ref.dtype)
 
 
-def pallas_forward(q, k, v, t5_table, mask, maps, info: MapInfo, encoding: Encoding, interpret: bool, average: str):
+def compiler_params(target: str):
+    """Triton parameters on GPUs, Mosaic's on TPUs (interpret mode on a CPU takes either)."""
+    if target == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.CompilerParams()
+    from jax.experimental.pallas import triton as pl_triton
+
+    return pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+
+
+def pallas_forward(q, k, v, t5_table, mask, maps, info: MapInfo, encoding: Encoding, interpret: bool, average: str,
+                   target: str = "gpu"):
     """The plane kernel over every (sequence, head, query block); [..., N, H, D] -> [..., N, H, Dv].
 
     With ``average="slots"`` the kernel forms the slot logits and takes the slot average; if a row's sums fall
     under the floor it says so, and the call reruns with one softmax per map (a run-time branch, as on the jnp
     path)."""
-    from jax.experimental import pallas as pl  # imported here: only this path needs them
-    from jax.experimental.pallas import triton as pl_triton
+    from jax.experimental import pallas as pl  # imported here: only this path needs it
 
     lead, (n, h, d), dv, r = q.shape[:-3], q.shape[-3:], v.shape[-1], encoding.rope_dim
     count = math.prod(lead)
     n_pad, r_pad, dv_pad = pow2(n), pow2(r), pow2(dv)
-    block = min(BLOCK_Q, n_pad)
+    block = min(BLOCK_Q_TPU if target == "tpu" else BLOCK_Q, n_pad)
     slot_average = average == "slots"
     logit_maps, sel = slot_maps(maps, info.num_slots) if slot_average else (maps, None)
     planes = info.planes
@@ -151,20 +163,20 @@ def pallas_forward(q, k, v, t5_table, mask, maps, info: MapInfo, encoding: Encod
     if has_mask:
         rows, shared = mask_rows(mask, lead, n, n_pad)
         operands.append(rows)
-        specs.append(pl.BlockSpec((None, block, n_pad), lambda s, hh, i: (s // shared, i, 0)))
+        specs.append(pl.BlockSpec((None, block, n_pad), lambda s, hh, i: (jax.lax.div(s, shared), i, 0)))
     kernel = functools.partial(plane_kernel, num_planes=len(planes), num_logits=num_logits,
                                num_maps=len(maps) if slot_average else 0, head_dim=d, has_plain=has_plain,
                                has_bias=has_bias, has_mask=has_mask)
     out_specs, out_shape = [seq_head(dv_pad, block)], [jax.ShapeDtypeStruct((count, h, n_pad, dv_pad), v.dtype)]
     if slot_average:  # per query row: did the slot sums clear the floor
-        out_specs.append(pl.BlockSpec((None, None, block), lambda s, hh, i: (s, hh, i)))
-        out_shape.append(jax.ShapeDtypeStruct((count, h, n_pad), jnp.int32))
+        out_specs.append(pl.BlockSpec((None, None, 1, block), lambda s, hh, i: (s, hh, 0, i)))
+        out_shape.append(jax.ShapeDtypeStruct((count, h, 1, n_pad), jnp.int32))
     out, *fits = pl.pallas_call(
         kernel, grid=(count, h, n_pad // block), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
-        interpret=interpret, compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        interpret=interpret, compiler_params=compiler_params(target),
         name="plane_rope_attention")(*operands)
     out = jnp.swapaxes(out[:, :, :n, :dv], 1, 2).reshape(lead + (n, h, dv))
     if not slot_average:
         return out
-    per_map = lambda: pallas_forward(q, k, v, t5_table, mask, maps, info, encoding, interpret, "per_map")
-    return jax.lax.cond(jnp.all(fits[0][:, :, :n] != 0), lambda: out, per_map)
+    per_map = lambda: pallas_forward(q, k, v, t5_table, mask, maps, info, encoding, interpret, "per_map", target)
+    return jax.lax.cond(jnp.all(fits[0][:, :, 0, :n] != 0), lambda: out, per_map)
