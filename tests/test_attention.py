@@ -661,3 +661,42 @@ def test_plane_kernel_tpu_build_lowers_to_mosaic_and_matches_in_interpret_mode()
     lowered = jax.jit(functools.partial(tpu_kernel, interpret=False)).trace(
         q, k, v, tables["t5_table"], mask).lower(lowering_platforms=("tpu",))
     assert "tpu_custom_call" in lowered.as_text()
+
+
+def test_module_resolves_a_plan_by_its_own_path():
+    """One MethodPlan passed unchanged to every layer: each runs the Method of its path in the model."""
+    import flax.linen as nn
+
+    from jaxlongvid.methods import MethodPlan
+
+    enc = Encoding(rope_dim=8, t5_buckets=32, native_frames=8)
+
+    class Nested(nn.Module):
+        method: object
+
+        @nn.compact
+        def __call__(self, x):
+            x = x + TemporalAttention(2, 8, enc, self.method, name="first")(x)
+            return x + Inner(self.method, name="block")(x)
+
+    class Inner(nn.Module):
+        method: object
+
+        @nn.compact
+        def __call__(self, x):
+            return TemporalAttention(2, 8, enc, self.method, name="second")(x)
+
+    x = jax.random.normal(jax.random.key(0), (1, 20, 2, 2, 16))
+    plan = MethodPlan(default=PRESETS["direct"], layers=(("block/second", PRESETS["freeloc"]),))
+    planned = Nested(plan)
+    params = planned.init(jax.random.key(1), x)
+    out = planned.apply(params, x)
+
+    class Split(nn.Module):  # the same layers and parameters with the methods given per layer
+        @nn.compact
+        def __call__(self, x):
+            x = x + TemporalAttention(2, 8, enc, PRESETS["direct"], name="first")(x)
+            return x + Inner(PRESETS["freeloc"], name="block")(x)
+
+    np.testing.assert_allclose(out, Split().apply(params, x), rtol=1e-6, atol=1e-6)
+    assert np.max(np.abs(out - Nested(PRESETS["direct"]).apply(params, x))) > 1e-4  # the routing matters

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import flax.linen as nn
 import jax
@@ -16,7 +16,7 @@ from jaxlongvid.attention.encoding import Encoding, logits as map_logits
 from jaxlongvid.attention.maps import info_of_array
 from jaxlongvid.attention.plan import rope_formulation
 from jaxlongvid.keyframes import select_keyframes
-from jaxlongvid.methods import Method
+from jaxlongvid.methods import Method, MethodPlan
 
 
 def explicit_logits(q, k, maps: np.ndarray, encoding: Encoding, t5_table, rel_k) -> list:
@@ -40,7 +40,9 @@ class TemporalAttention(nn.Module):
     num_heads: int
     head_dim: int
     encoding: Encoding = Encoding()
-    method: Method = Method("direct")  # this layer's method (a plan resolves per layer: MethodPlan.for_layer)
+    # this layer's Method, or a resolved MethodPlan: the layer then runs plan.for_layer(its own path), the path
+    # of the module inside the model ("/".join(self.path): the names of temporal_layer_names)
+    method: Union[Method, MethodPlan] = Method("direct")
     qkv_bias: bool = False
     out_bias: bool = True
     implementation: Optional[str] = None
@@ -68,21 +70,28 @@ class TemporalAttention(nn.Module):
             rel_k = self.param("rel_k", init, (rows, self.head_dim))
             rel_v = self.param("rel_v", init, (rows, self.head_dim))
         keyframes = None
-        if self.method.needs_keyframes:
+        method = self.layer_method()
+        if method.needs_keyframes:
             f = x if features is None else features
             f = jnp.transpose(f, (0, 1, 4, 2, 3)).reshape(b, n, f.shape[-1], h * w)  # [B, N, C, hw]
-            segments = self.method.mask.segments(n, enc.native_frames)
+            segments = method.mask.segments(n, enc.native_frames)
             keyframes = jax.vmap(lambda one: select_keyframes(one, segments))(f)[:, None, :]  # [B, 1, n]
         if self.is_mutable_collection("intermediates"):  # layer probing only (jaxlongvid.probing)
-            self._sow_probe_statistics(q, k, t5, rel_k, keyframes)
-        out = temporal_attention(q, k, v, encoding=enc, method=self.method, t5_table=t5, rel_k=rel_k,
+            self._sow_probe_statistics(method, q, k, t5, rel_k, keyframes)
+        out = temporal_attention(q, k, v, encoding=enc, method=method, t5_table=t5, rel_k=rel_k,
                                  rel_v=rel_v, keyframes=keyframes, spatial_shape=(h, w),
                                  implementation=self.implementation)
         out = nn.Dense(c, use_bias=self.out_bias, dtype=self.dtype, name="to_out")(
             out.reshape(b, h * w, n, inner))
         return jnp.transpose(out.reshape(b, h, w, n, c), (0, 3, 1, 2, 4))
 
-    def _sow_probe_statistics(self, q, k, t5, rel_k, keyframes):
+    def layer_method(self) -> Method:
+        """The Method this layer runs (its own, or its plan's for the module's path)."""
+        if isinstance(self.method, MethodPlan):
+            return self.method.for_layer("/".join(self.path))
+        return self.method
+
+    def _sow_probe_statistics(self, method: Method, q, k, t5, rel_k, keyframes):
         """Statistics that FreeLOC's layer probing reads, sown only while ``intermediates`` is mutable
         (``apply(..., mutable=["intermediates"])``), so ordinary calls compute none of this:
 
@@ -93,8 +102,8 @@ class TemporalAttention(nn.Module):
           distance d becomes d + sign(d) * N0 (all beyond the trained +-(N0 - 1)).
         """
         enc = self.encoding
-        if self.method.merge is None:
-            p = attention_probabilities(q, k, encoding=enc, method=self.method, t5_table=t5, rel_k=rel_k,
+        if method.merge is None:
+            p = attention_probabilities(q, k, encoding=enc, method=method, t5_table=t5, rel_k=rel_k,
                                         keyframes=keyframes)  # [B, hw, heads, N, N]
             plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
             self.sow("intermediates", "attention_entropy", -jnp.mean(jnp.sum(plogp, axis=-1), axis=1))
