@@ -633,6 +633,8 @@ def test_auto_plan_picks_kernels_per_backend():
     assert (plan(direct, "gpu").kernel, plan(direct, "gpu").implementation) == ("fused", "cudnn")
     assert plan(direct, "gpu", "float32").kernel == "jnp"  # cuDNN takes half precision only
     assert plan(longdiff, "gpu", rel=(True, True)).kernel == "jnp"  # the kernel has no relative tables
+    long = info_of_positions(PRESETS["longdiff"].positions, 1024, 16)
+    assert plan(long, "gpu").kernel == "jnp" and plan(long, "gpu").chunk > 0  # beyond the kernel's measured range
     assert (plan(longdiff, "tpu").kernel, plan(longdiff, "tpu").implementation) == ("pallas", "tpu")
     assert plan(direct, "tpu").kernel == plan(longdiff, "cpu").kernel == "jnp"
     assert (plan(longdiff, "cpu").rope, plan(longdiff, "cpu").average) == ("planes", "slots")

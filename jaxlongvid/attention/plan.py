@@ -25,6 +25,10 @@ IMPLEMENTATIONS = (None, "auto", "xla", "cudnn", "pallas")
 # faster than one of 1 GiB (measured, docs/benchmarks.md); an accelerator wants large batches.
 ACCELERATOR_CHUNK_BYTES = 1 << 30
 CPU_CHUNK_BYTES = 16 << 20
+# "auto" takes the plane kernel up to this many frames: the range it was measured to win in (128 and 256 frames
+# on an H200, docs/benchmarks.md). Each program holds its query block's map selection tables, which grow with
+# N x M (LongDiff: M ~ N / 15), so longer videos take the chunked jnp path until the kernel is measured there.
+PALLAS_AUTO_MAX_FRAMES = 256
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,8 @@ def make_plan(info: MapInfo, encoding: Encoding, sequences: int, heads: int, hea
     Kernels: "pallas" takes the plane kernel where RoPE is mapped, maps are integer and there are no relative
     K/V tables (else the jnp path: nothing for the kernel to save); "xla"/"cudnn" take
     ``jax.nn.dot_product_attention`` where RoPE is an absolute rotation and there is no relative V table.
-    "auto" picks per backend: on GPUs the plane kernel where it applies, cuDNN fused attention for the rest
+    "auto" picks per backend: on GPUs the plane kernel where it applies (up to ``PALLAS_AUTO_MAX_FRAMES``),
+    cuDNN fused attention for the rest
     where cuDNN takes the input (bfloat16/float16, head dim a multiple of 8), else jnp; on TPUs the plane
     kernel (Mosaic) where it applies, else jnp; jnp on CPUs.
     The jnp path under mapped RoPE is chunked over sequences so that its intermediate (L planes, U values or
@@ -114,9 +119,10 @@ def make_plan(info: MapInfo, encoding: Encoding, sequences: int, heads: int, hea
         implementation = None
         if backend == "gpu":
             cudnn_input = dtype in ("bfloat16", "float16") and head_dim % 8 == 0
-            implementation = "pallas" if mapped else "cudnn" if cudnn_input else None
+            kernel_fits = info.num_frames <= PALLAS_AUTO_MAX_FRAMES
+            implementation = ("pallas" if kernel_fits else None) if mapped else "cudnn" if cudnn_input else None
         elif backend == "tpu":
-            implementation = "pallas" if mapped else None
+            implementation = "pallas" if mapped and info.num_frames <= PALLAS_AUTO_MAX_FRAMES else None
     if implementation == "pallas" and mapped and info.integer and not (rel_k or rel_v):
         return AttentionPlan(rope, average, "pallas", "tpu" if backend == "tpu" else "gpu")
     if implementation in ("xla", "cudnn") and not rel_v and not mapped:
