@@ -116,13 +116,13 @@ class Group(Positions):
     def __post_init__(self):
         _check_fields(self, {"num_groups": 2})
 
-    def mapped(self, d, n, n0, xp):
+    def at(self, d, n, n0, xp):
         g = self.num_groups or n0
         return d[None] if n <= g else positions.grouped_of(d, positions.group_size(n, g), 0, xp)[None]
 
     def planes(self, n, n0):
         g = self.num_groups or n0
-        return None if n <= g else _group_planes(positions.group_size(n, g))
+        return None if n <= max(g, n0) else _group_planes(positions.group_size(n, g))
 
 
 @dataclass(frozen=True)
@@ -135,13 +135,13 @@ class GroupShift(Positions):
     def __post_init__(self):
         _check_fields(self, {"num_groups": 2})
 
-    def mapped(self, d, n, n0, xp):
+    def at(self, d, n, n0, xp):
         g = self.num_groups or n0
         return d[None] if n <= g else positions.group_shift_of(d, positions.group_size(n, g), xp)
 
     def planes(self, n, n0):
         g = self.num_groups or n0
-        return None if n <= g else _group_planes(positions.group_size(n, g))
+        return None if n <= max(g, n0) else _group_planes(positions.group_size(n, g))
 
 
 @dataclass(frozen=True)
