@@ -206,9 +206,11 @@ class PipelineConfig:
 
 # ---- pure functions of (config, params) -----------------------------------------------------------------------
 def build_denoiser(config: PipelineConfig, method="direct"):
-    """The denoiser Flax module for ``method`` (preset name, Method or MethodPlan)."""
-    return module_class(config.unet)(config.unet, method=get_method(method), dtype=jnp.dtype(config.dtype),
-                                     attention_implementation=config.attention_implementation)
+    """The denoiser Flax module for ``method`` (preset name, Method or MethodPlan). ``attention_implementation``
+    is passed only when it is not "auto", every denoiser's default (registered modules need not take it)."""
+    extra = {} if config.attention_implementation == "auto" else {
+        "attention_implementation": config.attention_implementation}
+    return module_class(config.unet)(config.unet, method=get_method(method), dtype=jnp.dtype(config.dtype), **extra)
 
 
 def cast_params(params, dtype):

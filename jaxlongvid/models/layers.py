@@ -51,7 +51,7 @@ class KernelPlan:
 
 
 CHUNK_BYTES = {"cpu": 256 * 2 ** 20}  # per backend; accelerators: ACCELERATOR_CHUNK_BYTES
-ACCELERATOR_CHUNK_BYTES = 4 * 2 ** 30
+ACCELERATOR_CHUNK_BYTES = 8 * 2 ** 30  # LaVie at 128 frames, 320x512: no chunks
 
 
 def plan_kernels(choice: str, backend: str, dtype, chunk_bytes: Optional[int] = None) -> KernelPlan:
@@ -81,8 +81,8 @@ def frame_steps(frames: int, bytes_per_frame: int, chunk_bytes: Optional[int]) -
     divisor of ``frames`` that does it (``frames`` when even one frame exceeds it); 1 without a bound."""
     if chunk_bytes is None:
         return 1
-    return next(d for d in range(1, frames + 1) if frames % d == 0 and (frames // d) * bytes_per_frame
-                <= chunk_bytes) if bytes_per_frame <= chunk_bytes else frames
+    fits = [d for d in range(1, frames + 1) if frames % d == 0 and (frames // d) * bytes_per_frame <= chunk_bytes]
+    return fits[0] if fits else frames
 
 
 def scan_frames(module: nn.Module, fn, x: jnp.ndarray, *shared, steps: int) -> jnp.ndarray:
@@ -298,7 +298,7 @@ class SpatialBlock(nn.Module):
         hw, inner, size = h * w, self.heads * self.head_dim, jnp.dtype(self.dtype).itemsize
         scores = 4 * self.heads * hw * max(hw, context.shape[1]) if self.kernels.spatial is None else 0
         attn_bytes = b * max(scores, 6 * hw * inner * size)  # per frame: XLA's scores, or q, k, v, out...
-        ff_bytes = b * hw * 3 * self.ff.mult * c * max(size, 4)  # per frame: the hidden activation (float32)
+        ff_bytes = b * hw * 3 * self.ff.mult * c * size  # per frame: the hidden activation and its gated half
         x = scan_frames(self, SpatialBlock.frame_attention, x, context,
                         steps=frame_steps(f, attn_bytes, self.kernels.chunk_bytes))
         if self.temporal_method is not None:
@@ -359,7 +359,7 @@ class TemporalBlock(nn.Module):
         x = shard_frames(x + self.attn1(self.norm1(x), features=x))
         x = shard_frames(x + self.attn2(self.norm2(x), features=x))
         b, f, h, w, c = x.shape
-        ff_bytes = b * h * w * 3 * self.ff.mult * c * max(jnp.dtype(self.dtype).itemsize, 4)
+        ff_bytes = b * h * w * 3 * self.ff.mult * c * jnp.dtype(self.dtype).itemsize
         return scan_frames(self, TemporalBlock.feed_forward, x,
                            steps=frame_steps(f, ff_bytes, self.kernels.chunk_bytes))
 
