@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlongvid.methods import get_method
+from jaxlongvid.models.layers import IMPLEMENTATIONS
 from jaxlongvid.schedulers import SchedulerConfig
 
 FORMAT = "jaxlongvid-pipeline"
@@ -122,7 +123,7 @@ class PipelineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     vae: Any = None
     dtype: str = "float32"  # compute dtype of the denoiser (float32 | bfloat16 | float16)
-    attention_implementation: Optional[str] = None  # passed to the denoiser when set (e.g. "cudnn" on GPU)
+    attention_implementation: str = "auto"  # auto | xla | cudnn | pallas (models.layers.plan_kernels)
     # default sampling settings
     num_frames: int = 16
     num_inference_steps: int = 50
@@ -138,6 +139,11 @@ class PipelineConfig:
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"PipelineConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.attention_implementation is None:  # pipelines saved before "auto" existed
+            object.__setattr__(self, "attention_implementation", "auto")
+        if self.attention_implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"PipelineConfig.attention_implementation must be one of {IMPLEMENTATIONS}, got "
+                             f"{self.attention_implementation!r}")
         object.__setattr__(self, "missing", tuple(self.missing))
         unknown = [m for m in self.missing if m not in OPTIONAL_COMPONENTS]
         present = [m for m in self.missing if m in OPTIONAL_COMPONENTS and getattr(self, m) is not None]
@@ -200,10 +206,30 @@ class PipelineConfig:
 
 # ---- pure functions of (config, params) -----------------------------------------------------------------------
 def build_denoiser(config: PipelineConfig, method="direct"):
-    """The denoiser Flax module for ``method`` (preset name, Method or MethodPlan)."""
-    extra = {} if config.attention_implementation is None else {
+    """The denoiser Flax module for ``method`` (preset name, Method or MethodPlan). ``attention_implementation``
+    is passed only when it is not "auto", every denoiser's default (registered modules need not take it)."""
+    extra = {} if config.attention_implementation == "auto" else {
         "attention_implementation": config.attention_implementation}
     return module_class(config.unet)(config.unet, method=get_method(method), dtype=jnp.dtype(config.dtype), **extra)
+
+
+def cast_params(params, dtype):
+    """The weights of every dense / convolution layer (a dict holding a ``kernel``: its kernel and bias) cast to
+    the compute ``dtype``; everything else (normalisation scales and biases, position tables) stays as it is.
+
+    Those layers cast their weights to the compute dtype before use anyway, so the outputs are unchanged
+    bit for bit; done once before sampling, it halves the weights' memory and the per-step casts go away."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(tree):
+        if not isinstance(tree, dict):
+            return tree
+        if "kernel" in tree and not isinstance(tree["kernel"], dict):
+            return {k: (v.astype(dtype) if k in ("kernel", "bias") and v.dtype != dtype else v)
+                    for k, v in tree.items()}
+        return {k: cast(v) for k, v in tree.items()}
+
+    return cast(params)
 
 
 def apply_denoiser(config: PipelineConfig, method, params, latents, timesteps, context, fps=None):

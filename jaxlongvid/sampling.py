@@ -53,7 +53,8 @@ from jax.sharding import PartitionSpec as P
 from jaxlongvid import schedulers, sharding
 from jaxlongvid.positions import _check_int as _int
 from jaxlongvid.methods import Method, MethodPlan, as_plan, get_method
-from jaxlongvid.pipeline import Pipeline, PipelineConfig, apply_denoiser, decode_latents, encode_text
+from jaxlongvid.pipeline import (Pipeline, PipelineConfig, apply_denoiser, cast_params, decode_latents,
+                                 encode_text)
 
 LATENTS = P(None, sharding.FRAMES)  # [B, F, h, w, C]: frames split, batch whole
 PAIR = sharding.VIDEO  # the guidance pair [2B, F, h, w, C]: batch over "data" too
@@ -341,13 +342,15 @@ def _mesh_context(mesh):
 
 
 def _placed_params(pipe: Pipeline, mesh):
-    """The pipeline's weights replicated over ``mesh`` (cached per mesh and params object)."""
-    if mesh is None:
-        return pipe.params
+    """The pipeline's weights as sampling uses them: the denoiser's dense / conv weights cast once to the compute
+    dtype (``cast_params``), replicated over ``mesh`` when given (cached per mesh and params object)."""
     cached = pipe._placed.get(mesh)
     if cached is None or cached[0] is not pipe.params:  # new mesh, or the params were replaced
         pipe._placed.clear()
-        cached = pipe._placed[mesh] = (pipe.params, sharding.put_tree(pipe.params, sharding.named(mesh, P())))
+        params = dict(pipe.params, unet=cast_params(pipe.params["unet"], pipe.config.dtype))
+        if mesh is not None:
+            params = sharding.put_tree(params, sharding.named(mesh, P()))
+        cached = pipe._placed[mesh] = (pipe.params, params)
     return cached[1]
 
 

@@ -12,6 +12,7 @@ softmax run in float32 whatever the compute ``dtype``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import flax.linen as nn
@@ -27,6 +28,74 @@ from jaxlongvid.methods import Method
 VIDEO_SPEC = P(sharding.DATA, sharding.FRAMES)  # [B, F, H, W, C]: batch on "data", frames on "frames"
 TRANSFORMER_NORM_EPS = 1e-6  # input GroupNorm of every spatial / temporal transformer (all families)
 LAYER_NORM_EPS = 1e-5
+
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")  # attention_implementation choices
+HALF_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN's fused attention takes only these
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Which kernel each attention call site runs and how large a frame chunk may get: decided once per model
+    call (:func:`plan_kernels`) and passed down unchanged.
+
+    ``spatial``: ``jax.nn.dot_product_attention``'s implementation for spatial and cross attention (None: XLA,
+    "cudnn": fused flash attention). ``temporal``: ``temporal_attention``'s implementation (None: jnp, "auto",
+    "cudnn", "pallas"). ``chunk_bytes``: bound on the largest intermediate of one chunk of frames in the per-frame parts
+    of a transformer block (spatial + cross attention, feed-forward); None: no chunking.
+    """
+
+    spatial: Optional[str] = None
+    temporal: Optional[str] = None
+    chunk_bytes: Optional[int] = None
+
+
+CHUNK_BYTES = {"cpu": 256 * 2 ** 20}  # per backend; accelerators: ACCELERATOR_CHUNK_BYTES
+ACCELERATOR_CHUNK_BYTES = 8 * 2 ** 30  # LaVie at 128 frames, 320x512: no chunks
+
+
+def plan_kernels(choice: str, backend: str, dtype, chunk_bytes: Optional[int] = None) -> KernelPlan:
+    """The kernel plan for ``attention_implementation=choice`` on ``backend`` ("cpu", "gpu", "tpu") at compute
+    ``dtype``.
+
+    * "auto": on GPUs with a bfloat16 / float16 compute dtype, cuDNN flash attention for spatial and cross
+      attention; temporal attention is left to the core's own "auto" (``attention.plan.make_plan``: the Pallas
+      kernel where positions are mapped, cuDNN where they are not); everywhere else XLA / jnp.
+    * "xla": XLA / jnp everywhere. "cudnn": cuDNN everywhere it applies. "pallas": the Pallas kernel for mapped
+      temporal attention, with cuDNN for spatial and cross attention on GPUs and XLA elsewhere (the Pallas
+      kernel is temporal-only).
+    """
+    if choice not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_implementation must be one of {IMPLEMENTATIONS}, got {choice!r}")
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES.get(backend, ACCELERATOR_CHUNK_BYTES)
+    fused = backend == "gpu" and jnp.dtype(dtype) in HALF_DTYPES
+    spatial, temporal = {"auto": ("cudnn" if fused else None, "auto"), "xla": (None, None),
+                         "cudnn": ("cudnn", "cudnn"),
+                         "pallas": ("cudnn" if fused else None, "pallas")}[choice]
+    return KernelPlan(spatial, temporal, chunk_bytes)
+
+
+def frame_steps(frames: int, bytes_per_frame: int, chunk_bytes: Optional[int]) -> int:
+    """Chunks to split ``frames`` into so one chunk's intermediate stays under ``chunk_bytes``: the smallest
+    divisor of ``frames`` that does it (``frames`` when even one frame exceeds it); 1 without a bound."""
+    if chunk_bytes is None:
+        return 1
+    fits = [d for d in range(1, frames + 1) if frames % d == 0 and (frames // d) * bytes_per_frame <= chunk_bytes]
+    return fits[0] if fits else frames
+
+
+def scan_frames(module: nn.Module, fn, x: jnp.ndarray, *shared, steps: int) -> jnp.ndarray:
+    """``fn(module, x, *shared)`` for a per-frame computation on ``x [B, F, ...]``, run as ``steps`` sequential
+    chunks (``nn.scan``, parameters shared): chunk j holds frames j, j + steps, j + 2 steps... so a layout
+    sharded over contiguous frames stays evenly split. Equal to one call up to float rounding."""
+    if steps == 1:
+        return fn(module, x, *shared)
+    b, f = x.shape[:2]
+    xs = jnp.moveaxis(x.reshape((b, f // steps, steps) + x.shape[2:]), 2, 0)
+    body = lambda mdl, carry, y: (carry, fn(mdl, y, *carry))
+    _, ys = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})(module, shared, xs)
+    return jnp.moveaxis(ys, 0, 2).reshape((b, f) + ys.shape[3:])
 
 
 def shard_frames(x: jnp.ndarray) -> jnp.ndarray:
@@ -109,7 +178,7 @@ class Attention(nn.Module):
     heads: int
     head_dim: int
     dtype: jnp.dtype = jnp.float32
-    implementation: Optional[str] = None
+    implementation: Optional[str] = None  # jax.nn.dot_product_attention's: None (XLA) or "cudnn"
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -188,29 +257,54 @@ class ResnetBlock(nn.Module):
 
 class SpatialBlock(nn.Module):
     """Self-attention over the pixels of each frame, cross-attention to the text, (LaVie: temporal attention),
-    GEGLU feed-forward; each with a pre-LayerNorm and a residual. Input and output ``[B, F, H, W, C]``."""
+    GEGLU feed-forward; each with a pre-LayerNorm and a residual. Input and output ``[B, F, H, W, C]``.
+
+    The per-frame parts (the two attentions; the feed-forward) run over chunks of frames (:func:`scan_frames`)
+    when their largest intermediate would exceed ``kernels.chunk_bytes``: XLA's attention scores, float32
+    ``[heads, HW, HW]`` per frame, or the feed-forward's ``2 * mult`` times wider hidden activation."""
 
     heads: int
     head_dim: int
     temporal_method: Optional[Method] = None  # LaVie: the temporal attention's Method; None: no temporal attn
     encoding: Encoding = Encoding()
     dtype: jnp.dtype = jnp.float32
-    implementation: Optional[str] = None
+    kernels: KernelPlan = KernelPlan()
 
-    @nn.compact
+    def setup(self):
+        attn = lambda name: Attention(self.heads, self.head_dim, self.dtype, self.kernels.spatial, name=name)
+        self.norm1, self.attn1 = layer_norm("norm1", self.dtype), attn("attn1")
+        self.norm2, self.attn2 = layer_norm("norm2", self.dtype), attn("attn2")
+        if self.temporal_method is not None:
+            self.norm_temp = layer_norm("norm_temp", self.dtype)
+            self.attn_temp = TemporalAttention(self.heads, self.head_dim, self.encoding, self.temporal_method,
+                                               implementation=self.kernels.temporal, dtype=self.dtype,
+                                               name="attn_temp")
+        self.norm3, self.ff = layer_norm("norm3", self.dtype), FeedForward(dtype=self.dtype, name="ff")
+
+    def frame_attention(self, x, context):
+        """Self- then cross-attention of every frame of ``x [B, F', H, W, C]`` (any number of frames)."""
+        b, f, h, w, c = x.shape
+        tokens = x.reshape(b * f, h * w, c)
+        tokens = tokens + self.attn1(self.norm1(tokens))
+        ctx = jnp.repeat(context.astype(self.dtype), f, axis=0)  # the same text for every frame (index b*F+f)
+        tokens = tokens + self.attn2(self.norm2(tokens), ctx)
+        return shard_frames(tokens.reshape(x.shape))
+
+    def feed_forward(self, x):
+        return x + self.ff(self.norm3(x))
+
     def __call__(self, x, context):
         b, f, h, w, c = x.shape
-        attn = lambda name: Attention(self.heads, self.head_dim, self.dtype, self.implementation, name=name)
-        tokens = x.reshape(b * f, h * w, c)
-        tokens = tokens + attn("attn1")(layer_norm("norm1", self.dtype)(tokens))
-        ctx = jnp.repeat(context.astype(self.dtype), f, axis=0)  # the same text for every frame (index b*F+f)
-        tokens = tokens + attn("attn2")(layer_norm("norm2", self.dtype)(tokens), ctx)
-        x = shard_frames(tokens.reshape(x.shape))
+        hw, inner, size = h * w, self.heads * self.head_dim, jnp.dtype(self.dtype).itemsize
+        scores = 4 * self.heads * hw * max(hw, context.shape[1]) if self.kernels.spatial is None else 0
+        attn_bytes = b * max(scores, 6 * hw * inner * size)  # per frame: XLA's scores, or q, k, v, out...
+        ff_bytes = b * hw * 3 * self.ff.mult * c * size  # per frame: the hidden activation and its gated half
+        x = scan_frames(self, SpatialBlock.frame_attention, x, context,
+                        steps=frame_steps(f, attn_bytes, self.kernels.chunk_bytes))
         if self.temporal_method is not None:
-            temporal = TemporalAttention(self.heads, self.head_dim, self.encoding, self.temporal_method,
-                                         implementation=self.implementation, dtype=self.dtype, name="attn_temp")
-            x = shard_frames(x + temporal(layer_norm("norm_temp", self.dtype)(x), features=x))
-        return x + FeedForward(dtype=self.dtype, name="ff")(layer_norm("norm3", self.dtype)(x))
+            x = shard_frames(x + self.attn_temp(self.norm_temp(x), features=x))
+        return scan_frames(self, SpatialBlock.feed_forward, x,
+                           steps=frame_steps(f, ff_bytes, self.kernels.chunk_bytes))
 
 
 class SpatialTransformer(nn.Module):
@@ -224,7 +318,7 @@ class SpatialTransformer(nn.Module):
     temporal_methods: tuple[Method, ...] = ()  # LaVie: one per block; empty: no temporal attention inside
     encoding: Encoding = Encoding()
     dtype: jnp.dtype = jnp.float32
-    implementation: Optional[str] = None
+    kernels: KernelPlan = KernelPlan()
 
     @nn.compact
     def __call__(self, x, context):
@@ -233,29 +327,41 @@ class SpatialTransformer(nn.Module):
         y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y)
         for d in range(self.depth):
             method = self.temporal_methods[d] if self.temporal_methods else None
-            y = SpatialBlock(self.heads, self.head_dim, method, self.encoding, self.dtype, self.implementation,
+            y = SpatialBlock(self.heads, self.head_dim, method, self.encoding, self.dtype, self.kernels,
                              name=f"transformer_blocks_{d}")(y, context)
         return shard_frames(x + nn.Dense(x.shape[-1], dtype=self.dtype, name="proj_out")(y))
 
 
 class TemporalBlock(nn.Module):
     """VideoCrafter / ModelScope temporal block: two temporal self-attentions (``attn1``, ``attn2``, own
-    weights; no text) and a GEGLU feed-forward, each with a pre-LayerNorm and a residual."""
+    weights; no text) and a GEGLU feed-forward, each with a pre-LayerNorm and a residual. The feed-forward runs
+    over chunks of frames as in :class:`SpatialBlock`."""
 
     heads: int
     head_dim: int
     methods: tuple[Method, Method]
     encoding: Encoding = Encoding()
     dtype: jnp.dtype = jnp.float32
-    implementation: Optional[str] = None
+    kernels: KernelPlan = KernelPlan()
 
-    @nn.compact
+    def setup(self):
+        attn = lambda i, method: TemporalAttention(self.heads, self.head_dim, self.encoding, method,
+                                                   implementation=self.kernels.temporal, dtype=self.dtype,
+                                                   name=f"attn{i}")
+        self.norm1, self.attn1 = layer_norm("norm1", self.dtype), attn(1, self.methods[0])
+        self.norm2, self.attn2 = layer_norm("norm2", self.dtype), attn(2, self.methods[1])
+        self.norm3, self.ff = layer_norm("norm3", self.dtype), FeedForward(dtype=self.dtype, name="ff")
+
+    def feed_forward(self, x):
+        return x + self.ff(self.norm3(x))
+
     def __call__(self, x):
-        for i, method in enumerate(self.methods, start=1):
-            attn = TemporalAttention(self.heads, self.head_dim, self.encoding, method,
-                                     implementation=self.implementation, dtype=self.dtype, name=f"attn{i}")
-            x = shard_frames(x + attn(layer_norm(f"norm{i}", self.dtype)(x), features=x))
-        return x + FeedForward(dtype=self.dtype, name="ff")(layer_norm("norm3", self.dtype)(x))
+        x = shard_frames(x + self.attn1(self.norm1(x), features=x))
+        x = shard_frames(x + self.attn2(self.norm2(x), features=x))
+        b, f, h, w, c = x.shape
+        ff_bytes = b * h * w * 3 * self.ff.mult * c * jnp.dtype(self.dtype).itemsize
+        return scan_frames(self, TemporalBlock.feed_forward, x,
+                           steps=frame_steps(f, ff_bytes, self.kernels.chunk_bytes))
 
 
 class TemporalTransformer(nn.Module):
@@ -267,7 +373,7 @@ class TemporalTransformer(nn.Module):
     methods: tuple[Method, ...]  # two per block, in forward order
     encoding: Encoding = Encoding()
     dtype: jnp.dtype = jnp.float32
-    implementation: Optional[str] = None
+    kernels: KernelPlan = KernelPlan()
 
     @nn.compact
     def __call__(self, x):
@@ -278,7 +384,7 @@ class TemporalTransformer(nn.Module):
         y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y)
         for d in range(len(self.methods) // 2):
             y = TemporalBlock(self.heads, self.head_dim, tuple(self.methods[2 * d:2 * d + 2]), self.encoding,
-                              self.dtype, self.implementation, name=f"transformer_blocks_{d}")(y)
+                              self.dtype, self.kernels, name=f"transformer_blocks_{d}")(y)
         return shard_frames(x + nn.Dense(x.shape[-1], dtype=self.dtype, name="proj_out")(y))
 
 

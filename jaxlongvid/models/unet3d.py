@@ -52,8 +52,9 @@ import numpy as np
 from jaxlongvid.attention import Encoding
 from jaxlongvid.configs import JsonConfig
 from jaxlongvid.methods import Method, MethodPlan, as_plan
-from jaxlongvid.models.layers import (ResnetBlock, SpatialTransformer, TemporalTransformer, TimestepEmbedding,
-                                      GroupNorm, conv2d, shard_frames, timestep_sinusoid, upsample_nearest)
+from jaxlongvid.models.layers import (KernelPlan, ResnetBlock, SpatialTransformer, TemporalTransformer,
+                                      TimestepEmbedding, GroupNorm, conv2d, plan_kernels, shard_frames,
+                                      timestep_sinusoid, upsample_nearest)
 
 TEMPORAL_LAYOUTS = ("in_spatial", "transformer")
 DEFAULT_FPS = 16  # VideoCrafter2's UNetModel.forward default when no fps is given
@@ -205,7 +206,7 @@ class _Stage(nn.Module):
     level: int
     methods: tuple[tuple[Method, ...], ...] = ()  # per attention module of this block, in forward order
     dtype: jnp.dtype = jnp.float32
-    implementation: Optional[str] = None
+    kernels: KernelPlan = KernelPlan()
 
     def resnet(self, name: str):
         cfg = self.config
@@ -217,11 +218,11 @@ class _Stage(nn.Module):
         heads, head_dim = cfg.attention_heads[self.level], cfg.head_dim(self.level)
         in_spatial = cfg.temporal_layout == "in_spatial"
         x = SpatialTransformer(heads, head_dim, cfg.norm_groups, cfg.transformer_depth,
-                               methods if in_spatial else (), cfg.encoding, self.dtype, self.implementation,
+                               methods if in_spatial else (), cfg.encoding, self.dtype, self.kernels,
                                name=f"attentions_{j}")(x, context)
         if not in_spatial:
             x = TemporalTransformer(heads, head_dim, cfg.norm_groups, methods, cfg.encoding, self.dtype,
-                                    self.implementation, name=f"temp_attentions_{j}")(x)
+                                    self.kernels, name=f"temp_attentions_{j}")(x)
         return x
 
 
@@ -278,9 +279,9 @@ class UNet3D(nn.Module):
 
     config: UNet3DConfig
     method: Union[str, Method, MethodPlan] = "direct"
-    dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
-    attention_implementation: Optional[str] = None  # None: jnp/XLA; "cudnn": fused attention where possible;
-    # "pallas": the on-chip mapped-RoPE kernel (GPU) where it applies
+    dtype: jnp.dtype = jnp.float32  # compute dtype (parameters may be float32 or cast_params'd to it)
+    attention_implementation: str = "auto"  # auto | xla | cudnn | pallas: see layers.plan_kernels
+    chunk_bytes: Optional[int] = None  # bound on a frame chunk's intermediate; None: per backend (plan_kernels)
 
     def _layer_methods(self) -> dict[str, Method]:
         names = temporal_layer_names(self.config)
@@ -304,9 +305,10 @@ class UNet3D(nn.Module):
         self._check_inputs(x, context)
         b = x.shape[0]
         methods = self._layer_methods()
+        kernels = plan_kernels(self.attention_implementation, jax.default_backend(), self.dtype, self.chunk_bytes)
         per_module = lambda path: tuple(m for n, m in methods.items() if n.startswith(path + "/"))
         stage = lambda cls, level, name, paths: cls(cfg, level, tuple(per_module(p) for p in paths), self.dtype,
-                                                     self.attention_implementation, name=name)
+                                                     kernels, name=name)
         kind = "attentions" if cfg.temporal_layout == "in_spatial" else "temp_attentions"
 
         c0 = cfg.block_channels[0]
@@ -321,8 +323,8 @@ class UNet3D(nn.Module):
         h = shard_frames(conv2d(c0, 3, "conv_in", self.dtype)(x.astype(self.dtype)))
         if cfg.temporal_in:
             h = TemporalTransformer(cfg.temporal_in_heads, cfg.temporal_in_head_dim, cfg.norm_groups,
-                                    per_module("transformer_in"), cfg.encoding, self.dtype,
-                                    self.attention_implementation, name="transformer_in")(h)
+                                    per_module("transformer_in"), cfg.encoding, self.dtype, kernels,
+                                    name="transformer_in")(h)
         skips = [h]
         for level in range(cfg.num_levels):
             paths = [f"down_blocks_{level}/{kind}_{j}" for j in range(cfg.layers_per_block)]
