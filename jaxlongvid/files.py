@@ -78,7 +78,7 @@ def atomic_file(path: str) -> Iterator[str]:
 
 
 # ---- directories ------------------------------------------------------------------------------------------------
-class BusyError(RuntimeError):
+class BusyError(OSError):
     """Another process is writing the same output."""
 
 

@@ -164,3 +164,30 @@ def method_for_layer(method, index: int, name: str = "") -> Method:
     """The Method that temporal-attention layer ``index`` (``name``) runs under ``method``."""
     method = get_method(method)
     return method.for_layer(index, name) if isinstance(method, MethodPlan) else method
+
+
+def parse_method(text: str) -> Union[Method, MethodPlan]:
+    """``--method``'s value: a preset name, ``NAME:FIELD=VALUE,...`` (Method fields as Python literals; ``:``
+    also separates, as in ``bench shapes``), or the JSON file ``jaxlongvid probe --out`` writes (its per-layer
+    routes become a MethodPlan over ``direct``)."""
+    text = text.strip()
+    if text.endswith(".json"):
+        import json
+
+        try:
+            with open(text, encoding="utf-8") as f:
+                routes = json.load(f)["routes"]
+            vrpr = Method("vrpr", positions="vrpr")
+            layers = tuple((name, vrpr if route == "vrpr" else get_method(route)) for name, route in routes.items()
+                           if route != "direct")
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"--method {text}: not a probe JSON with a 'routes' table ({e})") from None
+        return MethodPlan(default=PRESETS["direct"], layers=layers)
+    from jaxlongvid.bench.runner import parse_method as parse_spec  # the one spec grammar
+
+    name, colon, fields = text.partition(":")
+    depth, spec = 0, []
+    for char in fields:  # commas between fields (not inside a tuple value) -> the runner's ':'
+        depth += (char in "([") - (char in ")]")
+        spec.append(":" if char == "," and depth == 0 else char)
+    return parse_spec(name + colon + "".join(spec))
