@@ -288,6 +288,10 @@ def _bench_arguments(parser) -> None:
 
 
 def run_bench_shapes(args) -> int:
+    """Benchmarks often share a GPU (one process per method or length): each takes device memory as it needs it
+    instead of XLA's default 75% at start-up (read when the backend starts, so set before the first device use;
+    an explicit setting in the environment wins)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     _host_devices_for_cpu(args.devices)
     from jaxlongvid.bench import runner
 
