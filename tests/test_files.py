@@ -154,3 +154,18 @@ def test_broken_pipeline_json_names_the_file(tmp_path):
     (tmp_path / "m" / "pipeline.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"m/pipeline.json: not a readable jaxlongvid pipeline config"):
         pipeline_lib.load(str(tmp_path / "m"))
+
+
+def test_convert_refuses_non_finite_weights_and_keeps_the_old_pipeline(tmp_path):
+    from convert import pipelines
+
+    out = tmp_path / "model"
+    pipe = make_pipeline(seed=0)
+    pipeline_lib.save(pipe, out)
+    params = jax.tree_util.tree_map(np.array, pipe.params)
+    params["text"][next(iter(params["text"]))] = jax.tree_util.tree_map(lambda a: a * np.inf,
+                                                                         params["text"][next(iter(params["text"]))])
+    bad = pipeline_lib.Pipeline(pipe.config, params, pipe.tokenizer)
+    with pytest.raises(pipelines.CheckpointError, match=r"non-finite weights .* in \d+ leaves: text/"):
+        pipelines._convert_and_save(lambda: bad, out, overwrite=True)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, pipeline_lib.load(str(out)).params, pipe.params)
