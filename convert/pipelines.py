@@ -74,10 +74,17 @@ def _convert_and_save(build: Callable[[], Pipeline], out: PathLike, overwrite: b
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not overwrite:  # before the slow part
         raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    pipeline_lib.check_target(out, overwrite)  # never replaces anything but a pipeline
     try:
         pipe = build()
     except CheckpointError as e:
         raise CheckpointError(_one_line(str(e))) from e
+    from flax.traverse_util import flatten_dict
+
+    bad = pipeline_lib.nonfinite_leaves({"/".join(k): v for k, v in flatten_dict(pipe.params).items()})
+    if bad:
+        raise CheckpointError(f"{out}: not written: the checkpoint has non-finite weights (NaN or Inf) in "
+                              f"{len(bad)} leaves: {', '.join(bad[:10])}{', ...' if len(bad) > 10 else ''}")
     return pipeline_lib.save(pipe, out, overwrite=overwrite)
 
 

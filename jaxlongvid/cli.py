@@ -17,6 +17,7 @@ function and one list entry.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Callable, Optional, Sequence
@@ -26,6 +27,21 @@ EXIT_ERROR = 1  # a request that cannot be served (bad value, missing file); arg
 
 class CommandError(Exception):
     """A request the command cannot serve (printed as one line, exit code 1)."""
+
+
+class LazyParser(argparse.ArgumentParser):
+    """A (sub)command parser whose options come from ``arguments(parser)``, called on first use: a command's
+    module (which may start JAX) is imported only when that command runs, not for ``--help`` of the others."""
+
+    def __init__(self, *args, arguments: Optional[Callable] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._arguments = arguments
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._arguments is not None:
+            add, self._arguments = self._arguments, None
+            add(self)
+        return super().parse_known_args(args, namespace)
 
 
 # ---- sample ------------------------------------------------------------------------------------------------------
@@ -39,6 +55,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate a video from a text prompt",
                        description="Generate a video from a text prompt and write it as .mp4, .gif or a .png "
@@ -47,7 +73,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--frames", type=_positive_int, help="number of frames (default: the model's)")
     p.add_argument("--method", default="direct",
                    help="long-video method: direct, freenoise, freelong, longdiff, freeloc, sliding-window, "
-                        "longdiff-no-pm, longdiff-no-ifs, clip, interpolate, group-only (default: direct)")
+                        "longdiff-no-pm, longdiff-no-ifs, clip, interpolate, group-only (default: direct); "
+                        "NAME:FIELD=VALUE,... to change Method fields (e.g. longdiff:num_groups=8,window=4); or "
+                        "the JSON file of `jaxlongvid probe --out` for its per-layer routing")
     p.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
     p.add_argument("--model", default="tiny", help="a pipeline directory, or 'tiny' for the bundled model")
     p.add_argument("--steps", type=_positive_int, help="denoising steps")
@@ -61,12 +89,14 @@ def _add_sample(sub) -> None:
     p.add_argument("--height", type=_positive_int, help="frame height in pixels")
     p.add_argument("--width", type=_positive_int, help="frame width in pixels")
     p.add_argument("--cond-fps", type=_positive_int, help="fps the model is conditioned on (VideoCrafter2)")
-    p.add_argument("--fps", type=float, default=8.0, help="playback fps of the written video (default: 8)")
+    p.add_argument("--fps", type=_positive_float, default=8.0, help="playback fps of the written video (default: 8)")
     p.add_argument("--sheet-every", type=_positive_int, help=".png: put every K-th frame on the sheet")
     p.add_argument("--precision", choices=("default", "high", "highest"),
                    help="matmul/convolution precision (jax.default_matmul_precision; default: highest for float32 "
                         "models, so GPUs do not round float32 to TF32, JAX's setting for bfloat16 ones)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="sample even when the memory estimate says the request does not fit the device")
     p.set_defaults(func=run_sample)
 
 
@@ -81,30 +111,73 @@ def _host_devices_for_cpu(count: Optional[int]) -> None:
 
 
 def run_sample(args) -> int:
+    """Everything checkable is checked before JAX compiles anything: the output path, the method, the model's
+    config and a memory estimate (:mod:`jaxlongvid.memory`); an XLA out-of-memory is reported with advice."""
     _host_devices_for_cpu(args.devices)
-    import jax
-
-    import jaxlongvid.pipeline as pipeline_lib
-    from jaxlongvid import sampling, video
+    from jaxlongvid import files, video
 
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in video.FORMATS:
-        raise ValueError(f"--out must end in one of {', '.join(video.FORMATS)}, got {args.out!r}")
+        raise CommandError(f"--out must end in one of {', '.join(video.FORMATS)}, got {args.out!r}")
+    files.check_output_file(args.out)
+    import jax
+
+    import jaxlongvid.pipeline as pipeline_lib
+    from jaxlongvid import methods, sampling
+
+    method = methods.parse_method(args.method)
+    config = pipeline_lib.load_config(args.model)
+    if not args.force:
+        check_memory(config, method, args)
     pipe = pipeline_lib.load(args.model)
-    frames = sampling.sample(pipe, args.prompt, num_frames=args.frames, method=args.method, seed=args.seed,
-                             num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                             width=args.width, negative_prompt=args.negative_prompt, fps=args.cond_fps,
-                             eta=args.eta, devices=args.devices, progress=not args.no_progress,
-                             precision=args.precision)
+    try:
+        frames = sampling.sample(pipe, args.prompt, num_frames=args.frames, method=method, seed=args.seed,
+                                 num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                                 width=args.width, negative_prompt=args.negative_prompt, fps=args.cond_fps,
+                                 eta=args.eta, devices=args.devices, progress=not args.no_progress,
+                                 precision=args.precision)
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = str(e).splitlines()[0][:300]
+        raise CommandError(f"the device ran out of memory ({first}); try fewer --frames, more --devices, a smaller "
+                           f"--height/--width, or a bfloat16 model") from None
     if jax.process_index() == 0:
         video.save_video(frames, args.out, fps=args.fps, every=args.sheet_every)
         print(f"wrote {args.out}: {frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]}")
     return 0
 
 
+def check_memory(config, method, args) -> None:
+    """Refuse, with the estimate and the frame count that would fit, a request that cannot fit one device."""
+    import jax
+
+    import jaxlongvid.pipeline as pipeline_lib
+    from jaxlongvid import memory
+
+    devices = args.devices or 1
+    guidance = config.guidance_scale if args.guidance is None else args.guidance
+    request = dict(config=config, height=args.height or config.height, width=args.width or config.width,
+                   method=method, devices=devices, guided=guidance > 1,
+                   weight_bytes=memory.folder_bytes(os.path.join(pipeline_lib.resolve(args.model),
+                                                                 pipeline_lib.PARAMS_DIR)))
+    frames = args.frames or config.num_frames
+    need, have = memory.estimate_bytes(num_frames=frames, **request), memory.available_bytes()
+    if need <= have:
+        return
+    fit = memory.frames_that_fit(have, step=devices, **request)
+    device = jax.devices()[0]
+    raise CommandError(f"--frames {frames}: estimated {need / memory.GB:.1f} GB per device, but a "
+                       f"{device.platform} device has {have / memory.GB:.1f} GB available; about {fit} frames fit "
+                       f"on {devices} device(s) at {request['height']}x{request['width']}. Use fewer --frames, more "
+                       f"--devices or a smaller size, or --force to try anyway")
+
+
 # ---- info --------------------------------------------------------------------------------------------------------
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="show the installation, the devices and a model's configuration")
+    p = sub.add_parser("info", help="show the installation, the devices and a model's configuration",
+                       description="Show jaxlongvid's and JAX's versions, the devices, the methods, and with --model "
+                                   "a pipeline's configuration and parameter counts.")
     p.add_argument("--model", help="a pipeline directory, or 'tiny'")
     p.set_defaults(func=run_info)
 
@@ -145,7 +218,11 @@ def run_info(args) -> int:
 
 # ---- convert -----------------------------------------------------------------------------------------------------
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert a PyTorch checkpoint into a jaxlongvid pipeline directory")
+    p = sub.add_parser("convert", help="convert a PyTorch checkpoint into a jaxlongvid pipeline directory",
+                       description="Convert a PyTorch checkpoint (LaVie, VideoCrafter1/2, ModelScope) into a "
+                                   "jaxlongvid pipeline directory. Pickles are read with weights_only=True; every "
+                                   "key and shape is checked and non-finite weights are refused; the directory "
+                                   "appears only when complete. Needs pip install 'jaxlongvid[convert]'.")
     families = p.add_subparsers(dest="family", required=True, metavar="FAMILY")
 
     lavie = families.add_parser("lavie", help="LaVie base (lavie_base.pt on Stable Diffusion 1.4's folders)")
@@ -168,7 +245,8 @@ def _add_convert(sub) -> None:
 
     for family in (lavie, vc, ms):
         family.add_argument("--out", required=True, help="the pipeline directory to write")
-        family.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+        family.add_argument("--overwrite", action="store_true",
+                            help="replace an existing pipeline directory (anything else at --out is refused)")
         family.set_defaults(func=run_convert)
 
 
@@ -178,26 +256,42 @@ def run_convert(args) -> int:
     except ModuleNotFoundError as e:
         raise CommandError(f"jaxlongvid convert needs the converters ({e}); install with "
                            f"pip install 'jaxlongvid[convert]'") from e
+    import jaxlongvid.pipeline as pipeline_lib
+
+    pipeline_lib.check_target(args.out, args.overwrite)  # before the slow part
     kwargs = {key: getattr(args, key) for key in args.keys}
-    out = getattr(pipelines, args.convert)(**kwargs, out=args.out, overwrite=args.overwrite)
+    try:
+        out = getattr(pipelines, args.convert)(**kwargs, out=args.out, overwrite=args.overwrite)
+    except ModuleNotFoundError as e:
+        raise CommandError(f"jaxlongvid convert needs {e.name} ({e}); install the converters' dependencies with "
+                           f"pip install 'jaxlongvid[convert]'") from e
     print(f"wrote {out if out is not None else args.out}")
     return 0
 
 
 # ---- bench -------------------------------------------------------------------------------------------------------
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark")
+    p = sub.add_parser("bench", help="run a benchmark",
+                       description="Benchmarks: `bench shapes` samples and scores ShapesBench on the tiny model.")
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
     shapes = suites.add_parser("shapes", help="ShapesBench: sample and score every (method, frames, prompt, seed)",
                                description="ShapesBench on the tiny model's synthetic world: writes results.csv, "
-                                           "table.md and one plot per metric; a rerun resumes the CSV.")
-    from jaxlongvid.bench import runner  # light: NumPy and the tiny world's tables, no models
-
-    runner.add_arguments(shapes)
+                                           "table.md and one plot per metric; a rerun resumes the CSV.",
+                               arguments=_bench_arguments)
     shapes.set_defaults(func=run_bench_shapes)
 
 
+def _bench_arguments(parser) -> None:
+    from jaxlongvid.bench import runner
+
+    runner.add_arguments(parser)
+
+
 def run_bench_shapes(args) -> int:
+    """Benchmarks often share a GPU (one process per method or length): each takes device memory as it needs it
+    instead of XLA's default 75% at start-up (read when the backend starts, so set before the first device use;
+    an explicit setting in the environment wins)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     _host_devices_for_cpu(args.devices)
     from jaxlongvid.bench import runner
 
@@ -206,11 +300,19 @@ def run_bench_shapes(args) -> int:
 
 # ---- probe -------------------------------------------------------------------------------------------------------
 def _add_probe(sub) -> None:
+    sub.add_parser("probe", help="FreeLOC layer probing: per-layer sensitivity scores and routing",
+                   description="FreeLOC's layer probing: for each temporal attention layer, the attention-entropy "
+                               "change from native to long videos (context) and the logit change when positions "
+                               "leave the trained range (position); prints the routing they imply and writes it "
+                               "with --out as JSON, which `sample --method FILE.json` accepts.",
+                   arguments=_probe_arguments)
+
+
+def _probe_arguments(parser) -> None:
     from jaxlongvid import probing
 
-    p = sub.add_parser("probe", help="FreeLOC layer probing: per-layer sensitivity scores and routing")
-    probing.add_arguments(p)
-    p.set_defaults(func=probing.run_from_args)
+    probing.add_arguments(parser)
+    parser.set_defaults(func=probing.run_from_args)
 
 
 # ---- entry -------------------------------------------------------------------------------------------------------
@@ -218,8 +320,11 @@ SUBCOMMANDS: list[Callable] = [_add_sample, _add_info, _add_convert, _add_bench,
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxlongvid import __version__
+
     parser = argparse.ArgumentParser(prog="jaxlongvid", description="Training-free long video generation in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"jaxlongvid {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=LazyParser)
     for add in SUBCOMMANDS:
         add(sub)
     return parser
@@ -229,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, CommandError) as e:
+    except (ValueError, OSError, CommandError) as e:
         print(f"jaxlongvid {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
 

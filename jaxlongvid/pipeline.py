@@ -18,12 +18,12 @@ interrupted save leaves no half-written pipeline behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlongvid import files
 from jaxlongvid.methods import get_method
 from jaxlongvid.models.layers import IMPLEMENTATIONS
 from jaxlongvid.schedulers import SchedulerConfig
@@ -295,44 +296,82 @@ encode_text = jax.jit(apply_text_encoder, static_argnums=0)  # (config, text par
 
 
 # ---- files --------------------------------------------------------------------------------------------------------
+def is_pipeline_dir(path: str) -> bool:
+    """Whether ``path`` is a directory holding a jaxlongvid ``pipeline.json`` (the only kind ``save`` replaces)."""
+    try:
+        with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_target(directory: str, overwrite: bool) -> str:
+    """``directory`` as an absolute path that :func:`save` may write, or a one-line error: an existing path is
+    replaced only with ``overwrite`` and only if it is a jaxlongvid pipeline (nothing else is ever deleted)."""
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.lexists(directory):
+        if not overwrite:
+            raise FileExistsError(f"{directory} exists; pass --overwrite (overwrite=True) to replace it")
+        if os.path.islink(directory) or not is_pipeline_dir(directory):
+            kind = "a symbolic link" if os.path.islink(directory) else (
+                "a directory that is not a jaxlongvid pipeline" if os.path.isdir(directory) else "a file")
+            raise FileExistsError(f"{directory} is {kind} (no {CONFIG_FILE} of a jaxlongvid pipeline); "
+                                  f"--overwrite only replaces pipeline directories, so nothing was deleted: "
+                                  f"choose another --out")
+    return directory
+
+
 def save(pipe: Pipeline, directory: str, overwrite: bool = False) -> str:
     """Write ``pipe`` to ``directory`` (see the module docstring); returns the absolute path.
 
-    Everything goes to a temporary sibling first and is renamed into place at the end. An existing pipeline
-    is replaced only with ``overwrite=True`` (and only once the new one is complete). Multi-host: call it on
-    every process with ``directory`` on a shared file system (the checkpoint write is collective; process 0
-    writes the JSON and tokenizer and renames).
+    Everything goes to a unique temporary sibling first and is swapped into place at the end
+    (:mod:`jaxlongvid.files`: a lock against concurrent writers, recovery of an interrupted swap). An existing
+    pipeline is replaced only with ``overwrite=True`` (and only once the new one is complete); anything else at
+    ``directory`` is refused. Multi-host: call it on every process with ``directory`` on a shared file system
+    (the checkpoint write is collective; process 0 locks, writes the JSON and tokenizer and renames).
     """
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory) and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
+    directory = check_target(directory, overwrite)
     main = jax.process_index() == 0
-    tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-save")
-    if main and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    _sync("jaxlongvid-save-start")
-    try:
-        host_params = jax.tree_util.tree_map(_to_numpy, pipe.params)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, PARAMS_DIR), host_params)
-        checkpointer.wait_until_finished()
+    if main:
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+    with files.directory_lock(directory) if main else contextlib.nullcontext():
         if main:
-            if pipe.tokenizer is not None:
-                pipe.tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
-            with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-                json.dump(pipe.config.to_dict(), f, indent=1)
-                f.write("\n")
-            _replace_dir(tmp, directory)
-    except BaseException:
+            files.recover(directory, is_pipeline_dir)
+            check_target(directory, overwrite)  # again: recovery may have restored a previous version
+        tmp = _shared(files.temp_sibling(directory))
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            os.makedirs(tmp)
+        _sync("jaxlongvid-save-start")
+        try:
+            host_params = jax.tree_util.tree_map(_to_numpy, pipe.params)
+            checkpointer = ocp.StandardCheckpointer()
+            checkpointer.save(os.path.join(tmp, PARAMS_DIR), host_params)
+            checkpointer.wait_until_finished()
+            if main:
+                if pipe.tokenizer is not None:
+                    pipe.tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
+                with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+                    json.dump(pipe.config.to_dict(), f, indent=1)
+                    f.write("\n")  # pipeline.json last: a staging directory without it is never a pipeline
+                files.swap_in(tmp, directory, is_pipeline_dir, "a jaxlongvid pipeline")
+        except BaseException:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _sync("jaxlongvid-save-done")
     return directory
+
+
+def _shared(text: str) -> str:
+    """Process 0's ``text`` on every process (the one staging name of a multi-host save)."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode().ljust(4096, b"\0"), np.uint8)
+    return bytes(multihost_utils.broadcast_one_to_all(data)).rstrip(b"\0").decode()
 
 
 def _to_numpy(x):
@@ -343,17 +382,6 @@ def _to_numpy(x):
     return np.asarray(x)
 
 
-def _replace_dir(src: str, dst: str) -> None:
-    if not os.path.exists(dst):
-        os.replace(src, dst)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
-    os.rmdir(old)
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -362,7 +390,9 @@ def _sync(name: str) -> None:
 
 
 def resolve(name_or_dir: str) -> str:
-    """A pipeline directory for a path or a bundled name (``"tiny"``), with a clear error if it is missing."""
+    """A pipeline directory for a path or a bundled name (``"tiny"``), with a clear error if it is missing.
+
+    A directory left missing by an interrupted swap is restored from its previous version first."""
     path = os.fspath(name_or_dir)
     if path == "tiny":
         if not os.path.isfile(os.path.join(TINY_DIR, CONFIG_FILE)):
@@ -370,6 +400,9 @@ def resolve(name_or_dir: str) -> str:
                 f"the bundled tiny model is not in this installation ({TINY_DIR} has no {CONFIG_FILE}); "
                 f"train it with `python -m jaxlongvid.tiny.train` or pass a pipeline directory")
         return TINY_DIR
+    if not os.path.lexists(path) and files.leftovers(os.path.abspath(path), "old"):
+        with files.directory_lock(os.path.abspath(path)):
+            files.recover(os.path.abspath(path), is_pipeline_dir)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such pipeline directory (or use the bundled name 'tiny')")
     if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
@@ -379,12 +412,70 @@ def resolve(name_or_dir: str) -> str:
 
 
 def load_config(name_or_dir: str) -> PipelineConfig:
-    with open(os.path.join(resolve(name_or_dir), CONFIG_FILE), encoding="utf-8") as f:
-        return PipelineConfig.from_dict(json.load(f))
+    path = os.path.join(resolve(name_or_dir), CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return PipelineConfig.from_dict(json.load(f))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        problem = f"missing entry {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise ValueError(f"{path}: not a readable jaxlongvid pipeline config ({problem})") from None
+
+
+def param_shapes(config: PipelineConfig) -> dict:
+    """The parameter tree every component's Flax module initialises (``jax.eval_shape``: nothing allocated),
+    ``{"unet": ..., "text": ..., "vae": ...}`` for the components the config has."""
+    key = jax.random.key(0)
+    unet = build_denoiser(config)
+    s = getattr(config.unet, "downsample_factor", 1)
+    x = jnp.zeros((1, 2, s, s, config.unet.in_channels))
+    context = jnp.zeros((1, 1, config.unet.cross_attention_dim))
+    fps = {"fps": jnp.zeros((1,), jnp.int32)} if config.uses_fps else {}
+    shapes = {"unet": jax.eval_shape(lambda: unet.init(key, x, jnp.zeros((1,), jnp.int32), context, **fps))["params"]}
+    if config.text is not None:
+        text = module_class(config.text)(config.text, jnp.float32)
+        ids = jnp.zeros((1, getattr(config.text, "context_length", 1)), jnp.int32)
+        shapes["text"] = jax.eval_shape(lambda: text.init(key, ids))["params"]
+    if config.vae is not None:
+        from jaxlongvid.models import vae
+
+        shapes["vae"] = vae.param_shapes(config.vae)
+    return shapes
+
+
+def check_params(params: dict, expected: dict, what: str, max_listed: int = 10) -> None:
+    """One error naming the leaves of ``params`` that are missing, unexpected, mis-shaped or not finite
+    against the ``expected`` shape tree (:func:`param_shapes`)."""
+    from flax.traverse_util import flatten_dict
+
+    got = {"/".join(k): v for k, v in flatten_dict(params).items()}
+    want = {"/".join(k): v for k, v in flatten_dict(expected).items()}
+    found = [("missing", sorted(set(want) - set(got))), ("unexpected", sorted(set(got) - set(want))),
+             ("mis-shaped", sorted(f"{k} {tuple(np.shape(got[k]))} (model: {tuple(want[k].shape)})"
+                                   for k in set(want) & set(got) if tuple(np.shape(got[k])) != tuple(want[k].shape))),
+             ("non-finite", nonfinite_leaves(got))]
+    problems = [f"{len(items)} {label}: " + ", ".join(items[:max_listed]) + (", ..." if len(items) > max_listed else "")
+                for label, items in found if items]
+    if problems:
+        raise ValueError(f"{what}: the weights do not fit the model: " + "; ".join(problems))
+
+
+def nonfinite_leaves(flat: dict) -> list[str]:
+    """Names of the leaves of a flat ``{name: array}`` holding NaN or Inf, with their count (floats only)."""
+    bad = []
+    for name, value in flat.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16":
+            count = int(value.size - np.count_nonzero(np.isfinite(value.astype(np.float32))))
+            if count:
+                bad.append(f"{name} ({count} of {value.size} values)")
+    return sorted(bad)
 
 
 def load(name_or_dir: str) -> Pipeline:
-    """Read a pipeline written by :func:`save` (or ``"tiny"``). Parameters land on the default device."""
+    """Read a pipeline written by :func:`save` (or ``"tiny"``). Parameters land on the default device.
+
+    The restored weights are checked against the model's own parameter tree (:func:`param_shapes`: every leaf
+    present, nothing extra, every shape) and must be finite; any problem is one error naming the leaves."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(resolve(name_or_dir))
@@ -392,7 +483,13 @@ def load(name_or_dir: str) -> Pipeline:
     params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{path}: the pipeline has no {PARAMS_DIR}/ checkpoint")
-    params = ocp.StandardCheckpointer().restore(params_dir)
+    try:
+        params = ocp.StandardCheckpointer().restore(params_dir)
+    except Exception as e:  # orbax raises many kinds for damaged data; the user needs the path and the cause
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise ValueError(f"{params_dir}: the weights cannot be read, the checkpoint is damaged or incomplete "
+                         f"({type(e).__name__}: {first}); convert or save the pipeline again") from None
+    check_params(params, param_shapes(config), path)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     tokenizer = None
     if os.path.isdir(os.path.join(path, TOKENIZER_DIR)):

@@ -176,12 +176,12 @@ def check_request(pipe: Pipeline, prompt, *, num_frames=None, method="direct", s
     return request
 
 
-def resolve_mesh(mesh, devices, guided: bool):
+def resolve_mesh(mesh, devices, guided: bool, mesh_axes=(sharding.FRAMES, sharding.DATA)):
     if mesh is not None and devices is not None:
         raise ValueError("give mesh= or devices=, not both")
     if devices is not None:
         return sharding.mesh_for_devices(devices, guided)
-    return mesh
+    return sharding.normalise_mesh(mesh, mesh_axes)
 
 
 # ---- the pure pieces ------------------------------------------------------------------------------------------
@@ -298,7 +298,8 @@ def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Option
            height: Optional[int] = None, width: Optional[int] = None,
            negative_prompt: Union[str, Sequence[str], None] = None, fps: Optional[int] = None,
            eta: Optional[float] = None, mesh=None, devices=None, progress: bool = True, output: str = "uint8",
-           decode_chunk: int = 8, precision: Optional[str] = None) -> np.ndarray:
+           decode_chunk: int = 8, precision: Optional[str] = None,
+           mesh_axes: Sequence[str] = (sharding.FRAMES, sharding.DATA)) -> np.ndarray:
     """Generate a video (or a batch of videos) from text.
 
     Args:
@@ -309,8 +310,11 @@ def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Option
       method: preset name (``direct``, ``freenoise``, ``freelong``, ``longdiff``, ``freeloc``, ...), a Method
         or a MethodPlan.
       seed: everything random (initial noise, stochastic sampler noise) derives from ``jax.random.key(seed)``.
-      mesh: a ``jax.sharding.Mesh`` with a ``frames`` axis and optionally ``data``; or ``devices``: a count or a
-        list of devices to build one (``data=2`` for the guidance pair when the count is even).
+      mesh: any ``jax.sharding.Mesh`` (e.g. ``jax.make_mesh((8,), ("frames",))``, explicit or auto axes) with a
+        ``frames`` axis and optionally ``data`` (other names: ``mesh_axes``; see
+        :func:`jaxlongvid.sharding.normalise_mesh`); or ``devices``: a count or a list of devices to build one
+        (``data=2`` for the guidance pair when the count is even).
+      mesh_axes: the names of ``mesh``'s frame axis and (optional) guidance-pair axis.
       progress: show a progress bar over the denoising steps.
       output: ``"uint8"`` (default), ``"float"`` (the decoded frames in about [-1, 1], float32, unclipped) or
         ``"latents"`` (the denoised latents ``[..., frames, h, w, C]``, before decoding).
@@ -326,7 +330,7 @@ def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Option
     request = check_request(pipe, prompt, num_frames=num_frames, method=method, seed=seed,
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                             width=width, negative_prompt=negative_prompt, fps=fps, eta=eta, precision=precision)
-    mesh = resolve_mesh(mesh, devices, request.guided)
+    mesh = resolve_mesh(mesh, devices, request.guided, mesh_axes)
     sharding.check_mesh(mesh, request.num_frames, request.model_batch)
     config = pipe.config
     schedule = schedulers.make_schedule(config.scheduler, request.num_inference_steps, request.eta)

@@ -70,14 +70,40 @@ def axis_size(mesh, name: str) -> int:
     return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1) if mesh is not None else 1
 
 
+def normalise_mesh(mesh, axes: tuple = (FRAMES, DATA)):
+    """Any mesh a user builds -> the sampler's ``(frames, data)`` mesh with automatic axes, over the same devices.
+
+    ``axes`` names the user's frame axis and, optionally, the guidance-pair axis (default ``("frames",
+    "data")``). Explicit or auto axis types, one or two axes and axes of size 1 are accepted (JAX's
+    ``jax.make_mesh((8,), ("frames",))`` is explicit since JAX 0.7; the sampler's reshapes need automatic
+    sharding propagation, so the axes are rebuilt as ``AxisType.Auto``). Any other axis of more than one
+    device is refused here, before anything is traced.
+    """
+    if mesh is None:
+        return None
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((8,), ('frames',))), "
+                        f"got {type(mesh).__name__}")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    if not 1 <= len(axes) <= 2 or len(set(axes)) != len(axes):
+        raise ValueError(f"mesh_axes must name the frame axis and optionally the data axis, got {axes}")
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    unknown = sorted(a for a, n in sizes.items() if a not in axes and n > 1)
+    if unknown:
+        raise ValueError(f"the mesh has axes {sizes}; the sampler shards frames over {axes[0]!r}"
+                         + (f" and the guidance pair over {axes[1]!r}" if len(axes) > 1 else "")
+                         + f", and cannot use {unknown} (pass mesh_axes=(frame axis, data axis) to name yours)")
+    order = [mesh.axis_names.index(a) for a in axes if a in sizes]
+    rest = [i for i in range(len(mesh.axis_names)) if i not in order]
+    devices = np.transpose(mesh.devices, order + rest)
+    frames, data = sizes.get(axes[0], 1), sizes.get(axes[1], 1) if len(axes) > 1 else 1
+    return jax.sharding.Mesh(devices.reshape(frames, data), (FRAMES, DATA), axis_types=(AxisType.Auto,) * 2)
+
+
 def check_mesh(mesh, num_frames: int, batch: int) -> None:
-    """Clear errors, before anything is traced, when the video does not split evenly over the mesh."""
+    """Clear errors, before anything is traced, when the video does not split evenly over the (normalised) mesh."""
     if mesh is None:
         return
-    unknown = set(mesh.axis_names) - {FRAMES, DATA}
-    if unknown:
-        raise ValueError(f"the mesh has axes {mesh.axis_names}; the sampler uses only {FRAMES!r} and {DATA!r} "
-                         f"(unknown: {sorted(unknown)})")
     frames = axis_size(mesh, FRAMES)
     if num_frames % frames:
         raise ValueError(f"num_frames={num_frames} is not divisible by the mesh's {FRAMES!r} axis ({frames} "

@@ -1,14 +1,19 @@
 """Writing videos: ``.mp4`` (H.264 through imageio-ffmpeg), ``.gif``, and ``.png`` contact sheets.
 
-Videos are NumPy uint8 ``[frames, height, width, 3]``, as :func:`jaxlongvid.sample` returns them.
+Videos are NumPy uint8 ``[frames, height, width, 3]``, as :func:`jaxlongvid.sample` returns them. Every write is
+atomic (:func:`jaxlongvid.files.atomic_file`): the file is written under a temporary name in the same folder and
+renamed over ``path`` only when complete, so a killed write leaves the previous file intact.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
+
+from jaxlongvid import files
 
 FORMATS = (".mp4", ".gif", ".png")
 
@@ -57,8 +62,9 @@ def save_contact_sheet(video, path, every: int = 1, columns: int | None = None, 
     import imageio.v3 as iio
 
     path = os.fspath(path)
-    _check_dir(path)
-    iio.imwrite(path, contact_sheet(video, every, columns, gap), extension=".png")
+    sheet = contact_sheet(video, every, columns, gap)
+    with files.atomic_file(path) as tmp:
+        iio.imwrite(tmp, sheet, extension=".png")
     return path
 
 
@@ -76,31 +82,30 @@ def save_video(video, path, fps: float = 8, every: int | None = None, quality: i
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     video = check_video(video)
-    _check_dir(path)
+    files.check_output_file(path, "video path")
     if ext == ".png":
         step = every if every is not None else max(1, math.ceil(video.shape[0] / 16))
         return save_contact_sheet(video, path, every=step)
     if ext == ".gif":
         import imageio.v3 as iio
 
-        iio.imwrite(path, video, extension=".gif", duration=1000.0 / fps, loop=0)
+        with files.atomic_file(path) as tmp:
+            iio.imwrite(tmp, video, extension=".gif", duration=1000.0 / fps, loop=0)
         return path
     import imageio.v2 as imageio
 
     pad_h, pad_w = video.shape[1] % 2, video.shape[2] % 2
     if pad_h or pad_w:
         video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    writer = imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=quality,
-                                pixelformat="yuv420p", macro_block_size=1)
-    try:
-        for frame in video:
-            writer.append_data(frame)
-    finally:
-        writer.close()
+    with files.atomic_file(path) as tmp, warnings.catch_warnings():
+        # imageio-ffmpeg starts ffmpeg with subprocess (fork + exec at once: none of JAX's threads run in the
+        # child), which Python 3.12+ flags in a multithreaded process; the warning does not apply here
+        warnings.filterwarnings("ignore", message=r".*os\.fork\(\) was called", category=RuntimeWarning)
+        writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=quality,
+                                    pixelformat="yuv420p", macro_block_size=1)
+        try:
+            for frame in video:
+                writer.append_data(frame)
+        finally:
+            writer.close()
     return path
-
-
-def _check_dir(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")

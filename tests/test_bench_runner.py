@@ -329,3 +329,31 @@ def test_tiny_model_batched_rows_are_the_batch_sample_and_resume_exactly(tmp_pat
     after = read_rows(tmp_path)
     assert keyed(after) == keyed(before)
     np.testing.assert_array_equal(np.load(videos / "longdiff_num_groups=4_32f_p1_s0.npy"), first)
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    """A finished directory rerun with other sampler settings or a changed method under the same name is
+    refused (it would sample nothing and relabel the rows); the same settings resume, a new method adds rows."""
+    texts = runner.prompts(2)
+    run = dict(reference=False, workers=1)
+    runner.run_shapes_bench(None, ["direct"], [FRAMES], texts, [0], str(tmp_path), sample_fn=FakeSampler(), **run)
+    with pytest.raises(ValueError, match=r"other settings \(sample_kwargs: .*'num_inference_steps': '4'"):
+        runner.run_shapes_bench(None, ["direct"], [FRAMES], texts, [0], str(tmp_path), steps=4,
+                                sample_fn=FakeSampler(), **run)
+    with pytest.raises(ValueError, match=r"method direct: Method\(name='direct', positions=Identity.* -> .*GroupShift"):
+        runner.run_shapes_bench(None, [PRESETS["longdiff"].replace(name="direct")], [FRAMES], texts, [0],
+                                str(tmp_path), sample_fn=FakeSampler(), **run)
+    calls = FakeSampler()
+    rows = runner.run_shapes_bench(None, ["direct", "freeloc"], [FRAMES], texts, [0], str(tmp_path), sample_fn=calls,
+                                   **run)
+    assert len(rows) == 4 and {r["method"] for r in rows} == {"direct", "freeloc"}
+    assert json.loads((tmp_path / "config.json").read_text())["run_key"]["sample_kwargs"] == {}
+
+
+def test_bench_does_not_preallocate_the_gpu(monkeypatch):
+    from jaxlongvid import cli
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    monkeypatch.setattr(runner, "run_from_args", lambda args: 0)
+    assert cli.main(["bench", "shapes", "--out", "x"]) == 0
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"

@@ -91,8 +91,40 @@ def test_other_bad_meshes(pipe, no_tracing):
     with pytest.raises(ValueError, match="not both"):
         sampling.sample(pipe, PROMPTS[0], mesh=sharding.make_mesh(8), devices=8, progress=False)
     odd = jax.make_mesh((8,), ("pixels",))
-    with pytest.raises(ValueError, match="unknown: \\['pixels'\\]"):
+    with pytest.raises(ValueError, match="cannot use \\['pixels'\\] \\(pass mesh_axes="):
         sampling.sample(pipe, PROMPTS[0], num_frames=8, mesh=odd, progress=False)
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        sampling.sample(pipe, PROMPTS[0], num_frames=8, mesh="frames", progress=False)
+
+
+# ---- meshes as users build them ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["direct", "freenoise", "freelong", "longdiff", "freeloc"])
+def test_default_jax_mesh_equals_unsharded(pipe, method):
+    """``jax.make_mesh((8,), ("frames",))`` (explicit axis types in current JAX) samples the unsharded video to
+    within 1 grey level (compared in uint8, as the user sees it)."""
+    mesh = jax.make_mesh((8,), ("frames",))
+    assert jax.sharding.AxisType.Explicit in mesh.axis_types
+    kw = dict(num_frames=16, num_inference_steps=2, method=method, seed=3, progress=False)
+    single = sampling.sample(pipe, PROMPTS[1], **kw)
+    sharded = sampling.sample(pipe, PROMPTS[1], mesh=mesh, **kw)
+    diff = int(np.max(np.abs(sharded.astype(int) - single.astype(int))))
+    print(f"{method} on jax.make_mesh((8,), ('frames',)): max diff {diff} grey levels")
+    assert diff <= 1, diff
+    assert single.std() > 5
+
+
+def test_normalise_mesh_shapes_and_names():
+    sizes = lambda m: (dict(zip(m.axis_names, m.axis_sizes)), m.axis_types)
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    assert sizes(sharding.normalise_mesh(jax.make_mesh((8,), ("frames",)))) == ({"frames": 8, "data": 1}, auto)
+    two = jax.make_mesh((2, 4), ("data", "frames"))  # data first: transposed to (frames, data), same devices
+    norm = sharding.normalise_mesh(two)
+    assert sizes(norm) == ({"frames": 4, "data": 2}, auto)
+    np.testing.assert_array_equal(norm.devices, two.devices.T)
+    named = sharding.normalise_mesh(jax.make_mesh((4, 2, 1), ("t", "cfg", "x")), axes=("t", "cfg"))
+    assert sizes(named) == ({"frames": 4, "data": 2}, auto)
+    with pytest.raises(ValueError, match="mesh_axes must name"):
+        sharding.normalise_mesh(two, axes=("a", "b", "c"))
 
 
 def test_mesh_for_devices():

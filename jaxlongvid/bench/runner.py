@@ -107,7 +107,6 @@ def prompts(k: int, seed: int = 0, motions=vocab.MOVING_MOTIONS, with_background
 
 # ---- method specs -----------------------------------------------------------------------------------------
 
-# Method field annotations (strings under ``from __future__ import annotations``) -> (check, description)
 def parse_methods(text: str) -> list[Method | MethodPlan]:
     """The ``--methods`` list: specs separated by commas (commas inside parentheses belong to a value)."""
     specs = [s.strip() for s in split_top_level(text, ",") if s.strip()]
@@ -229,6 +228,39 @@ def _previous_config(path: str) -> dict:
         return {}
 
 
+def model_digest(pipe) -> str:
+    """SHA-256 (first 16 hex digits) of a pipeline's config and weights: which model made a row."""
+    import hashlib
+
+    if not hasattr(pipe, "params"):  # a test's stand-in passed with its own sample_fn
+        return repr(pipe)
+    h = hashlib.sha256(json.dumps(pipe.config.to_dict(), sort_keys=True, default=str).encode())
+    import jax
+
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(pipe.params), key=lambda x: str(x[0])):
+        h.update(str(path).encode())
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_resume(previous: dict, run_key: dict, method_values: dict, out_dir: str) -> None:
+    """Refuse to resume ``out_dir`` with settings that change a row (model, steps, guidance, precision, devices,
+    fps, or a method's fields under the same name): its rows would be mislabelled as this run's."""
+    changed = [f"{key}: {previous.get('run_key', {}).get(key)!r} -> {value!r}" for key, value in run_key.items()
+               if previous.get("run_key", {}).get(key) != value]
+    if "run_key" not in previous:  # written before run keys: its sampler settings are all there is to compare
+        old = previous.get("sample_kwargs", {})
+        new = run_key["sample_kwargs"]
+        changed = [f"sample_kwargs: {old!r} -> {new!r}"] if {k: v for k, v in old.items() if k != "progress"} != new \
+            else []
+    old_methods = previous.get("method_values", {})
+    changed += [f"method {name}: {old_methods[name]} -> {value}" for name, value in method_values.items()
+                if name in old_methods and old_methods[name] != value]
+    if changed:
+        raise ValueError(f"{out_dir} holds rows made with other settings ({'; '.join(changed)}); resuming would "
+                         f"mislabel them: use another --out, or the same settings to resume")
+
+
 def _check_batch(videos, count: int, frames: int) -> np.ndarray:
     videos = np.asarray(videos)
     if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[:2] != (count, frames) or videos.shape[-1] != 3:
@@ -295,10 +327,16 @@ def run_shapes_bench(pipe, methods, frames_list, prompts, seeds, out_dir, steps=
     done = {(r["method"], r["frames"], r["prompt"], r["seed"]) for r in rows}
     batch_size = len(prompts) if batch is None else min(batch, len(prompts))
     previous = _previous_config(config_path)
+    run_key = {"model": model_digest(pipe), "fps": fps,
+               "sample_kwargs": {k: repr(v) for k, v in sorted(sample_kwargs.items()) if k != "progress"}}
+    method_values = {name: repr(m) for name, m in zip(labels, methods)}
+    if rows:
+        check_resume(previous, run_key, method_values, out_dir)
     if previous.get("batch", batch_size) != batch_size:
         log(f"warning: {config_path} was written with batch {previous['batch']}, this run uses {batch_size}: "
             "the rows still to do get the noise of the new chunks")
-    settings = {"methods": labels, "method_values": {name: repr(m) for name, m in zip(labels, methods)},
+    method_values = {**previous.get("method_values", {}), **method_values}  # rows of earlier methods stay valid
+    settings = {"run_key": run_key, "methods": labels, "method_values": method_values,
                 "frames": frames_list, "prompts": prompts, "seeds": seeds, "fps": fps, "reference": reference,
                 "batch": batch_size, "chunk_seed": f"seed + {CHUNK_SEED_STRIDE} * chunk index", "workers": workers,
                 "sample_kwargs": {k: repr(v) for k, v in sample_kwargs.items()}}
