@@ -275,11 +275,19 @@ def _read_done(path: str, log=print) -> list[dict]:
             log(f"{path}: dropping an incomplete last line ({len(text) - keep} bytes)")
             f.truncate(keep)
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = tuple(reader.fieldnames or ())
+    missing = [k for k in FIELDS if k not in header]
     for row in rows:
         row["frames"], row["seed"] = int(row["frames"]), int(row["seed"])
         for key in (*metrics.METRICS, "seconds"):
-            row[key] = float(row[key])
+            row[key] = float(row.get(key, "nan"))
+    if missing:  # written before these columns existed: rewrite with every column, NaN for the missing ones
+        log(f"{path}: adding the columns {', '.join(missing)} (NaN for the {len(rows)} rows already there)")
+        os.replace(path, path + ".old")
+        _append(path, rows)
+        os.remove(path + ".old")
     return rows
 
 
@@ -582,7 +590,8 @@ def _plot_all(summary, methods, out_dir) -> str:
     for metric in metrics.METRICS:
         series = {}
         for method in methods:
-            points = sorted((f, v[metric][0]) for (m, f), v in summary.items() if m == method)
+            points = sorted((f, v[metric][0]) for (m, f), v in summary.items()
+                            if m == method and not np.isnan(v[metric][0]))  # NaN: rows from before a metric
             if points:
                 series[method] = np.asarray(points, np.float64)
         path = os.path.join(out_dir, f"{metric}.png")
