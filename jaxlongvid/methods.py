@@ -23,6 +23,7 @@ POSITION_MAPS = ("identity", "clip", "interpolate", "group", "group_shift", "vrp
 MASKS = ("none", "window", "ifs", "tiered")
 MERGES = ("none", "freenoise", "freelong")
 NOISES = ("gaussian", "freenoise")
+AUTO = "auto"  # the method name the sampler resolves per model and length (sampling.auto_method)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,39 @@ class MethodPlan:
         return self.default.noise
 
 
+@dataclass(frozen=True)
+class TimePlan:
+    """Methods scheduled over denoising time: ``phases`` pairs the fraction of the steps at which a phase ends
+    with the Method (or MethodPlan) it runs, e.g. ``((0.4, longdiff), (1.0, freenoise))``: LongDiff for the
+    first 40% of the steps (high noise), FreeNoise for the rest. Fractions increase strictly and the last is 1.
+    The initial noise is the first phase's (its ``noise`` setting). The sampler resolves the phases to step
+    ranges once (``sampling.resolve_phases``) and runs one loop per phase with that phase's static method."""
+
+    name: str
+    phases: tuple[tuple[float, Union[Method, MethodPlan]], ...]
+
+    def __post_init__(self):
+        phases = tuple((float(end), m) for end, m in self.phases)
+        if not phases:
+            raise ValueError("TimePlan.phases is empty")
+        ends = [end for end, _ in phases]
+        if any(not 0.0 < e <= 1.0 for e in ends) or any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] != 1.0:
+            raise ValueError(f"TimePlan.phases: end fractions must increase strictly in (0, 1] and end at 1, got {ends}")
+        bad = [type(m).__name__ for _, m in phases if not isinstance(m, (Method, MethodPlan))]
+        if bad:
+            raise ValueError(f"TimePlan.phases: each phase runs a Method or MethodPlan, got {bad}")
+        object.__setattr__(self, "phases", phases)
+
+    @property
+    def noise(self) -> str:
+        return self.phases[0][1].noise
+
+    @property
+    def first(self) -> Union[Method, MethodPlan]:
+        """The first phase's method: it decides the initial noise."""
+        return self.phases[0][1]
+
+
 PRESETS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -148,16 +182,32 @@ PRESETS: dict[str, Method] = {
 }
 
 
-def get_method(method: Union[str, Method, MethodPlan]) -> Union[Method, MethodPlan]:
-    """A preset name, a Method or a MethodPlan -> the value (names are checked)."""
-    if isinstance(method, (Method, MethodPlan)):
+# Methods scheduled over denoising time (issue 17), by name like the presets. "keepmotion": LongDiff's grouped
+# positions and IFS for the first quarter of the steps (high noise: the global layout, one subject), then
+# FreeNoise's exact local positions and window fusion (low noise: motion at the trained speed), from FreeNoise's
+# rescheduled initial noise. The choice of the switch point: docs/motion.md.
+TIME_PRESETS: dict[str, TimePlan] = {
+    t.name: t
+    for t in (
+        TimePlan("keepmotion", ((0.25, PRESETS["longdiff"].replace(noise="freenoise")),
+                                (1.0, PRESETS["freenoise"]))),
+    )
+}
+
+
+def get_method(method):
+    """A preset name (:data:`PRESETS`, :data:`TIME_PRESETS`), a Method, a MethodPlan or a TimePlan -> the value
+    (names are checked; ``"auto"`` needs the model and length: ``sampling.auto_method``)."""
+    if isinstance(method, (Method, MethodPlan, TimePlan)):
         return method
     if isinstance(method, str):
-        try:
+        if method in PRESETS:
             return PRESETS[method]
-        except KeyError:
-            raise ValueError(f"unknown method {method!r}; presets are {sorted(PRESETS)}") from None
-    raise TypeError(f"method must be a preset name, Method or MethodPlan, got {type(method).__name__}")
+        if method in TIME_PRESETS:
+            return TIME_PRESETS[method]
+        raise ValueError(f"unknown method {method!r}; presets are {sorted(PRESETS) + sorted(TIME_PRESETS)}"
+                         + (" ('auto' is resolved by the sampler for a model and length)" if method == "auto" else ""))
+    raise TypeError(f"method must be a preset name, Method, MethodPlan or TimePlan, got {type(method).__name__}")
 
 
 def method_for_layer(method, index: int, name: str = "") -> Method:

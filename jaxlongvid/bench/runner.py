@@ -57,7 +57,7 @@ import numpy as np
 
 from jaxlongvid import video as video_lib
 from jaxlongvid.bench import metrics
-from jaxlongvid.methods import Method, MethodPlan, get_method
+from jaxlongvid.methods import AUTO, Method, MethodPlan, TimePlan, get_method
 from jaxlongvid.tiny import data, vocab
 
 REFERENCE = "ground-truth"
@@ -144,8 +144,9 @@ def _format_value(value) -> str:
     return str(value)
 
 
-def parse_method(spec) -> Method | MethodPlan:
-    """A preset name or ``PRESET:FIELD=VALUE[:FIELD=VALUE...]`` -> the Method (Method / MethodPlan values pass).
+def parse_method(spec) -> Method | MethodPlan | TimePlan | str:
+    """A preset name or ``PRESET:FIELD=VALUE[:FIELD=VALUE...]`` -> the Method (Method / MethodPlan / TimePlan
+    values and time-scheduled presets pass; ``"auto"`` stays the string, resolved by the sampler per length).
 
     FIELD is any :class:`~jaxlongvid.methods.Method` field but ``name``; VALUE a Python literal (``8``, ``0.3``,
     ``None``, ``(10,14,2,8)``, ``((8,1),(24,4))``) or a bare word for string fields (``mask=window``). The
@@ -153,7 +154,7 @@ def parse_method(spec) -> Method | MethodPlan:
     named ``PRESET[FIELD=VALUE,...]`` with the fields in the Method's field order: one spelling per variant, a
     stable key in ``results.csv``.
     """
-    if isinstance(spec, (Method, MethodPlan)):
+    if isinstance(spec, (Method, MethodPlan, TimePlan)) or spec == AUTO:
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"a method must be a preset name, a spec string or a Method, got {type(spec).__name__}")
@@ -161,6 +162,9 @@ def parse_method(spec) -> Method | MethodPlan:
     base = get_method(preset)
     if not assignments:
         return base
+    if not isinstance(base, Method):
+        raise ValueError(f"method spec {spec!r}: {preset!r} schedules methods over time; field overrides apply "
+                         "to single presets only")
     fields = {f.name: f for f in dataclasses.fields(Method) if f.name != "name"}
     values = {}
     for assignment in assignments:
@@ -202,6 +206,8 @@ def parse_methods(text: str) -> list[Method | MethodPlan]:
 
 def method_label(method) -> str:
     """The method's name in the CSV and the table: a preset's name, or the ``PRESET[...]`` of a spec."""
+    if isinstance(method, str):  # "auto"
+        return method
     if isinstance(method, MethodPlan):
         return f"plan[{method.default.name}]"
     return method.name
