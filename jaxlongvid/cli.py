@@ -122,7 +122,7 @@ def run_info(args) -> int:
     print(f"jaxlongvid {jaxlongvid.__version__}, jax {jax.__version__}")
     print(f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}), "
           f"processes: {jax.process_count()}")
-    print(f"methods: auto, {', '.join([*PRESETS, *TIME_PRESETS])}")
+    print(f"methods: {', '.join([*PRESETS, *TIME_PRESETS])}, auto")
     tiny = os.path.isfile(os.path.join(pipeline_lib.TINY_DIR, pipeline_lib.CONFIG_FILE))
     print(f"bundled tiny model: {'yes' if tiny else 'not installed'}")
     if args.model is None:

@@ -143,3 +143,16 @@ def test_user_errors_exit_1(model_dir, tmp_path, capsys):
     assert cli.main(["sample", "--model", model_dir, "--prompt", "p", "--height", "9",
                      "--out", str(tmp_path / "x.gif")]) == 1
     assert "multiples of 2" in capsys.readouterr().err
+
+
+def test_method_defaults_to_auto_and_bench_takes_auto_and_time_plans():
+    args = cli.build_parser().parse_args(["sample", "--prompt", "a red circle", "--out", "x.gif"])
+    assert args.method == "auto"
+    from jaxlongvid.bench import runner
+    from jaxlongvid.methods import TIME_PRESETS
+
+    methods = runner.parse_methods("auto,keepmotion,longdiff")
+    assert methods[:2] == ["auto", TIME_PRESETS["keepmotion"]]
+    assert [runner.method_label(m) for m in methods] == ["auto", "keepmotion", "longdiff"]
+    with pytest.raises(ValueError, match="single presets only"):
+        runner.parse_method("keepmotion:window=4")
