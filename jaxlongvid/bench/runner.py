@@ -34,7 +34,9 @@ score clips rendered by the data generator for the same prompts and seeds: the c
 length.
 
 Methods are preset names or specs ``PRESET:FIELD=VALUE[:FIELD=VALUE...]`` (see :func:`parse_method`), e.g.
-``longdiff:num_groups=8:window=4``, named ``longdiff[num_groups=8,window=4]`` in the CSV and the table.
+``longdiff:num_groups=8:window=4``, named ``longdiff[num_groups=8,window=4]`` in the CSV and the table;
+``auto`` (the sampler's choice per length); or methods scheduled over denoising time,
+``METHOD~END~METHOD...`` (:func:`parse_time_plan`), named by the spec.
 
 Command line: :func:`add_arguments` and :func:`run_from_args` implement ``jaxlongvid bench shapes --frames
 64,128,256 --methods direct,freenoise,... --prompts K --seeds S --out DIR``.
@@ -158,6 +160,8 @@ def parse_method(spec) -> Method | MethodPlan | TimePlan | str:
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"a method must be a preset name, a spec string or a Method, got {type(spec).__name__}")
+    if "~" in spec:
+        return parse_time_plan(spec)
     preset, *assignments = [part.strip() for part in _split_top_level(spec.strip(), ":")]
     base = get_method(preset)
     if not assignments:
@@ -192,6 +196,26 @@ def parse_method(spec) -> Method | MethodPlan | TimePlan | str:
     name = preset + "[" + ",".join(f"{k}={_format_value(values[k])}" for k in fields if k in values) + "]"
     try:
         return dataclasses.replace(base, name=name, **values)
+    except ValueError as e:
+        raise ValueError(f"method spec {spec!r}: {e}") from None
+
+
+def parse_time_plan(spec: str) -> TimePlan:
+    """``METHOD~END~METHOD[~END~METHOD...]`` -> a :class:`TimePlan` named by the spec: each METHOD (a preset or
+    a ``PRESET:FIELD=VALUE`` spec) runs until the fraction END of the denoising steps, the last one to the end;
+    e.g. ``longdiff:noise=freenoise~0.25~freenoise`` is the ``keepmotion`` preset."""
+    parts = [p.strip() for p in spec.split("~")]
+    if len(parts) % 2 == 0:
+        raise ValueError(f"method spec {spec!r}: expected METHOD~END~METHOD[~END~METHOD...]")
+    try:
+        ends = [float(p) for p in parts[1::2]] + [1.0]
+    except ValueError:
+        raise ValueError(f"method spec {spec!r}: the step fractions between '~' must be numbers") from None
+    methods = [parse_method(p) for p in parts[0::2]]
+    if any(not isinstance(m, (Method, MethodPlan)) for m in methods):
+        raise ValueError(f"method spec {spec!r}: each phase must be a single method (not auto or a time plan)")
+    try:
+        return TimePlan(spec, tuple(zip(ends, methods)))
     except ValueError as e:
         raise ValueError(f"method spec {spec!r}: {e}") from None
 
