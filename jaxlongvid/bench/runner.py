@@ -5,7 +5,7 @@ Outputs in ``out_dir``:
   batch by batch and a rerun skips the rows already there, so a long run resumes across device commands (a
   last line cut short by a killed run is dropped on the next start).
 - ``table.md``: per frame count, mean ± std over prompts x seeds per method, columns as in the papers
-  (SC, BC, MS, TF, IQ, TA, DD).
+  (SC, BC, MS, TF, IQ, TA, DD), then issue 17's motion fidelity and overall score (SR, DA, PA, MF, OV).
 - ``<metric>.png``: the metric's mean against the number of frames, one line per method (matplotlib when it
   is installed; otherwise a plain raster drawn with NumPy, whose colour legend is written in ``table.md``).
 - ``sheets/<method>_<frames>f.png``: a contact sheet (every 8th frame) of the first prompt's video at the
