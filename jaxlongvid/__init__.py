@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from jaxlongvid.methods import PRESETS, Method, MethodPlan  # noqa: E402,F401
+from jaxlongvid.methods import PRESETS, TIME_PRESETS, Method, MethodPlan, TimePlan  # noqa: E402,F401
 from jaxlongvid.pipeline import Pipeline, PipelineConfig, load, save  # noqa: E402,F401
 from jaxlongvid.sampling import sample  # noqa: E402,F401
 from jaxlongvid.schedulers import SchedulerConfig  # noqa: E402,F401
