@@ -14,7 +14,8 @@ import importlib
 __version__ = "0.1.0"
 
 _NAMES = {
-    "PRESETS": "jaxlongvid.methods", "Method": "jaxlongvid.methods", "MethodPlan": "jaxlongvid.methods",
+    "PRESETS": "jaxlongvid.methods", "TIME_PRESETS": "jaxlongvid.methods", "Method": "jaxlongvid.methods",
+    "MethodPlan": "jaxlongvid.methods", "TimePlan": "jaxlongvid.methods",
     "Pipeline": "jaxlongvid.pipeline", "PipelineConfig": "jaxlongvid.pipeline", "load": "jaxlongvid.pipeline",
     "save": "jaxlongvid.pipeline", "sample": "jaxlongvid.sampling", "SchedulerConfig": "jaxlongvid.schedulers",
     "save_video": "jaxlongvid.video",

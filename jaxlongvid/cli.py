@@ -71,11 +71,13 @@ def _add_sample(sub) -> None:
                                    "contact sheet. Unset options take the model's defaults.")
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--frames", type=_positive_int, help="number of frames (default: the model's)")
-    p.add_argument("--method", default="direct",
-                   help="long-video method: direct, freenoise, freelong, longdiff, freeloc, sliding-window, "
-                        "longdiff-no-pm, longdiff-no-ifs, clip, interpolate, group-only (default: direct); "
-                        "NAME:FIELD=VALUE,... to change Method fields (e.g. longdiff:num_groups=8,window=4); or "
-                        "the JSON file of `jaxlongvid probe --out` for its per-layer routing")
+    p.add_argument("--method", default="auto",
+                   help="long-video method: auto, direct, freenoise, freelong, longdiff, freeloc, sliding-window, "
+                        "longdiff-no-pm, longdiff-no-ifs, clip, interpolate, group-only, keepmotion (default: auto, "
+                        "the recommended method for the model and length: direct up to the model's native frame "
+                        "count, see jaxlongvid.sampling.AUTO_TABLE past it); NAME:FIELD=VALUE,... to change part "
+                        "fields (e.g. longdiff:num_groups=8,window=4); or the JSON file of `jaxlongvid probe --out` "
+                        "for its per-layer routing")
     p.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
     p.add_argument("--model", default="tiny", help="a pipeline directory, or 'tiny' for the bundled model")
     p.add_argument("--steps", type=_positive_int, help="denoising steps")
@@ -187,13 +189,13 @@ def run_info(args) -> int:
 
     import jaxlongvid
     import jaxlongvid.pipeline as pipeline_lib
-    from jaxlongvid.methods import PRESETS
+    from jaxlongvid.methods import PRESETS, TIME_PRESETS
 
     devices = jax.devices()
     print(f"jaxlongvid {jaxlongvid.__version__}, jax {jax.__version__}")
     print(f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}), "
           f"processes: {jax.process_count()}")
-    print(f"methods: {', '.join(PRESETS)}")
+    print(f"methods: {', '.join([*PRESETS, *TIME_PRESETS])}, auto")
     tiny = os.path.isfile(os.path.join(pipeline_lib.TINY_DIR, pipeline_lib.CONFIG_FILE))
     print(f"bundled tiny model: {'yes' if tiny else 'not installed'}")
     if args.model is None:

@@ -40,16 +40,19 @@ def estimate_bytes(config, num_frames: int, height: int, width: int, method, dev
                    guided: bool = True, weight_bytes: int = 0) -> int:
     """Peak bytes per device of sampling ``prompts`` videos of ``num_frames`` at ``height x width`` (see the
     module docstring for the terms)."""
-    from jaxlongvid.methods import MethodPlan, get_method
+    from jaxlongvid.methods import FreeNoiseWindows, MethodPlan, TimePlan, get_method
 
     method = get_method(method)
-    m = method.default if isinstance(method, MethodPlan) else method
+    phases = [m for _, m in method.phases] if isinstance(method, TimePlan) else [method]
+    layer_methods = [x for p in phases for x in
+                     ([p.default, *(m for _, m in p.layers)] if isinstance(p, MethodPlan) else [p])]
     batch = prompts * (2 if guided else 1)
     f = config.latent_factor
     h, w = max(1, height // f), max(1, width // f)
-    keys = min(num_frames, m.context_window) if m.merge == "freenoise" else num_frames
-    maps = 2 if m.positions == "group_shift" or any(
-        x.positions == "group_shift" for _, x in getattr(method, "layers", ())) else 1
+    native = getattr(config, "native_frames", None) or num_frames
+    keys = max(min(num_frames, m.merge.window) if isinstance(m.merge, FreeNoiseWindows) else num_frames
+               for m in layer_methods)
+    maps = max(len(m.positions.profile(num_frames, native)) for m in layer_methods)  # score planes per query
     attention = max(3 * batch * (h // s) * (w // s) * heads * num_frames * keys * 4 * maps
                     for s, heads in attention_levels(config.unet))
     channels = max(getattr(config.unet, "block_channels", (getattr(config.unet, "channels", 320),))[:1])

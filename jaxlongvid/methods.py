@@ -15,8 +15,9 @@ never captured as constants. Presets are compositions in the ``PRESETS`` table; 
 
 A :class:`MethodPlan` routes methods per temporal layer (FreeLOC's layer-adaptive routing), keyed by the layer's
 path (``temporal_layer_names``) or forward index; :meth:`MethodPlan.resolve` turns indices into paths once, then
-``plan.for_layer(path)`` answers each layer. :func:`parse_method` reads a preset name, ``name:key=value,...``
-or a probe's JSON file.
+``plan.for_layer(path)`` answers each layer. A :class:`TimePlan` schedules methods over denoising time (the
+``keepmotion`` preset in ``TIME_PRESETS``). :func:`parse_method` reads a preset name, ``name:key=value,...``,
+``A~0.25~B`` (a TimePlan), ``auto`` or a probe's JSON file.
 """
 
 from __future__ import annotations
@@ -366,21 +367,70 @@ class MethodPlan:
         return self.default.noise
 
 
-def get_method(method: Union[str, Method, MethodPlan]) -> Union[Method, MethodPlan]:
-    """A preset name, a Method or a MethodPlan -> the value (names are checked)."""
-    if isinstance(method, (Method, MethodPlan)):
+@dataclass(frozen=True)
+class TimePlan:
+    """Methods scheduled over denoising time: ``phases`` pairs the fraction of the steps at which a phase ends
+    with the Method (or MethodPlan) it runs, e.g. ``((0.4, longdiff), (1.0, freenoise))``: LongDiff for the
+    first 40% of the steps (high noise), FreeNoise for the rest. Fractions increase strictly and the last is 1.
+    The initial noise is the first phase's. The sampler resolves the phases to step ranges once
+    (``sampling.resolve_phases``) and runs one loop per phase with that phase's static method."""
+
+    name: str
+    phases: tuple[tuple[float, Union[Method, MethodPlan]], ...]
+
+    def __post_init__(self):
+        phases = tuple((float(end), m) for end, m in self.phases)
+        if not phases:
+            raise ValueError("TimePlan.phases is empty")
+        ends = [end for end, _ in phases]
+        if any(not 0.0 < e <= 1.0 for e in ends) or any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] != 1.0:
+            raise ValueError(f"TimePlan.phases: end fractions must increase strictly in (0, 1] and end at 1, got {ends}")
+        bad = [type(m).__name__ for _, m in phases if not isinstance(m, (Method, MethodPlan))]
+        if bad:
+            raise ValueError(f"TimePlan.phases: each phase runs a Method or MethodPlan, got {bad}")
+        object.__setattr__(self, "phases", phases)
+
+    @property
+    def noise(self):
+        """The first phase's noise part: it draws the initial latents."""
+        return self.phases[0][1].noise
+
+
+# Methods scheduled over denoising time, by name like the presets. "keepmotion": LongDiff's grouped positions and
+# IFS for the first quarter of the steps (high noise: the global layout, one subject), then FreeNoise's exact local
+# positions and window fusion (low noise: motion at the trained speed), from FreeNoise's rescheduled initial noise.
+# The choice of the switch point: docs/motion.md.
+TIME_PRESETS: dict[str, TimePlan] = {
+    t.name: t
+    for t in (
+        TimePlan("keepmotion", ((0.25, PRESETS["longdiff"].replace(noise=FreeNoiseShuffle())),
+                                (1.0, PRESETS["freenoise"]))),
+    )
+}
+AUTO = "auto"  # the method name the sampler resolves per model and length (sampling.auto_method)
+
+
+def get_method(method):
+    """A preset name (:data:`PRESETS`, :data:`TIME_PRESETS`), a Method, a MethodPlan or a TimePlan -> the value
+    (names are checked; ``"auto"`` needs the model and length: ``sampling.auto_method``)."""
+    if isinstance(method, (Method, MethodPlan, TimePlan)):
         return method
     if isinstance(method, str):
-        try:
+        if method in PRESETS:
             return PRESETS[method]
-        except KeyError:
-            raise ValueError(f"unknown method {method!r}; presets are {sorted(PRESETS)}") from None
-    raise TypeError(f"method must be a preset name, Method or MethodPlan, got {type(method).__name__}")
+        if method in TIME_PRESETS:
+            return TIME_PRESETS[method]
+        raise ValueError(f"unknown method {method!r}; presets are {sorted(PRESETS) + sorted(TIME_PRESETS)}"
+                         + (" ('auto' is resolved by the sampler for a model and length)" if method == AUTO else ""))
+    raise TypeError(f"method must be a preset name, Method, MethodPlan or TimePlan, got {type(method).__name__}")
 
 
 def as_plan(method: Union[str, Method, MethodPlan]) -> MethodPlan:
-    """Any method value as a MethodPlan (one Method: every layer runs it)."""
+    """Any per-step method value as a MethodPlan (one Method: every layer runs it)."""
     method = get_method(method)
+    if isinstance(method, TimePlan):
+        raise ValueError(f"{method.name!r} schedules methods over denoising time: the sampler runs its phases "
+                         "(sampling.resolve_phases); a model call takes one of them")
     return method if isinstance(method, MethodPlan) else MethodPlan(default=method)
 
 
@@ -472,10 +522,11 @@ def _apply_fields(method: Method, values: dict) -> tuple[Method, list[str]]:
     return method.replace(**parts), order
 
 
-def parse_method(text) -> Union[Method, MethodPlan]:
-    """A method from text: a preset name; ``PRESET:KEY=VALUE[:KEY=VALUE...]`` (``,`` also separates); or the path
-    of a ``jaxlongvid probe --out`` JSON file (its per-layer routes as a MethodPlan). Method and MethodPlan
-    values pass unchanged.
+def parse_method(text) -> Union[Method, MethodPlan, TimePlan, str]:
+    """A method from text: a preset name; ``PRESET:KEY=VALUE[:KEY=VALUE...]`` (``,`` also separates); the path
+    of a ``jaxlongvid probe --out`` JSON file (its per-layer routes as a MethodPlan); ``A~END~B[~END~C...]`` (a
+    TimePlan, :func:`parse_time_plan`); or ``auto``, kept as the string for the sampler. Method, MethodPlan and
+    TimePlan values pass unchanged.
 
     KEY is a part slot (``positions``, ``mask``, ``merge``, ``noise``) with a kind name as VALUE (``mask=window``:
     that kind's default part), or a part field (``num_groups``, ``window``, ``tiers``, ``d_t``...) set on every
@@ -483,13 +534,17 @@ def parse_method(text) -> Union[Method, MethodPlan]:
     first. The result is named ``PRESET[KEY=VALUE,...]`` with slot keys first, then fields in part and field
     order: one spelling per variant.
     """
-    if isinstance(text, (Method, MethodPlan)):
+    if isinstance(text, (Method, MethodPlan, TimePlan)):
         return text
     if not isinstance(text, str):
         raise TypeError(f"a method must be a preset name, a spec string or a Method, got {type(text).__name__}")
     spec = text.strip()
+    if spec == AUTO:
+        return AUTO
     if spec.endswith(".json") or os.path.isfile(spec):
         return plan_from_probe_file(spec)
+    if "~" in spec:
+        return parse_time_plan(spec)
     preset, *assignments = [p.strip() for p in split_top_level(spec, ":")]
     assignments = [a.strip() for chunk in assignments for a in split_top_level(chunk, ",") if a.strip()]
     base = get_method(preset)
@@ -513,6 +568,26 @@ def parse_method(text) -> Union[Method, MethodPlan]:
         return method.replace(name=name)
     except (ValueError, TypeError) as e:
         raise ValueError(f"method spec {text!r}: {e}") from None
+
+
+def parse_time_plan(spec: str) -> TimePlan:
+    """``METHOD~END~METHOD[~END~METHOD...]`` -> a :class:`TimePlan` named by the spec: each METHOD (a preset or
+    a ``PRESET:KEY=VALUE`` spec) runs until the fraction END of the denoising steps, the last one to the end;
+    e.g. ``longdiff:noise=freenoise~0.25~freenoise`` is the ``keepmotion`` preset."""
+    parts = [p.strip() for p in spec.split("~")]
+    if len(parts) % 2 == 0:
+        raise ValueError(f"method spec {spec!r}: expected METHOD~END~METHOD[~END~METHOD...]")
+    try:
+        ends = [float(p) for p in parts[1::2]] + [1.0]
+    except ValueError:
+        raise ValueError(f"method spec {spec!r}: the step fractions between '~' must be numbers") from None
+    methods = [parse_method(p) for p in parts[0::2]]
+    if any(not isinstance(m, (Method, MethodPlan)) for m in methods):
+        raise ValueError(f"method spec {spec!r}: each phase must be a single method (not auto or a time plan)")
+    try:
+        return TimePlan(spec, tuple(zip(ends, methods)))
+    except ValueError as e:
+        raise ValueError(f"method spec {spec!r}: {e}") from None
 
 
 def plan_from_probe_file(path: str) -> MethodPlan:

@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlongvid import schedulers, sharding
 from jaxlongvid.positions import _check_int as _int
-from jaxlongvid.methods import Method, MethodPlan, as_plan, get_method
+from jaxlongvid.methods import AUTO, Method, MethodPlan, TimePlan, as_plan, get_method
 from jaxlongvid.pipeline import (Pipeline, PipelineConfig, apply_denoiser, cast_params, decode_latents,
                                  encode_text)
 
@@ -76,7 +76,7 @@ class Request:
     fps: Optional[int]
     eta: Optional[float]
     seed: int
-    method: Union[Method, MethodPlan]
+    method: Union[Method, MethodPlan, TimePlan]
     precision: Optional[str] = None  # resolved: "default" | "high" | "highest", or None for JAX's own setting
 
     @property
@@ -168,12 +168,43 @@ def check_request(pipe: Pipeline, prompt, *, num_frames=None, method="direct", s
     eta = d.eta if eta is None else eta
     if pipe.tokenizer is None:
         raise ValueError("this pipeline has no tokenizer, so it cannot encode prompts")
+    method = auto_method(config, num_frames) if isinstance(method, str) and method == AUTO else get_method(method)
     request = Request(prompts=prompts, negative_prompts=negatives, single=single, num_frames=num_frames,
                       num_inference_steps=steps, guidance_scale=float(scale), height=height, width=width, fps=fps,
                       eta=None if eta is None else float(eta), seed=_seed(seed),
-                      method=get_method(method), precision=resolve_precision(precision, config))
+                      method=method, precision=resolve_precision(precision, config))
     schedulers.timesteps(config.scheduler, steps)  # checks the step count against the schedule
     return request
+
+
+# ---- method="auto" and methods scheduled over denoising time -------------------------------------------------
+# The recommended method past the native length (docs/motion.md): see AUTO_TABLE.
+AUTO_LONG = "longdiff"
+AUTO_TABLE = {"native length or shorter": "direct", "past the native length": AUTO_LONG}
+
+
+def auto_method(config: PipelineConfig, num_frames: int):
+    """``method="auto"``: the project's recommended method for the model and length (:data:`AUTO_TABLE`):
+    ``direct`` up to the denoiser's native frame count (or when the model states none), else
+    :data:`AUTO_LONG`."""
+    native = config.native_frames
+    return get_method("direct" if native is None or num_frames <= native else AUTO_LONG)
+
+
+def resolve_phases(method, steps: int) -> tuple[tuple[int, int, Union[Method, MethodPlan]], ...]:
+    """``(start, stop, method)`` step ranges of a method over ``steps`` denoising steps, decided once before
+    tracing: one phase for a Method or MethodPlan; for a :class:`TimePlan` phase k ends at
+    ``round(end_k * steps)``, and phases left with no step are dropped."""
+    method = get_method(method)
+    if not isinstance(method, TimePlan):
+        return ((0, steps, method),)
+    phases, start = [], 0
+    for end, phase_method in method.phases:
+        stop = int(round(end * steps))
+        if stop > start:
+            phases.append((start, stop, phase_method))
+            start = stop
+    return tuple(phases)
 
 
 def resolve_mesh(mesh, devices, guided: bool, mesh_axes=(sharding.FRAMES, sharding.DATA)):
@@ -187,7 +218,9 @@ def resolve_mesh(mesh, devices, guided: bool, mesh_axes=(sharding.FRAMES, shardi
 # ---- the pure pieces ------------------------------------------------------------------------------------------
 def initial_noise(key, shape, method) -> jnp.ndarray:
     """Starting latents ``[B, F, h, w, C]``: FreeNoise rescheduling along frames if the method asks, else Gaussian."""
-    return as_plan(method).noise.sample(key, shape, axis=1)
+    method = get_method(method)
+    first = method.phases[0][1] if isinstance(method, TimePlan) else method
+    return as_plan(first).noise.sample(key, shape, axis=1)
 
 
 def _keys(seed):
@@ -241,6 +274,22 @@ def denoise(params, latents, context, fps, rows, guidance_scale, seed, *, config
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
+def denoise_phase(params, carry, context, fps, rows, steps, guidance_scale, seed, *, config: PipelineConfig,
+                  method, guided: bool, stochastic: bool):
+    """One phase of a :class:`TimePlan`'s loop: ``lax.scan`` over its schedule ``rows`` (the global step
+    indices ``steps``) from ``carry = (x, prev_x0)``, with the phase's static method; returns the carry."""
+    _, loop_key = _keys(seed)
+
+    def body(carry, xs):
+        row, i = xs
+        return _step(config, method, guided, stochastic, params, carry, row, i, context, fps, guidance_scale,
+                     loop_key), None
+
+    carry, _ = jax.lax.scan(body, carry, (rows, steps))
+    return carry
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def denoise_step(params, carry, context, fps, rows, i, guidance_scale, seed, *, config: PipelineConfig, method,
                  guided: bool, stochastic: bool):
     """Step ``i`` of the same loop as its own program, for a progress bar driven from Python."""
@@ -251,20 +300,30 @@ def denoise_step(params, carry, context, fps, rows, i, guidance_scale, seed, *, 
 
 def run_loop(params, latents, context, fps, rows, guidance_scale, seed, *, config, method, guided, stochastic,
              progress: bool):
-    """``denoise`` in one program, or with ``progress`` step by step under a tqdm bar (see the module notes)."""
-    static = dict(config=config, method=method, guided=guided, stochastic=stochastic)
+    """``denoise`` in one program (a :class:`TimePlan`: one ``denoise_phase`` program per phase of
+    :func:`resolve_phases`), or with ``progress`` step by step under a tqdm bar (see the module notes)."""
+    steps = len(rows.timestep)
+    phases = resolve_phases(method, steps)
+    static = dict(config=config, guided=guided, stochastic=stochastic)
+    if not progress and len(phases) == 1:
+        return denoise(params, latents, context, fps, rows, guidance_scale, seed, method=phases[0][2], **static)
+    carry = _start(latents)
     if not progress:
-        return denoise(params, latents, context, fps, rows, guidance_scale, seed, **static)
+        for start, stop, phase_method in phases:
+            part = jax.tree_util.tree_map(lambda a: a[start:stop], rows)
+            carry = denoise_phase(params, carry, context, fps, part, jnp.arange(start, stop), guidance_scale, seed,
+                                  method=phase_method, **static)
+        return carry[0]
     from tqdm.auto import tqdm
 
-    steps = len(rows.timestep)
-    carry = _start(latents)
     # every process runs the same programs; only process 0 draws the bar
     with tqdm(total=steps, desc="denoising", unit="step", disable=jax.process_index() != 0) as bar:
-        for i in range(steps):
-            carry = denoise_step(params, carry, context, fps, rows, i, guidance_scale, seed, **static)
-            carry[0].block_until_ready()  # so the bar shows finished steps
-            bar.update(1)
+        for start, stop, phase_method in phases:
+            for i in range(start, stop):
+                carry = denoise_step(params, carry, context, fps, rows, i, guidance_scale, seed,
+                                     method=phase_method, **static)
+                carry[0].block_until_ready()  # so the bar shows finished steps
+                bar.update(1)
     return carry[0]
 
 
@@ -293,7 +352,7 @@ def _decoder(config: PipelineConfig, mesh, spec, chunk: int, as_uint8: bool):
 
 # ---- the public entry ---------------------------------------------------------------------------------------------
 def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Optional[int] = None,
-           method: Union[str, Method, MethodPlan] = "direct", seed: int = 0,
+           method: Union[str, Method, MethodPlan, TimePlan] = "direct", seed: int = 0,
            num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
            height: Optional[int] = None, width: Optional[int] = None,
            negative_prompt: Union[str, Sequence[str], None] = None, fps: Optional[int] = None,
@@ -307,8 +366,9 @@ def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Option
       prompt: a string, or a list of strings for a batch.
       num_frames, num_inference_steps, guidance_scale, height, width, negative_prompt, fps, eta: default to
         the pipeline config's settings. ``fps`` only for fps-conditioned models; ``eta`` only for DDIM.
-      method: preset name (``direct``, ``freenoise``, ``freelong``, ``longdiff``, ``freeloc``, ...), a Method
-        or a MethodPlan.
+      method: preset name (``direct``, ``freenoise``, ``freelong``, ``longdiff``, ``freeloc``, ...,
+        ``keepmotion``), ``"auto"`` (:func:`auto_method`: the recommended one for the model and length), a
+        Method, a MethodPlan or a TimePlan (methods scheduled over the denoising steps).
       seed: everything random (initial noise, stochastic sampler noise) derives from ``jax.random.key(seed)``.
       mesh: any ``jax.sharding.Mesh`` (e.g. ``jax.make_mesh((8,), ("frames",))``, explicit or auto axes) with a
         ``frames`` axis and optionally ``data`` (other names: ``mesh_axes``; see

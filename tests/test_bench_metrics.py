@@ -7,6 +7,8 @@ metric; each corruption lowers the metric meant to catch it, clip by clip, by a 
 about half the smallest drop measured over the clips used here, so they test the effect, not the noise).
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -253,6 +255,99 @@ def test_long_clip_corruptions():
         assert clean["MS"] - metrics.motion_smoothness(shuffle_frames(video, rng), prompt) > 25
         assert clean["SC"] - metrics.subject_consistency(object_swap(scene, 128, 32, k), prompt) > 5
         assert clean["IQ"] - metrics.imaging_quality(blur(video, 1.0)) > 50
+
+
+# ---- motion fidelity (issue 17) ----------------------------------------------------------------------------
+
+
+def _law_clip(rng, motion, frames, shape=None, slow=1.0):
+    """A one-object ground-truth clip of ``motion`` and its prompt; ``slow`` divides its speed."""
+    shape = shape or str(rng.choice(vocab.SHAPES))
+    obj = data.random_object(rng, "red", shape, motion, 16)
+    obj = dataclasses.replace(obj, velocity=tuple(np.asarray(obj.velocity) / slow), period=obj.period * slow)
+    scene = data.Scene((obj,), str(rng.choice(vocab.BACKGROUNDS)), 3)
+    return data.render(scene, frames, 32), data.caption(scene)
+
+
+@pytest.mark.parametrize("frames", [16, 128])
+def test_motion_fidelity_of_ground_truth_is_full(frames):
+    """Every moving law, clean renders: SR = DA = 100 (within the law's range), PA >= 99 (tracking noise)."""
+    rng = np.random.default_rng(frames + 17)
+    for motion in vocab.MOVING_MOTIONS:
+        video, prompt = _law_clip(rng, motion, frames)
+        s = metrics.all_metrics(video, prompt)
+        assert s["SR"] > 99.5 and s["DA"] > 99.9, (motion, s)  # sub-pixel tracking noise
+        assert s["PA"] > 99.0 and s["MF"] > 99.5, (motion, s)  # measured PA >= 99.1
+        assert s["OV"] > 98.0, (motion, s)
+
+
+def test_frozen_and_reversed_clips_lose_motion_fidelity():
+    """A frozen clip has no speed (SR = MF = 0, OV = 0); a reversed linear clip goes the wrong way (DA = 0);
+    reversed bouncing and circling are still their law (either way round), so they keep their scores."""
+    rng = np.random.default_rng(3)
+    for motion in vocab.MOVING_MOTIONS:
+        video, prompt = _law_clip(rng, motion, 64)
+        frozen = metrics.all_metrics(freeze(video), prompt)
+        assert frozen["SR"] == 0.0 and frozen["MF"] == 0.0 and frozen["OV"] == 0.0, (motion, frozen)
+        assert frozen["SC"] > 99.0  # the still clip wins on subject consistency, and still loses overall
+        reversed_ = metrics.motion_fidelity(video[::-1], prompt)
+        if motion in vocab.LINEAR_MOTIONS:
+            assert reversed_["DA"] == 0.0 and reversed_["MF"] == 0.0 and reversed_["SR"] > 99.5, reversed_
+        else:
+            assert reversed_["DA"] > 99.9 and reversed_["MF"] > 99.0, reversed_
+
+
+def test_speed_ratio_of_slowed_clips():
+    """Half the speed of an object of the law scores SR = 100 * (v / 2) / lo: 50 at the slowest instance of the
+    law; a linear mover at the law's slowest speed is exactly in range."""
+    rng = np.random.default_rng(4)
+    for motion in vocab.LINEAR_MOTIONS:
+        obj = data.random_object(rng, "blue", "circle", motion, 16)
+        unit = np.asarray(obj.velocity) / np.linalg.norm(obj.velocity)
+        for speed, expected in ((data.LINEAR_SPEED[0], 100.0), (data.LINEAR_SPEED[0] / 2, 50.0),
+                                (data.LINEAR_SPEED[1] * 2, 50.0)):
+            scene = data.Scene((dataclasses.replace(obj, velocity=tuple(speed * unit)),), "gray")
+            s = metrics.motion_fidelity(data.render(scene, 64, 32), data.caption(scene))
+            assert s["SR"] == pytest.approx(expected, abs=1.5), (motion, speed, s)  # measured within 0.5
+    for motion in ("bouncing", "circling"):
+        for _ in range(3):
+            video, prompt = _law_clip(rng, motion, 64, slow=2.0)
+            s = metrics.motion_fidelity(video, prompt)
+            assert 45.0 < s["SR"] < 95.0 and s["DA"] > 99.9, (motion, s)  # wide law ranges: 50-91 measured
+
+
+def test_path_accuracy_sees_a_sideways_drift_and_a_wrong_law():
+    """A left mover drifting down by 0.3 of the side over the clip, and a straight diagonal run prompted as
+    circling, lose PA; a linear mover prompted as bouncing wraps out of the frame and loses PA."""
+    obj = data.SceneObject("green", "square", "left", 0.15, (0.8, 0.3), (-0.03, 0.3 / 63))
+    scene = data.Scene((obj,), "black")
+    drift = metrics.motion_fidelity(data.render(scene, 64, 32), "a green square moving left")
+    assert drift["PA"] < 20.0 and drift["DA"] > 90.0, drift
+    circling = metrics.motion_fidelity(data.render(scene, 64, 32), "a green square circling")
+    assert circling["DA"] < 20.0, circling
+    bouncing = metrics.motion_fidelity(data.render(scene, 64, 32), "a green square bouncing")
+    assert bouncing["PA"] < 20.0, bouncing
+
+
+def test_motion_fidelity_of_a_lost_or_unprompted_motion():
+    blank = np.zeros((16, 32, 32, 3), np.uint8)
+    s = metrics.all_metrics(blank, "a red circle moving left")
+    assert s["SR"] == s["DA"] == s["PA"] == s["MF"] == s["OV"] == 0.0
+    video, _ = _law_clip(np.random.default_rng(5), "down", 16, shape="circle")
+    s = metrics.all_metrics(video, "a red circle")
+    assert all(np.isnan(s[k]) for k in ("SR", "DA", "PA", "MF", "OV")) and s["TA"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="needs the prompt"):
+        metrics.motion_fidelity(video, None)
+
+
+def test_still_law_rewards_stillness():
+    rng = np.random.default_rng(6)
+    obj = data.random_object(rng, "cyan", "diamond", "still")
+    scene = data.Scene((obj,), "white")
+    s = metrics.motion_fidelity(data.render(scene, 32, 32), data.caption(scene))
+    assert s["SR"] == pytest.approx(100.0, abs=0.5) and s["DA"] == 100.0 and s["PA"] > 99.0
+    moving, _ = _law_clip(rng, "right", 32, shape="diamond")
+    assert metrics.motion_fidelity(moving, "a red diamond standing still")["SR"] == 0.0
 
 
 # ---- runner -----------------------------------------------------------------------------------------------

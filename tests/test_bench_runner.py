@@ -179,6 +179,27 @@ def test_resume_skips_done_rows_and_refills_chunks_with_their_noise(tmp_path):
     assert again.calls == [] and len(read_rows(parts)) == len(reference)
 
 
+def test_a_csv_from_before_the_motion_columns_is_upgraded_and_resumed(tmp_path):
+    """Rows written without SR ... OV are kept (NaN in those columns), the file gets every column, and only the
+    missing rows are sampled."""
+    texts, out = runner.prompts(2, seed=3), str(tmp_path / "old")
+    runner.run_shapes_bench(None, ["freeloc"], [FRAMES], texts, [0], out, sample_fn=FakeSampler(),
+                            reference=False, **QUIET)
+    old_fields = [f for f in runner.FIELDS if f not in ("SR", "DA", "PA", "MF", "OV")]
+    rows = read_rows(out)
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows[:1])
+    sampler = FakeSampler()
+    runner.run_shapes_bench(None, ["freeloc"], [FRAMES], texts, [0], out, sample_fn=sampler, reference=False,
+                            **QUIET)
+    upgraded = read_rows(out)
+    assert list(upgraded[0]) == list(runner.FIELDS) and len(upgraded) == 2 and len(sampler.calls) == 1
+    assert upgraded[0]["MF"] == "nan" and upgraded[0]["SC"] == rows[0]["SC"]
+    assert upgraded[1] == rows[1] | {"seconds": upgraded[1]["seconds"]}
+
+
 def test_time_budget_stops_between_batches_and_the_rerun_finishes(tmp_path):
     texts, messages = runner.prompts(2), []
     rows = runner.run_shapes_bench(None, ["direct", "longdiff"], [FRAMES, 24], texts, [0], str(tmp_path),

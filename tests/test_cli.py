@@ -143,3 +143,33 @@ def test_user_errors_exit_1(model_dir, tmp_path, capsys):
     assert cli.main(["sample", "--model", model_dir, "--prompt", "p", "--height", "9",
                      "--out", str(tmp_path / "x.gif")]) == 1
     assert "multiples of 2" in capsys.readouterr().err
+
+
+def test_method_defaults_to_auto_and_bench_takes_auto_and_time_plans():
+    args = cli.build_parser().parse_args(["sample", "--prompt", "a red circle", "--out", "x.gif"])
+    assert args.method == "auto"
+    from jaxlongvid.bench import runner
+    from jaxlongvid.methods import TIME_PRESETS
+
+    methods = runner.parse_methods("auto,keepmotion,longdiff")
+    assert methods[:2] == ["auto", TIME_PRESETS["keepmotion"]]
+    assert [runner.method_label(m) for m in methods] == ["auto", "keepmotion", "longdiff"]
+    with pytest.raises(ValueError, match="single presets only"):
+        runner.parse_method("keepmotion:window=4")
+
+
+def test_time_plan_specs_parse_to_time_plans():
+    from jaxlongvid.bench import runner
+    from jaxlongvid.methods import TIME_PRESETS, get_method
+
+    plan = runner.parse_method("longdiff:noise=freenoise~0.25~freenoise")
+    unnamed = [(end, m.replace(name="")) for end, m in plan.phases]
+    assert unnamed == [(end, m.replace(name="")) for end, m in TIME_PRESETS["keepmotion"].phases]
+    assert plan.name == "longdiff:noise=freenoise~0.25~freenoise"
+    three = runner.parse_method("freenoise~0.2~longdiff:window=4~0.6~direct")
+    assert [e for e, _ in three.phases] == [0.2, 0.6, 1.0]
+    assert three.phases[1][1] == get_method("longdiff").replace(name="longdiff[window=4]", window=4)
+    for bad, match in (("longdiff~0.5", "METHOD~END"), ("longdiff~half~direct", "numbers"),
+                       ("longdiff~0.5~auto", "single method"), ("longdiff~0.7~direct~0.5~direct", "increase")):
+        with pytest.raises(ValueError, match=match):
+            runner.parse_method(bad)

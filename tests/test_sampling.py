@@ -22,7 +22,7 @@ import pytest
 import jaxlongvid.pipeline as pipeline_lib
 from jaxlongvid import noise, sampling, schedulers, sharding
 from jaxlongvid.attention import Encoding, TemporalAttention
-from jaxlongvid.methods import FreeNoiseShuffle, MethodPlan, as_plan, get_method
+from jaxlongvid.methods import FreeNoiseShuffle, MethodPlan, TimePlan, as_plan, get_method
 from jaxlongvid.models import text as text_lib
 from jaxlongvid.models.tokenizers import WordTokenizer
 from jaxlongvid.models.unet3d import UNet3DConfig, init_shapes
@@ -479,3 +479,70 @@ def test_config_json_round_trip_and_registry(pipe):
     assert pipeline_lib.module_class(UNet3DConfig.lavie()) is UNet3D
     with pytest.raises(ValueError, match="pixel-space pipeline"):
         PipelineConfig(family="x", unet=UNet3DConfig.lavie(), text=config.text)
+
+
+# ---- methods scheduled over denoising time (issue 17) --------------------------------------------------------------
+def test_time_plan_phases_resolve_once_to_step_ranges():
+    a, b = get_method("longdiff"), get_method("freenoise")
+    plan = TimePlan("ab", ((0.25, a), (1.0, b)))
+    assert sampling.resolve_phases(plan, 25) == ((0, 6, a), (6, 25, b))  # round(6.25) = 6
+    assert sampling.resolve_phases(plan, 3) == ((0, 1, a), (1, 3, b))
+    assert sampling.resolve_phases(plan, 1) == ((0, 1, b),)  # a phase left with no step is dropped
+    assert sampling.resolve_phases("direct", 7) == ((0, 7, get_method("direct")),)
+    assert sampling.resolve_phases("keepmotion", 25)[0][2].positions == "group_shift"
+    for phases, match in (((), "empty"), (((0.5, a),), "end at 1"), (((0.6, a), (0.4, b), (1.0, a)), "increase"),
+                          (((1.0, "longdiff"),), "Method or MethodPlan")):
+        with pytest.raises(ValueError, match=match):
+            TimePlan("bad", phases)
+
+
+def test_one_phase_time_plan_is_the_plain_method_exactly(pipe):
+    kw = dict(seed=2, guidance_scale=4.0, output="float", **KW)
+    plain = sampling.sample(pipe, PROMPTS[:2], method="longdiff", **kw)
+    one = sampling.sample(pipe, PROMPTS[:2], method=TimePlan("one", ((1.0, get_method("longdiff")),)), **kw)
+    np.testing.assert_array_equal(one, plain)
+
+
+def reference_phased_sample(pipe, prompts, num_frames, guidance, seed, methods):
+    """The eager loop of ``reference_sample`` with the method of each step given by hand (``methods[i]``),
+    from the initial noise of ``methods[0]``."""
+    config = pipe.config
+    cond, uncond = pipe.encode_prompts(prompts), pipe.encode_prompts([""] * len(prompts))
+    noise_key, loop_key = jax.random.split(jax.random.key(seed))
+    shape = (len(prompts), num_frames, 8, 8, 3)
+    x = sampling.initial_noise(noise_key, shape, methods[0])
+    sched = schedulers.make_schedule(config.scheduler, len(methods))
+    prev_x0 = jnp.zeros(shape)
+    for i, method in enumerate(methods):
+        row = schedulers.row_at(sched, i)
+        t = jnp.full((len(prompts),), int(row.timestep), jnp.int32)
+        e_c = jit_denoiser(config, method, pipe.params["unet"], x, t, cond)
+        e_u = jit_denoiser(config, method, pipe.params["unet"], x, t, uncond)
+        x, prev_x0 = schedulers.step(config.scheduler, row, x, e_u + guidance * (e_c - e_u), prev_x0, None)
+    return np.asarray(x)
+
+
+def test_two_phase_time_plan_equals_the_loops_run_by_hand(pipe):
+    """LongDiff (with FreeNoise's initial noise) for step 0, FreeNoise for steps 1-2: the per-phase scans, the
+    per-step progress loop and an eager loop switching methods by hand agree."""
+    first = get_method("longdiff").replace(noise=FreeNoiseShuffle())
+    plan = TimePlan("ld-fn", ((0.34, first), (1.0, get_method("freenoise"))))
+    kw = dict(seed=5, guidance_scale=4.0, output="float", num_frames=24)
+    got = sampling.sample(pipe, PROMPTS[:2], method=plan, progress=False, **kw)
+    want = reference_phased_sample(pipe, PROMPTS[:2], 24, 4.0, 5, [first, get_method("freenoise"),
+                                                                 get_method("freenoise")])
+    assert np.max(np.abs(got - want)) < 1e-4 and np.max(np.abs(want)) > 0.1
+    np.testing.assert_allclose(sampling.sample(pipe, PROMPTS[:2], method=plan, progress=True, **kw), got, atol=1e-6)
+
+
+def test_auto_method_follows_the_native_length(pipe):
+    native = pipe.config.native_frames
+    assert sampling.auto_method(pipe.config, native) == get_method("direct")
+    assert sampling.auto_method(pipe.config, native + 1) == get_method(sampling.AUTO_LONG)
+    assert sampling.check_request(pipe, "a red circle", num_frames=24, method="auto").method == \
+        get_method(sampling.AUTO_LONG)
+    kw = dict(seed=1, output="float", **KW)
+    np.testing.assert_array_equal(sampling.sample(pipe, PROMPTS[:2], method="auto", **kw),
+                                  sampling.sample(pipe, PROMPTS[:2], method=sampling.AUTO_LONG, **kw))
+    with pytest.raises(ValueError, match="resolved by the sampler"):
+        get_method("auto")

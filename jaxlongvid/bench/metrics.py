@@ -47,6 +47,32 @@ scores 0 on the subject-based metrics (SC, MS, DD): there is nothing to judge.
   ``6 * max(1, 8 / fps) * S / 256`` pixels; the video is dynamic (100) when at least ``round(4 F / 16)`` pairs
   move, else 0. As in VBench the per-video value is 0 or 100 and a table reports the mean over videos.
 
+Motion fidelity (issue 17; no VBench analogue: VBench has no ground-truth motion). The prompt names a motion
+law of the data generator (:mod:`jaxlongvid.tiny.data`); the prompted object is followed by its colour (as for
+TA), its centroids unwrapped on the torus (gaps filled linearly) give the path ``p_t``, and
+``d_t = p_{t+k} - p_t`` with ``k = 4`` frames is its displacement (longer than one frame so that sub-pixel
+tracking noise does not count as motion). The law's own values are the same statistics computed on the exact
+trajectories of 256 random objects of the prompted motion and shape (drawn as for the 16-frame training clips,
+evaluated at the video's length): its range ``[lo, hi]``. An object present in under half the frames scores 0
+on all three (no path to judge); a prompt that names no motion gives NaN.
+- **SR, speed ratio**: speed ``s = mean_t |d_t| / k``; ``r`` = s over the law's range: ``SR = 100`` when
+  ``lo <= s <= hi``, else ``100 * min(s / lo, hi / s)`` (2x slower than the slowest instance of the law: 50).
+  For ``still``: ``SR = 100 * max(0, 1 - s / slowest moving law speed)``.
+- **DA, direction agreement**, per law: ``left/right/up/down``: the share of the travelled path that goes the
+  prompted way, ``max(0, sum_t d_t . u) / sum_t |d_t|`` (u the prompted unit direction; a reversed clip gets
+  0, jitter about 0); ``circling`` (either way round): ``|sum_t a_t| / sum_t |a_t|`` with ``a_t`` the signed
+  angle from ``d_t`` to ``d_{t+1}`` (a steady turn is 1, a straight path or jitter about 0); ``bouncing``
+  (both axes at comparable speeds): ``q = sum_t min(|d_x|, |d_y|) / sum_t max(|d_x|, |d_y|)``,
+  ``DA = min(1, q / lo_q)``. ``still``: 100.
+- **PA, path accuracy** (100 - path error): RMS distance ``e`` of the path from the law's shape, in units of
+  a tenth of the side, ``PA = 100 * (1 - min(1, e / (S / 10)))``: ``left/right/up/down``: the path's
+  sideways coordinate (across u) from its mean; ``circling``: the radial residual of a least-squares circle
+  (Kasa's algebraic fit); ``bouncing``: the distance of the unwrapped path outside the frame (a bouncing
+  centre never wraps); ``still``: the distance from the mean position.
+- **MF, motion fidelity**: ``(SR * DA * PA)^(1/3)``, mean over prompted objects with a motion.
+- **OV, overall**: ``(SC * TA * MF)^(1/3)``: a still video (SR, MF ~ 0) or one that loses its subject
+  (SC, TA low) cannot score high.
+
 Validation (``tests/test_bench_metrics.py``): on clean renders of the data generator (32 px, 16 and 128
 frames) every metric scores near the top (SC >= 98.6, BC = 100, MS >= 96.3, TF >= 96.9, IQ >= 95.8, TA = 100,
 DD = 100 for moving objects); clip by clip, shuffled frames lower MS (by >= 45), a stutter lowers MS (>= 11),
@@ -63,14 +89,20 @@ import numpy as np
 from scipy import ndimage
 
 from jaxlongvid.bench import detect
+from jaxlongvid.tiny import data
 from jaxlongvid.tiny.data import PromptSpec, parse_prompt
 
-METRICS = ("SC", "BC", "MS", "TF", "IQ", "TA", "DD")
+METRICS = ("SC", "BC", "MS", "TF", "IQ", "TA", "DD", "SR", "DA", "PA", "MF", "OV")
 NAMES = {"SC": "subject consistency", "BC": "background consistency", "MS": "motion smoothness",
-         "TF": "temporal flickering", "IQ": "imaging quality", "TA": "text alignment", "DD": "dynamic degree"}
+         "TF": "temporal flickering", "IQ": "imaging quality", "TA": "text alignment", "DD": "dynamic degree",
+         "SR": "speed ratio", "DA": "direction agreement", "PA": "path accuracy", "MF": "motion fidelity",
+         "OV": "overall"}
 
 EDGE_GRADIENT_MIN = 24.0  # IQ: chroma edges weaker than this (per pixel) are not judged
 NOISE_LIMIT = 20.0  # IQ: luma noise (grey levels) at which the clean factor reaches 0
+MOTION_LAG = 4  # motion fidelity: frames between the positions of a displacement d_t
+LAW_DRAWS = 256  # motion fidelity: random objects whose statistics give a law's range
+PATH_TOLERANCE = 0.1  # PA: RMS path error (fraction of the side) at which PA reaches 0
 
 
 def _side(video) -> int:
@@ -297,20 +329,156 @@ def _dynamic_degree(video, paths, fps) -> float:
     return 100.0 if int(np.sum(displacement > threshold)) >= needed else 0.0
 
 
+# ---- motion fidelity --------------------------------------------------------------------------------------
+
+
+_AXIS_DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+
+
+def displacements(path: np.ndarray, lag: int = MOTION_LAG) -> np.ndarray:
+    """``d_t = p_{t+lag} - p_t`` of an unwrapped path ``[F, 2]`` (lag shortened to F - 1 for short paths)."""
+    lag = max(1, min(lag, len(path) - 1))
+    return path[lag:] - path[:-lag]
+
+
+def path_speed(path: np.ndarray, lag: int = MOTION_LAG) -> float:
+    """Mean speed per frame: ``mean_t |d_t| / lag``."""
+    lag = max(1, min(lag, len(path) - 1))
+    return float(np.mean(np.linalg.norm(displacements(path, lag), axis=1)) / lag)
+
+
+def turning_consistency(d: np.ndarray) -> float:
+    """``|sum_t a_t| / sum_t |a_t|``, ``a_t`` the signed angle from ``d_t`` to ``d_{t+1}``: 1 for a steady turn."""
+    angles = np.arctan2(d[:-1, 0] * d[1:, 1] - d[:-1, 1] * d[1:, 0], np.sum(d[:-1] * d[1:], axis=1))
+    total = np.sum(np.abs(angles))
+    return float(abs(np.sum(angles)) / total) if total > 0 else 0.0
+
+
+def axis_balance(d: np.ndarray) -> float:
+    """``sum_t min(|d_x|, |d_y|) / sum_t max(|d_x|, |d_y|)``: 1 for a diagonal path, 0 for an axis-parallel one."""
+    a = np.abs(d)
+    total = np.sum(a.max(1))
+    return float(np.sum(a.min(1)) / total) if total > 0 else 0.0
+
+
+def circle_residual(path: np.ndarray) -> float:
+    """RMS radial residual of the least-squares circle through the points (Kasa's algebraic fit)."""
+    x, y = path[:, 0], path[:, 1]
+    design = np.stack([x, y, np.ones_like(x)], axis=1)
+    solution = np.linalg.lstsq(design, x * x + y * y, rcond=None)[0]
+    cx, cy = solution[0] / 2.0, solution[1] / 2.0
+    radius = np.sqrt(max(solution[2] + cx * cx + cy * cy, 0.0))
+    return float(np.sqrt(np.mean((np.hypot(x - cx, y - cy) - radius) ** 2)))
+
+
+def path_error(path: np.ndarray, motion: str, side: int) -> float:
+    """RMS distance (pixels) of the path from the shape of the motion law (see the module docstring)."""
+    if motion in _AXIS_DIRECTIONS:
+        across = path[:, 1] if _AXIS_DIRECTIONS[motion][0] != 0.0 else path[:, 0]
+        return float(np.sqrt(np.mean((across - across.mean()) ** 2)))
+    if motion == "circling":
+        return circle_residual(path)
+    if motion == "bouncing":
+        outside = np.maximum(0.0, -path) + np.maximum(0.0, path - side)
+        return float(np.sqrt(np.mean(np.sum(outside ** 2, axis=1))))
+    return float(np.sqrt(np.mean(np.sum((path - path.mean(0)) ** 2, axis=1))))  # still
+
+
+@functools.lru_cache(maxsize=None)
+def law_range(motion: str, shape: str, frames: int) -> dict[str, tuple[float, float]]:
+    """(lo, hi) of the law's speed (side units per frame) and axis balance over ``LAW_DRAWS`` random objects
+    of ``motion`` and ``shape`` (drawn as for 16-frame training clips, followed for ``frames`` frames)."""
+    rng = np.random.default_rng(17)
+    speeds, balances = [], []
+    for _ in range(LAW_DRAWS):
+        obj = data.random_object(rng, "red", shape, motion, 16)
+        path = np.unwrap(data.trajectory(obj, frames), period=1.0, axis=0)
+        speeds.append(path_speed(path))
+        balances.append(axis_balance(displacements(path)))
+    return {"speed": (float(min(speeds)), float(max(speeds))),
+            "balance": (float(min(balances)), float(max(balances)))}
+
+
+def _speed_score(speed: float, lo: float, hi: float) -> float:
+    if lo <= speed <= hi:
+        return 1.0
+    return min(speed / lo, hi / speed) if speed > 0 else 0.0
+
+
+def motion_scores(positions: np.ndarray, motion: str, shape: str, side: int) -> dict[str, float]:
+    """SR, DA and PA (0-100) of one object's positions ``[F, 2]`` (pixels, NaN where absent) against its law."""
+    present = ~np.isnan(positions[:, 0])
+    path = detect.unwrapped_path(positions, side)
+    if path is None or present.mean() < 0.5:
+        return {"SR": 0.0, "DA": 0.0, "PA": 0.0}
+    d = displacements(path)
+    speed = path_speed(path) / side
+    pa = 1.0 - min(1.0, path_error(path, motion, side) / (PATH_TOLERANCE * side))
+    if motion == "still":
+        slowest = data.LINEAR_SPEED[0]
+        return {"SR": 100.0 * max(0.0, 1.0 - speed / slowest), "DA": 100.0, "PA": 100.0 * pa}
+    law = law_range(motion, shape, len(positions))
+    if motion in _AXIS_DIRECTIONS:
+        travel = np.sum(np.linalg.norm(d, axis=1))
+        da = max(0.0, float(np.sum(d @ np.asarray(_AXIS_DIRECTIONS[motion])))) / travel if travel > 0 else 0.0
+    elif motion == "circling":
+        da = turning_consistency(d)
+    else:  # bouncing
+        da = min(1.0, axis_balance(d) / law["balance"][0])
+    return {"SR": 100.0 * _speed_score(speed, *law["speed"]), "DA": 100.0 * da, "PA": 100.0 * pa}
+
+
+def _geometric_mean(values) -> float:
+    values = np.asarray(values, np.float64)
+    return float(np.prod(np.maximum(values, 0.0)) ** (1.0 / len(values)))
+
+
+def motion_fidelity(video, prompt) -> dict[str, float]:
+    """SR, DA, PA and MF of a video against its prompt's motion laws (NaN if the prompt names no motion)."""
+    video = detect.check_video(video)
+    spec = _spec(prompt)
+    if spec is None:
+        raise ValueError("motion_fidelity needs the prompt")
+    return _motion_fidelity(video, spec, detect.tracks_for(video, spec))
+
+
+def _motion_fidelity(video, spec, tracks) -> dict[str, float]:
+    per_object = [motion_scores(tr.positions, obj.motion, obj.shape, _side(video))
+                  for obj, tr in zip(spec.objects, tracks) if obj.motion is not None]
+    if not per_object:
+        return dict.fromkeys(("SR", "DA", "PA", "MF"), float("nan"))
+    scores = {k: float(np.mean([s[k] for s in per_object])) for k in ("SR", "DA", "PA")}
+    scores["MF"] = float(np.mean([_geometric_mean([s["SR"], s["DA"], s["PA"]]) for s in per_object]))
+    return scores
+
+
+def overall(sc: float, ta: float, mf: float) -> float:
+    """OV = (SC * TA * MF)^(1/3); NaN when MF is (a prompt without motion)."""
+    return float("nan") if np.isnan(mf) else _geometric_mean([sc, ta, mf])
+
+
 # ---- all at once ------------------------------------------------------------------------------------------
 
 
 def all_metrics(video, prompt=None, fps: float = 8.0) -> dict[str, float]:
-    """Every metric of :data:`METRICS` for one video (TA only with a prompt), detecting objects once."""
+    """Every metric of :data:`METRICS` for one video (TA and the motion fidelity columns only with a prompt,
+    else NaN), detecting objects once."""
     video = detect.check_video(video)
     spec = _spec(prompt)
     paths = _subject_paths(video, spec)
-    return {
+    scores = {
         "SC": _subject_consistency(video, paths),
         "BC": background_consistency(video),
         "MS": _motion_smoothness(video, paths),
         "TF": temporal_flickering(video),
         "IQ": imaging_quality(video),
-        "TA": _text_alignment(video, spec, detect.tracks_for(video, spec)) if spec is not None else float("nan"),
+        "TA": float("nan"),
         "DD": _dynamic_degree(video, paths, fps),
+        **dict.fromkeys(("SR", "DA", "PA", "MF"), float("nan")),
     }
+    if spec is not None:
+        tracks = detect.tracks_for(video, spec)
+        scores["TA"] = _text_alignment(video, spec, tracks)
+        scores.update(_motion_fidelity(video, spec, tracks))
+    scores["OV"] = overall(scores["SC"], scores["TA"], scores["MF"])
+    return scores

@@ -5,7 +5,7 @@ Outputs in ``out_dir``:
   batch by batch and a rerun skips the rows already there, so a long run resumes across device commands (a
   last line cut short by a killed run is dropped on the next start).
 - ``table.md``: per frame count, mean ± std over prompts x seeds per method, columns as in the papers
-  (SC, BC, MS, TF, IQ, TA, DD).
+  (SC, BC, MS, TF, IQ, TA, DD), then issue 17's motion fidelity and overall score (SR, DA, PA, MF, OV).
 - ``<metric>.png``: the metric's mean against the number of frames, one line per method (matplotlib when it
   is installed; otherwise a plain raster drawn with NumPy, whose colour legend is written in ``table.md``).
 - ``sheets/<method>_<frames>f.png``: a contact sheet (every 8th frame) of the first prompt's video at the
@@ -34,7 +34,9 @@ score clips rendered by the data generator for the same prompts and seeds: the c
 length.
 
 Methods are preset names or specs ``PRESET:FIELD=VALUE[:FIELD=VALUE...]`` (see :func:`parse_method`), e.g.
-``longdiff:num_groups=8:window=4``, named ``longdiff[num_groups=8,window=4]`` in the CSV and the table.
+``longdiff:num_groups=8:window=4``, named ``longdiff[num_groups=8,window=4]`` in the CSV and the table;
+``auto`` (the sampler's choice per length); or methods scheduled over denoising time,
+``METHOD~END~METHOD...`` (:func:`parse_time_plan`), named by the spec.
 
 Command line: :func:`add_arguments` and :func:`run_from_args` implement ``jaxlongvid bench shapes --frames
 64,128,256 --methods direct,freenoise,... --prompts K --seeds S --out DIR``.
@@ -117,6 +119,8 @@ def parse_methods(text: str) -> list[Method | MethodPlan]:
 
 def method_label(method) -> str:
     """The method's name in the CSV and the table: a preset's name, or the ``PRESET[...]`` of a spec."""
+    if isinstance(method, str):  # "auto"
+        return method
     if isinstance(method, MethodPlan):
         return f"plan[{method.default.name}]"
     return method.name
@@ -190,11 +194,19 @@ def _read_done(path: str, log=print) -> list[dict]:
             log(f"{path}: dropping an incomplete last line ({len(text) - keep} bytes)")
             f.truncate(keep)
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = tuple(reader.fieldnames or ())
+    missing = [k for k in FIELDS if k not in header]
     for row in rows:
         row["frames"], row["seed"] = int(row["frames"]), int(row["seed"])
         for key in (*metrics.METRICS, "seconds"):
-            row[key] = float(row[key])
+            row[key] = float(row.get(key, "nan"))
+    if missing:  # written before these columns existed: rewrite with every column, NaN for the missing ones
+        log(f"{path}: adding the columns {', '.join(missing)} (NaN for the {len(rows)} rows already there)")
+        os.replace(path, path + ".old")
+        _append(path, rows)
+        os.remove(path + ".old")
     return rows
 
 
@@ -536,7 +548,8 @@ def _plot_all(summary, methods, out_dir) -> str:
     for metric in metrics.METRICS:
         series = {}
         for method in methods:
-            points = sorted((f, v[metric][0]) for (m, f), v in summary.items() if m == method)
+            points = sorted((f, v[metric][0]) for (m, f), v in summary.items()
+                            if m == method and not np.isnan(v[metric][0]))  # NaN: rows from before a metric
             if points:
                 series[method] = np.asarray(points, np.float64)
         path = os.path.join(out_dir, f"{metric}.png")
