@@ -7,7 +7,7 @@ rewrite for numbered blocks, and constants that are checked and dropped -- and c
 
 A kernel is laid out by :data:`KERNEL_LAYOUTS` from its PyTorch and Flax ranks (Linear ``[out, in]`` -> Dense
 ``[in, out]``; Conv1d / Conv2d with kernel 1 -> Dense; Conv2d ``[o, i, kh, kw]`` -> ``[kh, kw, i, o]``; Conv3d
-``[o, i, kt, kh, kw]`` -> ``[kt, kh, kw, i, o]``); every other leaf is copied, reshaped where it differs from the
+``[o, i, kt, kh, kw]`` -> ``[kt, kh, kw, i, o]``); every other leaf (not a kernel) is copied, reshaped where it differs from the
 model's leaf only by size-1 axes (a norm gain stored as ``[C, 1, 1, 1]``, a ``[1, 6, D]`` modulation table).
 
 Everything is planned from key names and shapes first (no tensor read): checkpoint keys that no rule maps,
@@ -228,13 +228,13 @@ def plan_conversion(shapes: Mapping[str, tuple[int, ...]], rules: Rules, expecte
             unused.append(key)
             continue
         transform = _identity
-        if shape != expected[path] and _squeezed(shape) == _squeezed(expected[path]):
-            transform = _reshape_to(expected[path])
-        elif path.endswith("/kernel"):
+        if path.endswith("/kernel"):  # a layout, never a mere reshape (a square 1x1 conv must be transposed)
             transform = _kernel_layout(shape, len(expected[path]))
             if transform is None:
                 unused.append(f"{key} {list(shape)} (cannot become a kernel of shape {list(expected[path])})")
                 continue
+        elif shape != expected[path] and _squeezed(shape) == _squeezed(expected[path]):
+            transform = _reshape_to(expected[path])
         plan[key] = (path, transform)
         taken.add(path)
     missing = sorted(set(expected) - taken)

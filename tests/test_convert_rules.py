@@ -124,3 +124,10 @@ def test_plan_reads_no_tensor():
     assert {k: p for k, (p, _) in plan.items()} == {"blk.proj.weight": "block/proj/kernel",
                                                     "blk.proj.bias": "block/proj/bias",
                                                     "blk.norm.gamma": "block/norm/gamma", "table": "table"}
+
+
+def test_square_one_by_one_conv_is_transposed_not_reshaped():
+    w = RNG.standard_normal((3, 3, 1, 1)).astype(np.float32)  # Conv2d 1x1 [out, in, 1, 1] -> Dense [in, out]
+    expected = {"proj": {"kernel": jax.ShapeDtypeStruct((3, 3), np.float32)}}
+    params = convert_state(open_checkpoint({"proj.weight": w}), Rules("toy", ()), expected)
+    np.testing.assert_array_equal(params["proj"]["kernel"], w[:, :, 0, 0].T)
