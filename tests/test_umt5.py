@@ -157,3 +157,25 @@ def test_tokenizer_ids_identical_to_transformers(tokenizer_dir, tmp_path):
     np.testing.assert_array_equal(UMT5Tokenizer.from_dir(str(tmp_path), text_len=16).encode(prompts)[0], ids)
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         UMT5Tokenizer.from_dir(str(tmp_path / "nowhere"))
+
+
+def test_full_size_manifest_maps_onto_umt5_xxl():
+    """Every key of the full umT5-XXL encoder (names + shapes, built on the meta device) maps onto one leaf of
+    the preset's ``eval_shape`` tree; only the tied embedding copy is dropped."""
+    import json
+    from pathlib import Path
+
+    from convert.rules import plan_conversion
+    from convert.tree import flat_shapes
+    from convert.umt5 import hf_rules
+    from jaxlongvid.models.umt5 import param_shapes
+
+    m = json.loads((Path(__file__).parent / "fixtures/manifests/umt5_xxl_encoder.json").read_text())
+    config = UMT5Config.umt5_xxl()
+    assert umt5_config_from_hf(m["constructor_config"]) == config
+    shapes = {k: tuple(v[0]) for k, v in m["keys"].items()}
+    expected = param_shapes(config)
+    plan = plan_conversion(shapes, hf_rules(shapes), expected, "umt5-xxl manifest")
+    assert sorted(k for k, (p, _) in plan.items() if p is None) == ["encoder.embed_tokens.weight"]
+    assert len(flat_shapes(expected)) == len(shapes) - 1
+    assert sum(int(np.prod(s)) for s in flat_shapes(expected).values()) == m["num_elements"] - 256384 * 4096

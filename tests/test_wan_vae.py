@@ -102,3 +102,23 @@ def test_unsupported_configs_and_wrong_weights(vae):
     with pytest.raises(CheckpointError, match="shape mismatch"):
         convert_diffusers_wan_vae(model.state_dict(), bigger)
     assert param_shapes(bigger)["decoder"]["conv_out"]["kernel"].shape == (3, 3, 3, 16, 3)
+
+
+def test_full_size_manifest_maps_onto_the_default_config():
+    """Every key of diffusers' full Wan2.1 VAE (names + shapes, built on the meta device) maps onto one leaf of
+    the default config's ``eval_shape`` tree, with the shapes after the layout changes."""
+    import json
+    from pathlib import Path
+
+    from convert.rules import plan_conversion
+    from convert.tree import flat_shapes
+    from convert.wan_vae import DIFFUSERS_RULES
+
+    m = json.loads((Path(__file__).parent / "fixtures/manifests/wan21_vae.json").read_text())
+    config = WanVAEConfig()
+    assert wan_vae_config_from_diffusers(m["constructor_config"]) == config
+    shapes = {k: tuple(v[0]) for k, v in m["keys"].items()}
+    expected = param_shapes(config)
+    plan = plan_conversion(shapes, DIFFUSERS_RULES, expected, "wan21 vae manifest")
+    assert len(plan) == len(shapes) == len(flat_shapes(expected))
+    assert sum(int(np.prod(s)) for s in flat_shapes(expected).values()) == m["num_elements"]
