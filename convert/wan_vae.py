@@ -6,17 +6,57 @@ diffusers ``AutoencoderKLWan`` (a Wan pipeline's ``vae/`` folder) uses the names
 (residual blocks and resamplers in one list), ``decoder.up_blocks.N.{resnets.M, upsamplers.0}``, a resampler's
 ``resample.1`` (its 2D conv) and ``time_conv``, ``quant_conv``, ``post_quant_conv``. Norm gains are stored
 ``[C, 1, 1(, 1)]`` (reshaped to ``[C]``); the attention's 1x1 ``to_qkv`` / ``proj`` convs become Dense layers.
+
+The original release ``Wan2.1_VAE.pth`` (Wan-Video/Wan2.1 ``wan/modules/vae.py``) names the same modules
+``{encoder,decoder}.conv1`` (conv_in), ``encoder.downsamples.N``, ``middle.{0,1,2}`` (resnet, attention, resnet),
+``head.{0,2}`` (norm_out, conv_out), residual blocks as ``residual.{0,2,3,6}`` (norm1, conv1, norm2, conv2) and
+``shortcut``, ``conv1`` / ``conv2`` at the top (quant_conv / post_quant_conv), and the decoder's blocks as one flat
+``decoder.upsamples.K`` list: per level ``num_res_blocks + 1`` residual blocks then the upsampler.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import re
+from typing import Mapping, Optional
 
 from convert.readers import CheckpointError, read_config_json
 from convert.rules import Rules, convert_state, open_checkpoint
 from jaxlongvid.models.wan_vae import WanVAEConfig, param_shapes
 
 DIFFUSERS_RULES = Rules(title="Wan VAE (diffusers AutoencoderKLWan)", renames=())
+ORIGINAL_RENAMES = (  # applied in order: the top-level conv1 / conv2 first, before block-internal conv1 appears
+    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
+    (r"^conv1\.", "quant_conv."),
+    (r"^conv2\.", "post_quant_conv."),
+    (r"^encoder\.downsamples\.", "encoder.down_blocks."),
+    (r"\.middle\.0\.", ".mid_block.resnets.0."),
+    (r"\.middle\.1\.", ".mid_block.attentions.0."),
+    (r"\.middle\.2\.", ".mid_block.resnets.1."),
+    (r"\.head\.0\.", ".norm_out."),
+    (r"\.head\.2\.", ".conv_out."),
+    (r"\.residual\.0\.", ".norm1."),
+    (r"\.residual\.2\.", ".conv1."),
+    (r"\.residual\.3\.", ".norm2."),
+    (r"\.residual\.6\.", ".conv2."),
+    (r"\.shortcut\.", ".conv_shortcut."),
+)
+FLAT_UPSAMPLES = re.compile(r"^decoder\.upsamples\.(\d+)\.")
+
+
+def original_rules(config: WanVAEConfig) -> Rules:
+    """The release's names; the decoder's flat ``upsamples.K`` becomes ``up_blocks.i.{resnets.j, upsamplers.0}``
+    (``num_res_blocks + 2`` entries per level)."""
+    per_level = config.num_res_blocks + 2
+
+    def rewrite(key: str) -> Optional[str]:
+        m = FLAT_UPSAMPLES.match(key)
+        if m is None:
+            return key
+        level, j = divmod(int(m.group(1)), per_level)
+        inner = f"resnets.{j}" if j <= config.num_res_blocks else "upsamplers.0"
+        return f"decoder.up_blocks.{level}.{inner}." + key[m.end():]
+
+    return Rules(title="Wan VAE (Wan2.1 release)", renames=ORIGINAL_RENAMES, rewrite=rewrite)
 
 
 def wan_vae_config_from_diffusers(cfg: Mapping) -> WanVAEConfig:
@@ -42,6 +82,12 @@ def wan_vae_config_from_diffusers(cfg: Mapping) -> WanVAEConfig:
 def convert_diffusers_wan_vae(source, config: WanVAEConfig, dtype="float32") -> dict:
     """A diffusers ``AutoencoderKLWan`` checkpoint (file, folder or state dict) -> Flax params."""
     return convert_state(open_checkpoint(source), DIFFUSERS_RULES, param_shapes(config), dtype)
+
+
+def convert_original_wan_vae(source, config: WanVAEConfig | None = None, dtype="float32") -> dict:
+    """The release's ``Wan2.1_VAE.pth`` (or its state dict) -> Flax params (default: the Wan2.1 VAE)."""
+    config = config or WanVAEConfig()
+    return convert_state(open_checkpoint(source), original_rules(config), param_shapes(config), dtype)
 
 
 def load_diffusers_wan_vae(folder: str, dtype="float32") -> tuple[WanVAEConfig, dict]:
