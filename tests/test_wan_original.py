@@ -72,3 +72,32 @@ def test_release_names_are_not_diffusers_names(vae):
 
     with pytest.raises(CheckpointError, match=r"not a Wan VAE \(diffusers AutoencoderKLWan\) checkpoint"):
         convert_diffusers_wan_vae(state, config)
+
+
+def manifest_shapes(name):
+    m = json.loads((Path(__file__).parent / "fixtures" / "manifests" / f"{name}.json").read_text())
+    return m, {k: tuple(v[0]) for k, v in m["keys"].items()}
+
+
+def test_release_manifests_map_onto_the_full_size_models():
+    """Every key of ``Wan2.1_VAE.pth`` and ``models_t5_umt5-xxl-enc-bf16.pth`` (names + shapes from the original
+    modules on the meta device) fills one leaf of the full-size ``eval_shape`` trees, and every leaf is filled."""
+    from convert.rules import plan_conversion
+    from convert.tree import flat_shapes
+    from convert.umt5 import ORIGINAL_RULES
+    from convert.wan_vae import original_rules
+
+    m, shapes = manifest_shapes("wan21_vae_original")
+    config = wan_vae.WanVAEConfig()
+    assert (config.base_dim, config.z_dim, list(config.dim_mult), config.num_res_blocks) == (
+        m["constructor_config"]["dim"], m["constructor_config"]["z_dim"], m["constructor_config"]["dim_mult"],
+        m["constructor_config"]["num_res_blocks"])
+    expected = wan_vae.param_shapes(config)
+    plan = plan_conversion(shapes, original_rules(config), expected, "Wan2.1_VAE.pth manifest")
+    assert len(plan) == len(shapes) == len(flat_shapes(expected))
+
+    m, shapes = manifest_shapes("umt5_xxl_encoder_original")
+    expected = umt5.param_shapes(umt5.UMT5Config.umt5_xxl())
+    plan = plan_conversion(shapes, ORIGINAL_RULES, expected, "umt5-xxl release manifest")
+    assert len(plan) == len(shapes) == len(flat_shapes(expected))
+    assert sum(int(np.prod(s)) for s in flat_shapes(expected).values()) == m["num_elements"]
