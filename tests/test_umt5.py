@@ -12,6 +12,7 @@ import torch
 
 from convert.readers import CheckpointError
 from convert.umt5 import convert_hf_umt5, convert_original_umt5, load_hf_umt5, umt5_config_from_hf
+from jaxlongvid.models.tokenizers import load_tokenizer
 from jaxlongvid.models.umt5 import UMT5Config, UMT5Tokenizer, clean_prompt, encode, relative_position_bucket
 
 HF = dict(vocab_size=97, d_model=24, d_ff=40, num_heads=3, d_kv=10, num_layers=3,
@@ -154,7 +155,10 @@ def test_tokenizer_ids_identical_to_transformers(tokenizer_dir, tmp_path):
     np.testing.assert_array_equal(mask, np.asarray(want.attention_mask, bool))
     assert clean_prompt("  café   xyz!! &amp;amp; more\n") == "café xyz!! & more"
     ours.save(str(tmp_path))
-    np.testing.assert_array_equal(UMT5Tokenizer.from_dir(str(tmp_path), text_len=16).encode(prompts)[0], ids)
+    again = load_tokenizer(str(tmp_path))  # kind and text_len from jaxlongvid_tokenizer.json
+    assert isinstance(again, UMT5Tokenizer) and again.text_len == 16
+    np.testing.assert_array_equal(again.encode(prompts)[0], ids)
+    assert load_tokenizer(str(tokenizer_dir)).text_len == 512  # a released folder: tokenizer.json alone
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         UMT5Tokenizer.from_dir(str(tmp_path / "nowhere"))
 

@@ -1,4 +1,4 @@
-"""umT5 encoder in Flax (Wan2.1's text encoder, umT5-XXL) and its tokenizer.
+"""umT5 encoder in Flax (Wan2.1's text encoder, umT5-XXL); its tokenizer is ``tokenizers.UMT5Tokenizer``.
 
 A block is pre-norm: ``x + attn(rms(x))`` then ``x + ffn(rms(x))``, with
 
@@ -18,12 +18,9 @@ pos_embedding, norm2, ffn/{gate, fc1, fc2}}``, ``norm``); ``convert/umt5.py`` ma
 
 from __future__ import annotations
 
-import html
-import os
-import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlongvid.configs import JsonConfig
+from jaxlongvid.models.tokenizers import UMT5Tokenizer, clean_prompt  # noqa: F401 (re-export)
 
 
 @dataclass(frozen=True)
@@ -159,68 +157,3 @@ def param_shapes(config: UMT5Config):
     """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (nothing allocated; full-size models included)."""
     ids = jnp.zeros((1, 8), jnp.int32)
     return jax.eval_shape(lambda: UMT5Encoder(config).init(jax.random.key(0), ids, ids > 0)["params"])
-
-
-# ---- tokenizer ----------------------------------------------------------------------------------------------------
-def clean_prompt(text: str) -> str:
-    """Wan's prompt cleaning: ``ftfy.fix_text`` (when installed), HTML entities unescaped twice, whitespace runs
-    collapsed to one space, ends stripped."""
-    try:
-        import ftfy
-
-        text = ftfy.fix_text(text)
-    except ImportError:
-        pass
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip()
-
-
-class UMT5Tokenizer:
-    """The released umT5 tokenizer (``tokenizer.json``, a SentencePiece Unigram model) run by the ``tokenizers``
-    library. ``encode(prompts) -> (ids int32 [B, text_len], mask bool [B, text_len])``: the cleaned prompt's
-    pieces, truncated to ``text_len - 1``, then ``</s>``, then ``<pad>`` -- what transformers' T5 tokenizer gives
-    with ``padding="max_length", truncation=True``."""
-
-    def __init__(self, tokenizer, text_len: int = 512, clean: bool = True):
-        self.tokenizer, self.text_len, self.clean = tokenizer, text_len, clean
-        self.eos_id = self._special("</s>")
-        self.pad_id = self._special("<pad>")
-
-    def _special(self, token: str) -> int:
-        token_id = self.tokenizer.token_to_id(token)
-        if token_id is None:
-            raise ValueError(f"UMT5Tokenizer: the tokenizer has no {token!r} token")
-        return token_id
-
-    @classmethod
-    def from_dir(cls, folder: str, text_len: int = 512, clean: bool = True) -> "UMT5Tokenizer":
-        """A tokenizer folder holding ``tokenizer.json`` (google/umt5-xxl's, or Wan's ``tokenizer/`` folder)."""
-        from tokenizers import Tokenizer
-
-        path = os.path.join(folder, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{folder}: no tokenizer.json (expected a umT5 tokenizer folder)")
-        return cls(Tokenizer.from_file(path), text_len, clean)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
-    def tokenize(self, text: str) -> list[int]:
-        text = clean_prompt(text) if self.clean else text
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ids[: self.text_len - 1] + [self.eos_id]
-
-    def encode(self, texts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        ids = np.full((len(texts), self.text_len), self.pad_id, np.int32)
-        mask = np.zeros((len(texts), self.text_len), bool)
-        for row, text in enumerate(texts):
-            tokens = self.tokenize(text)
-            ids[row, : len(tokens)] = tokens
-            mask[row, : len(tokens)] = True
-        return ids, mask
-
-    def save(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        self.tokenizer.save(os.path.join(folder, "tokenizer.json"))
