@@ -61,8 +61,8 @@ def test_decode_parity_and_chunks(vae):
     got = np.asarray(decode(params, config, z, 1))
     assert got.shape == (1, 1 + 4 * 3, 24, 40, 3)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
-    for chunk in (3, 2):  # the whole rest at once (no scan step left); one scan step then a remainder
-        np.testing.assert_allclose(np.asarray(decode(params, config, z, chunk)), got, rtol=0, atol=1e-5)
+    # chunk 1 is all scan steps; chunk 2 one scan step then a remainder of one (each call compiles: kept to two)
+    np.testing.assert_allclose(np.asarray(decode(params, config, z, 2)), got, rtol=0, atol=1e-5)
 
 
 def test_encode_parity_and_chunks(vae):
@@ -74,6 +74,7 @@ def test_encode_parity_and_chunks(vae):
     got = np.asarray(encode(params, config, video, 1))
     assert got.shape == (1, 3, 2, 3, Z)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    # chunk 2: the 8 frames after the first in one piece, i.e. the whole video at once
     np.testing.assert_allclose(np.asarray(encode(params, config, video, 2)), got, rtol=0, atol=1e-5)
 
 
