@@ -64,7 +64,8 @@ def test_bucket_against_reference(buckets, distance):
 
 
 def test_parity_with_transformers(hf_model, tmp_path):
-    hf_model.save_pretrained(tmp_path)  # a text_encoder/ folder: config.json + model.safetensors
+    hf_model.save_pretrained(tmp_path, max_shard_size="20KB")  # a text_encoder/ folder, sharded with an index
+    assert (tmp_path / "model.safetensors.index.json").is_file()
     config, params = load_hf_umt5(str(tmp_path))
     assert config == umt5_config_from_hf(HF)
     ids, mask = inputs([30, 17, 1])
