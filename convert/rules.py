@@ -7,8 +7,8 @@ rewrite for numbered blocks, and constants that are checked and dropped -- and c
 
 A kernel is laid out by :data:`KERNEL_LAYOUTS` from its PyTorch and Flax ranks (Linear ``[out, in]`` -> Dense
 ``[in, out]``; Conv1d / Conv2d with kernel 1 -> Dense; Conv2d ``[o, i, kh, kw]`` -> ``[kh, kw, i, o]``; Conv3d
-``[o, i, kt, kh, kw]`` -> ``[kt, kh, kw, i, o]``); every other leaf (not a kernel) is copied, reshaped where it differs from the
-model's leaf only by size-1 axes (a norm gain stored as ``[C, 1, 1, 1]``, a ``[1, 6, D]`` modulation table).
+``[o, i, kt, kh, kw]`` -> ``[kt, kh, kw, i, o]``); every other leaf (not a kernel) is copied, reshaped where it
+differs from the model's leaf only by size-1 axes (a norm gain stored as ``[C, 1, 1, 1]``, a ``[1, 6, D]`` table).
 
 Everything is planned from key names and shapes first (no tensor read): checkpoint keys that no rule maps,
 model parameters that nothing fills, and shape mismatches are reported together in one ``CheckpointError``
