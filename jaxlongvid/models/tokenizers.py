@@ -3,7 +3,9 @@
 Common interface: ``encode(list_of_str) -> np.int32 [B, context_length]`` (BOS, the tokens, EOS, then padding;
 over-long prompts keep BOS + the first ``context_length - 2`` tokens + EOS), ``save(dir)``, ``Class.load(dir)``.
 ``load_tokenizer(path)`` picks the kind from the small ``jaxlongvid_tokenizer.json`` that ``save`` writes, and also
-opens an HF ``tokenizer/`` folder or an OpenCLIP ``bpe_simple_vocab_16e6.txt.gz`` directly.
+opens an HF ``tokenizer/`` folder, a umT5 ``tokenizer.json`` folder or an OpenCLIP ``bpe_simple_vocab_16e6.txt.gz``
+directly. ``UMT5Tokenizer`` (Wan's text encoder) is the one exception to "pure Python": it runs the released
+SentencePiece Unigram model through the ``tokenizers`` library, and its ``encode`` returns ``(ids, mask)``.
 
 ``CLIPTokenizer`` reproduces both CLIP front ends, which differ only in text cleaning, special-token names and
 padding:
@@ -346,6 +348,72 @@ class WordTokenizer:
         return cls(**_read_settings(folder, cls.kind))
 
 
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: ``ftfy.fix_text`` (NFC when ftfy is not installed), HTML entities unescaped twice,
+    whitespace runs collapsed to one space, ends stripped (no lower-casing)."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(_fix_text(text)))).strip()
+
+
+class UMT5Tokenizer:
+    """The released umT5 tokenizer (``tokenizer.json``, a SentencePiece Unigram model) run by the ``tokenizers``
+    library. ``encode(prompts) -> (ids int32 [B, text_len], mask bool [B, text_len])``: the cleaned prompt's
+    pieces, truncated to ``text_len - 1``, then ``</s>``, then ``<pad>`` -- what transformers' T5 tokenizer gives
+    with ``padding="max_length", truncation=True``."""
+
+    kind = "umt5"
+
+    def __init__(self, tokenizer, text_len: int = 512, clean: bool = True):
+        self.tokenizer, self.text_len, self.clean = tokenizer, text_len, clean
+        self.eos_id = self._special("</s>")
+        self.pad_id = self._special("<pad>")
+
+    def _special(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"UMT5Tokenizer: the tokenizer has no {token!r} token")
+        return token_id
+
+    @classmethod
+    def from_dir(cls, folder: str, text_len: int = 512, clean: bool = True) -> "UMT5Tokenizer":
+        """A tokenizer folder holding ``tokenizer.json`` (google/umt5-xxl's, or Wan's ``tokenizer/`` folder)."""
+        from tokenizers import Tokenizer
+
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder}: no tokenizer.json (expected a umT5 tokenizer folder)")
+        return cls(Tokenizer.from_file(path), text_len, clean)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def tokenize(self, text: str) -> list[int]:
+        text = clean_prompt(text) if self.clean else text
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ids[: self.text_len - 1] + [self.eos_id]
+
+    def encode(self, texts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = np.full((len(texts), self.text_len), self.pad_id, np.int32)
+        mask = np.zeros((len(texts), self.text_len), bool)
+        for row, text in enumerate(texts):
+            tokens = self.tokenize(text)
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = True
+        return ids, mask
+
+    def save(self, folder: str) -> None:
+        """``tokenizer.json`` as released and ``jaxlongvid_tokenizer.json`` (kind, text_len, clean)."""
+        os.makedirs(folder, exist_ok=True)
+        self.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+        with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(dict(kind=self.kind, text_len=self.text_len, clean=self.clean), f, indent=1)
+
+    @classmethod
+    def load(cls, folder: str) -> "UMT5Tokenizer":
+        return cls.from_dir(folder, **_read_settings(folder, cls.kind))
+
+
 def _read_settings(folder: str, kind: str) -> dict:
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
@@ -357,7 +425,7 @@ def _read_settings(folder: str, kind: str) -> dict:
     return settings
 
 
-TOKENIZERS = {CLIPTokenizer.kind: CLIPTokenizer, WordTokenizer.kind: WordTokenizer}
+TOKENIZERS = {CLIPTokenizer.kind: CLIPTokenizer, WordTokenizer.kind: WordTokenizer, UMT5Tokenizer.kind: UMT5Tokenizer}
 
 
 def load_tokenizer(path: str):
@@ -372,7 +440,9 @@ def load_tokenizer(path: str):
         return TOKENIZERS[kind].load(path)
     if os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")):
         return CLIPTokenizer.from_hf_dir(path)
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return UMT5Tokenizer.from_dir(path)
     if os.path.isfile(path) and path.endswith((".txt.gz", ".txt")):
         return CLIPTokenizer.from_openclip_bpe(path)
     raise FileNotFoundError(f"{path}: no tokenizer here (expected {CONFIG_NAME}, an HF vocab.json + merges.txt "
-                            f"folder, or an OpenCLIP bpe_simple_vocab_16e6.txt.gz)")
+                            f"folder, a umT5 tokenizer.json folder, or an OpenCLIP bpe_simple_vocab_16e6.txt.gz)")
