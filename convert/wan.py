@@ -15,9 +15,7 @@ off the state dict), so nothing is dropped.
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Mapping, Optional, Union
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +60,10 @@ ORIGINAL_RULES = Rules("Wan transformer (original layout)", ORIGINAL_RENAMES, id
 LAYOUT_RULES = {"diffusers": DIFFUSERS_RULES, "original": ORIGINAL_RULES}
 
 
+@functools.lru_cache(maxsize=8)
 def init_shapes(config: WanConfig):
-    """The parameter shape tree of ``WanTransformer(config)`` via ``jax.eval_shape`` (nothing materialised)."""
+    """The parameter shape tree of ``WanTransformer(config)`` via ``jax.eval_shape`` (nothing materialised;
+    cached per config: treat it as read-only)."""
     pt, ph, pw = config.patch_size
     x = jax.ShapeDtypeStruct((1, pt, ph, pw, config.in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)

@@ -146,3 +146,23 @@ def test_denoiser_matches_original_wan_code():
     got = run_jax(config, params, x, io["t"], io["context"])
     err = rel_err(got, np.transpose(io["out"], (0, 2, 3, 4, 1)))
     assert err < NETWORK_RTOL, err
+
+
+@pytest.mark.parametrize("size,config", [("1.3b", WanConfig.wan_1_3b()), ("14b", WanConfig.wan_14b())])
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_full_size_key_layouts(size, config, layout):
+    """Every key of the released 1.3B / 14B transformers (tests/fixtures/manifests/wan2.1_*, names and shapes of
+    the models built on the meta device) maps onto the preset's eval_shape tree, leaf by leaf."""
+    from convert.rules import plan_conversion
+    from convert.wan import LAYOUT_RULES
+
+    manifest = json.loads((FIXTURES / "manifests" / f"wan2.1_t2v_{size}_{layout}.json").read_text())
+    shapes = {k: tuple(v[0]) for k, v in manifest["keys"].items()}
+    if layout == "diffusers":
+        assert WanConfig.from_diffusers(manifest["constructor_config"]) == config
+    else:
+        assert WanConfig.from_original(manifest["constructor_config"]) == config
+    plan = plan_conversion(shapes, LAYOUT_RULES[layout], init_shapes(config), manifest["source"])
+    assert len(plan) == manifest["num_keys"]
+    n = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(init_shapes(config)))
+    assert n == manifest["num_elements"]
