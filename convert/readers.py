@@ -113,28 +113,38 @@ def read_config_json(folder: str) -> dict:
     return read_json(path)
 
 
-def read_folder_weights(folder: str) -> dict[str, np.ndarray]:
-    """The state dict of a diffusers / transformers model folder: a single weights file (safetensors preferred,
-    then .bin, then their ``.fp16`` variants) or a sharded one with an ``.index.json``."""
+def folder_weights_file(folder: str) -> str:
+    """The weights file of a diffusers / transformers model folder, in order of preference: a single weights file
+    (safetensors, then .bin; full precision, then ``.fp16``) or a sharded one's ``.index.json``."""
     tried = []
     for variant in ("", ".fp16"):
         for ext in (".safetensors", ".bin"):
             for stem in WEIGHT_STEMS:
                 name = f"{stem}{variant}{ext}"
                 tried.append(name)
-                if os.path.isfile(os.path.join(folder, name)):
-                    return load_state_dict(os.path.join(folder, name))
-                index = os.path.join(folder, name + ".index.json")
-                if os.path.isfile(index):
-                    return _read_shards(folder, index)
+                for candidate in (name, name + ".index.json"):
+                    if os.path.isfile(os.path.join(folder, candidate)):
+                        return os.path.join(folder, candidate)
     raise CheckpointError(f"{folder}: no weights file; looked for {', '.join(tried)} (and sharded .index.json)")
 
 
-def _read_shards(folder: str, index: str) -> dict[str, np.ndarray]:
+def shard_map(index: str) -> dict[str, str]:
+    """``{key: shard path}`` of a sharded checkpoint's ``.index.json`` (paths relative to its folder)."""
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, Mapping) or not weight_map:
         raise CheckpointError(f"{index}: no weight_map (expected a sharded-checkpoint index)")
+    folder = os.path.dirname(index)
+    return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+
+
+def read_folder_weights(folder: str) -> dict[str, np.ndarray]:
+    """The state dict of a diffusers / transformers model folder (see :func:`folder_weights_file`)."""
+    path = folder_weights_file(folder)
+    return _read_shards(path) if path.endswith(".index.json") else load_state_dict(path)
+
+
+def _read_shards(index: str) -> dict[str, np.ndarray]:
     state = {}
-    for shard in sorted(set(weight_map.values())):
-        state.update(load_state_dict(os.path.join(folder, shard)))
+    for shard in sorted(set(shard_map(index).values())):
+        state.update(load_state_dict(shard))
     return state

@@ -7,13 +7,16 @@ rewrite for numbered blocks, and constants that are checked and dropped -- and c
 
 A kernel is laid out by :data:`KERNEL_LAYOUTS` from its PyTorch and Flax ranks (Linear ``[out, in]`` -> Dense
 ``[in, out]``; Conv1d / Conv2d with kernel 1 -> Dense; Conv2d ``[o, i, kh, kw]`` -> ``[kh, kw, i, o]``; Conv3d
-``[o, i, kt, kh, kw]`` -> ``[kt, kh, kw, i, o]``); every other leaf is copied.
+``[o, i, kt, kh, kw]`` -> ``[kt, kh, kw, i, o]``); every other leaf (not a kernel) is copied, reshaped where it differs from the
+model's leaf only by size-1 axes (a norm gain stored as ``[C, 1, 1, 1]``, a ``[1, 6, D]`` modulation table).
 
 Everything is planned from key names and shapes first (no tensor read): checkpoint keys that no rule maps,
 model parameters that nothing fills, and shape mismatches are reported together in one ``CheckpointError``
 naming the file. Then tensors are read and converted one at a time (safetensors through ``safe_open``;
 ``.pt``/``.ckpt``/``.pth`` memory-mapped with ``torch.load(weights_only=True, mmap=True)``), so peak host memory
-is about the output plus one tensor.
+is about the output plus one tensor. Sources are single files, diffusers / transformers model folders and
+sharded checkpoints (``*.index.json``, read shard by shard). Leaves are written in the requested dtype (float32 by
+default); a tensor holding NaN or Inf, in the file or after the cast, is refused with every such leaf named.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
+import jax.numpy as jnp
 import numpy as np
 
-from convert.readers import TORCH_SUFFIXES, CheckpointError, load_state_dict
+from convert.readers import TORCH_SUFFIXES, CheckpointError, folder_weights_file, load_state_dict, shard_map
 from convert.tree import flat_shapes, validate
 
 # ---- kernel layouts: (PyTorch rank, Flax rank) -> (description, transform) ----------------------------------
@@ -72,6 +76,15 @@ def _kernel_layout(src_shape: tuple[int, ...], dst_ndim: int):
     if len(src_shape) > dst_ndim and any(s != 1 for s in src_shape[2:]):
         return None  # only a kernel-1 convolution is a Dense layer
     return entry[1]
+
+
+def _squeezed(shape) -> tuple[int, ...]:
+    return tuple(s for s in shape if s != 1)
+
+
+def _reshape_to(shape: tuple[int, ...]):
+    """A leaf that differs from the model's only by size-1 axes (``[C, 1, 1, 1]`` gain -> ``[C]``)."""
+    return lambda w: w.reshape(shape)
 
 
 def _converted_shape(transform, shape) -> tuple[int, ...]:
@@ -149,18 +162,41 @@ def _torch_source(path: str, unwrap: tuple[str, ...]) -> Source:
     return _mapping_source(path, obj, consume=True)
 
 
+def _sharded_source(index: str, unwrap: tuple[str, ...]) -> Source:
+    """A sharded checkpoint (``*.safetensors.index.json`` / ``*.bin.index.json``): every shard opened lazily."""
+    weight_map = shard_map(index)
+    shards = {path: open_checkpoint(path, unwrap) for path in sorted(set(weight_map.values()))}
+    lost = [k for k, path in weight_map.items() if k not in shards[path].shapes]
+    if lost:
+        raise CheckpointError(f"{index}: {len(lost)} keys of the index are not in their shard: {_listing(lost)}")
+    owner = {}
+    for path, shard in shards.items():
+        for key in shard.shapes:
+            if key in owner:
+                raise CheckpointError(f"{index}: key {key!r} is in two shards: {owner[key]} and {path}")
+            owner[key] = path
+    shapes = {k: shards[p].shapes[k] for k, p in owner.items()}
+    return Source(index, shapes, lambda key: shards[owner[key]].take(key))
+
+
 def open_checkpoint(source, unwrap: tuple[str, ...] = ("state_dict", "ema")) -> Source:
-    """A file path (``.safetensors``, ``.pt``, ``.pth``, ``.ckpt``, ``.bin``) or an in-memory state dict."""
+    """A file path (``.safetensors``, ``.pt``, ``.pth``, ``.ckpt``, ``.bin``), a sharded checkpoint's
+    ``.index.json``, a diffusers / transformers model folder, or an in-memory state dict."""
     if isinstance(source, Mapping):
         return _mapping_source("<state dict>", _unwrap(source, unwrap), consume=False)
     path = os.fspath(source)
+    if os.path.isdir(path):
+        path = folder_weights_file(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
+    if path.endswith(".index.json"):
+        return _sharded_source(path, unwrap)
     if path.endswith(".safetensors"):
         return _safetensors_source(path)
     if path.endswith(TORCH_SUFFIXES):
         return _torch_source(path, unwrap)
-    raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors or one of {TORCH_SUFFIXES}")
+    raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors, .index.json, a model folder "
+                          f"or one of {TORCH_SUFFIXES}")
 
 
 # ---- the conversion -----------------------------------------------------------------------------------------------
@@ -192,11 +228,13 @@ def plan_conversion(shapes: Mapping[str, tuple[int, ...]], rules: Rules, expecte
             unused.append(key)
             continue
         transform = _identity
-        if path.endswith("/kernel"):
+        if path.endswith("/kernel"):  # a layout, never a mere reshape (a square 1x1 conv must be transposed)
             transform = _kernel_layout(shape, len(expected[path]))
             if transform is None:
                 unused.append(f"{key} {list(shape)} (cannot become a kernel of shape {list(expected[path])})")
                 continue
+        elif shape != expected[path] and _squeezed(shape) == _squeezed(expected[path]):
+            transform = _reshape_to(expected[path])
         plan[key] = (path, transform)
         taken.add(path)
     missing = sorted(set(expected) - taken)
@@ -219,11 +257,19 @@ def _identity(w):
     return w
 
 
-def convert_state(source: Source, rules: Rules, expected_tree: Mapping) -> dict:
-    """Plan (names and shapes, no data read), then convert ``source`` one tensor at a time."""
+OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def convert_state(source: Source, rules: Rules, expected_tree: Mapping, dtype="float32") -> dict:
+    """Plan (names and shapes, no data read), then convert ``source`` one tensor at a time into ``dtype``
+    (one of :data:`OUTPUT_DTYPES`). Leaves holding NaN or Inf (in the file, or after the cast: a bfloat16 weight
+    past float16's range) are refused in one error naming them all."""
+    dtype = np.dtype(jnp.dtype(dtype))
+    if dtype.name not in OUTPUT_DTYPES:
+        raise CheckpointError(f"output dtype {dtype.name} is not supported; choose one of {OUTPUT_DTYPES}")
     plan = plan_conversion(source.shapes, rules, expected_tree, source.name)
     what = f"{source.name} ({rules.title})"
-    flat = {}
+    flat, bad = {}, []
     for key, (path, transform) in plan.items():
         value = np.asarray(source.take(key))
         if path is None:
@@ -233,6 +279,16 @@ def convert_state(source: Source, rules: Rules, expected_tree: Mapping) -> dict:
             continue
         if not np.issubdtype(value.dtype, np.floating):
             raise CheckpointError(f"{what}: {key} has dtype {value.dtype}, expected floating point weights")
-        flat[path] = np.ascontiguousarray(transform(value), dtype=np.float32)
+        if not np.isfinite(value).all():
+            bad.append(f"{key} -> {path}")
+            continue
+        with np.errstate(over="ignore"):  # an overflow is reported below, by name
+            leaf = np.ascontiguousarray(transform(value), dtype=dtype)
         del value
+        if not np.isfinite(leaf).all():
+            bad.append(f"{key} -> {path} (overflows {dtype.name})")
+            continue
+        flat[path] = leaf
+    if bad:
+        raise CheckpointError(f"{what}: {len(bad)} tensors hold NaN or Inf: {_listing(bad)}")
     return validate(flat, expected_tree, what)
