@@ -16,11 +16,12 @@ off the state dict), so nothing is dropped.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 
-from convert.readers import CheckpointError
+from convert.readers import CheckpointError, read_config_json
 from convert.rules import Rules, convert_state, open_checkpoint
 from jaxlongvid.models.wan import WanConfig, WanTransformer
 
@@ -76,3 +77,17 @@ def convert_transformer(source, config: WanConfig, layout: str = "diffusers") ->
     if layout not in LAYOUT_RULES:
         raise ValueError(f"layout must be one of {sorted(LAYOUT_RULES)}, got {layout!r}")
     return convert_state(open_checkpoint(source), LAYOUT_RULES[layout], init_shapes(config))
+
+
+def convert_transformer_folder(folder, layout: str = "diffusers") -> tuple[WanConfig, dict]:
+    """A model folder (``config.json`` + weights, single file or sharded with ``.index.json``) -> (config, params).
+
+    diffusers: the ``transformer/`` folder of a Wan pipeline; original: the release folder, whose
+    ``config.json`` holds ``WanModel``'s arguments."""
+    folder = os.fspath(folder)
+    cfg_json = read_config_json(folder)
+    try:
+        config = WanConfig.from_diffusers(cfg_json) if layout == "diffusers" else WanConfig.from_original(cfg_json)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}/config.json: {e}") from None
+    return config, convert_transformer(folder, config, layout)

@@ -166,3 +166,15 @@ def test_full_size_key_layouts(size, config, layout):
     assert len(plan) == manifest["num_keys"]
     n = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(init_shapes(config)))
     assert n == manifest["num_elements"]
+
+
+def test_sharded_diffusers_folder_converts_exactly(tmp_path):
+    """save_pretrained with small shards (safetensors + index.json): the folder converts to the same params."""
+    from convert.wan import convert_transformer_folder
+
+    model, config, params = tiny_pair()
+    model.save_pretrained(tmp_path / "transformer", max_shard_size="20KB")
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    got_config, got = convert_transformer_folder(tmp_path / "transformer")
+    assert got_config == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, params)
