@@ -1,4 +1,5 @@
-"""Diffusion samplers as pure functions: DDIM (with eta), DDPM and DPM-Solver++ (2M).
+"""Diffusion samplers as pure functions: DDIM (with eta), DDPM and DPM-Solver++ (2M); and for flow-matching
+models (Wan) UniPC and Euler on shifted flow sigmas (:class:`FlowSchedule`, :func:`flow_step`, at the end).
 
 Everything that depends only on the step count is computed once on the host, in float64, and stored as one
 row of coefficients per step (:class:`Schedule`). A step is then the same small linear formula for every
@@ -153,7 +154,8 @@ def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
 
 
 def timesteps(config: SchedulerConfig, num_inference_steps: int) -> np.ndarray:
-    """The model timesteps of an S-step run, descending, int64 (as the original scheduler sets them).
+    """The model timesteps of an S-step run, descending, int64 (as the original scheduler sets them; float32 for
+    ``euler-flow``, see :func:`flow_timesteps`).
 
     DPM-Solver++ spaces S + 1 points and drops the last (diffusers' ``DPMSolverMultistepScheduler``); "uniform"
     is LDM's ``range(0, T, T // S) + 1``, which has more than S entries when S does not divide T.
