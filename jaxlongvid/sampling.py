@@ -203,7 +203,7 @@ def guided_output(config: PipelineConfig, method, params, x, timestep, context, 
     """The model output for latents ``x [B, ...]`` with the uncond/cond pair batched as ``[2B, ...]``."""
     pair = jnp.concatenate([x, x]) if guided else x
     pair = sharding.constrain(pair, PAIR if guided else LATENTS)
-    ts = jnp.full((pair.shape[0],), timestep, jnp.int32)
+    ts = jnp.full((pair.shape[0],), timestep, timestep.dtype)  # int32 (DDPM-family rows) or float32 (flow)
     out = apply_denoiser(config, method, params, pair, ts, context, fps)
     if guided:
         uncond, cond = jnp.split(out.astype(jnp.float32), 2)
@@ -213,14 +213,15 @@ def guided_output(config: PipelineConfig, method, params, x, timestep, context, 
 
 def _step(config: PipelineConfig, method, guided: bool, stochastic: bool, params, carry, row, i, context, fps,
           guidance_scale, loop_key):
-    """One denoising step: model output (with guidance), then the scheduler update. ``carry = (x, prev_x0)``."""
-    x, prev_x0 = carry
+    """One denoising step: model output (with guidance), then the scheduler update of ``carry``
+    (:func:`schedulers.init_carry`; its first entry is the sample)."""
+    x = carry[0]
     out = guided_output(config, method, params, x, row.timestep, context, fps, guidance_scale, guided)
     z = None
     if stochastic:
         z = sharding.constrain(jax.random.normal(jax.random.fold_in(loop_key, i), x.shape), LATENTS)
-    x, x0 = schedulers.step(config.scheduler, row, x, out, prev_x0, z)
-    return sharding.constrain(x, LATENTS), sharding.constrain(x0, LATENTS)
+    carry = schedulers.advance(config.scheduler, row, carry, out, z)
+    return tuple(sharding.constrain(c, LATENTS) for c in carry)
 
 
 _STATIC = ("config", "method", "guided", "stochastic")
@@ -230,7 +231,7 @@ _STATIC = ("config", "method", "guided", "stochastic")
 def denoise(params, latents, context, fps, rows, guidance_scale, seed, *, config: PipelineConfig, method,
             guided: bool, stochastic: bool):
     """The whole denoising loop as one program: ``lax.scan`` over the schedule ``rows`` (a
-    :class:`schedulers.Schedule` of arrays). ``context`` is ``[2B, L, D]`` (negatives first) when ``guided``,
+    :class:`schedulers.Schedule` or :class:`schedulers.FlowSchedule` of arrays). ``context`` is ``[2B, L, D]`` (negatives first) when ``guided``,
     else ``[B, L, D]``; ``latents`` the initial noise ``[B, F, h, w, C]``."""
     _, loop_key = _keys(seed)
 
@@ -240,8 +241,9 @@ def denoise(params, latents, context, fps, rows, guidance_scale, seed, *, config
                      loop_key), None
 
     latents = sharding.constrain(latents.astype(jnp.float32), LATENTS)
-    (x, _), _ = jax.lax.scan(body, (latents, jnp.zeros_like(latents)), (rows, jnp.arange(len(rows.timestep))))
-    return x
+    carry = tuple(sharding.constrain(c, LATENTS) for c in schedulers.init_carry(rows, latents))
+    carry, _ = jax.lax.scan(body, carry, (rows, jnp.arange(len(rows.timestep))))
+    return carry[0]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -262,7 +264,7 @@ def run_loop(params, latents, context, fps, rows, guidance_scale, seed, *, confi
     from tqdm.auto import tqdm
 
     steps = len(rows.timestep)
-    carry = _start(latents)
+    carry = _start(latents, rows)
     # every process runs the same programs; only process 0 draws the bar
     with tqdm(total=steps, desc="denoising", unit="step", disable=jax.process_index() != 0) as bar:
         for i in range(steps):
@@ -273,10 +275,10 @@ def run_loop(params, latents, context, fps, rows, guidance_scale, seed, *, confi
 
 
 @jax.jit
-def _start(latents):
-    """The loop's first carry ``(x, prev_x0)`` as global arrays laid out like ``latents``."""
+def _start(latents, rows):
+    """The loop's first carry (:func:`schedulers.init_carry`) as global arrays laid out like ``latents``."""
     latents = sharding.constrain(latents.astype(jnp.float32), LATENTS)
-    return latents, sharding.constrain(jnp.zeros_like(latents), LATENTS)  # the layout every step returns
+    return tuple(sharding.constrain(c, LATENTS) for c in schedulers.init_carry(rows, latents))
 
 
 def to_uint8(images) -> jnp.ndarray:
@@ -356,7 +358,7 @@ def _placed_params(pipe: Pipeline, mesh):
     return cached[1]
 
 
-def _generate(pipe: Pipeline, request: Request, schedule: schedulers.Schedule, mesh, progress: bool):
+def _generate(pipe: Pipeline, request: Request, schedule, mesh, progress: bool):
     """Latents after the denoising loop, ``[B, F, h, w, C]`` (sharded over frames under a mesh)."""
     config = pipe.config
     replicated = sharding.named(mesh, P())
@@ -368,7 +370,7 @@ def _generate(pipe: Pipeline, request: Request, schedule: schedulers.Schedule, m
     fps = None
     if config.uses_fps and request.fps is not None:
         fps = sharding.put(np.full((len(texts),), request.fps, np.int32), replicated)
-    rows = schedulers.Schedule(*(sharding.put(np.asarray(x), replicated) for x in schedule))
+    rows = type(schedule)(*(sharding.put(np.asarray(x), replicated) for x in schedule))
     seed = sharding.put(np.uint32(request.seed), replicated)
     scale = sharding.put(np.float32(request.guidance_scale), replicated)
     with _mesh_context(mesh):

@@ -483,3 +483,20 @@ def flow_step(row: FlowSchedule, carry, velocity):
     x_c = row.c_sample * x + row.c_last * last + row.c_this * x0 + row.c_prev * prev + row.c_prev2 * prev2
     x_next = row.p_sample * x_c + row.p_this * x0 + row.p_prev * prev + row.p_velocity * v
     return x_next, x_c, x0, prev
+
+
+# ---- one interface for the sampling loop ----------------------------------------------------------------------
+def init_carry(schedule, latents):
+    """The loop's starting state for ``schedule``'s sampler: ``(x, x0_prev)`` for :class:`Schedule`,
+    ``(x, x_last, x0_prev, x0_prev2)`` for :class:`FlowSchedule`; the first entry is always the sample."""
+    x = jnp.asarray(latents, jnp.float32)
+    extra = 3 if isinstance(schedule, FlowSchedule) else 1
+    return (x,) + tuple(jnp.zeros_like(x) for _ in range(extra))
+
+
+def advance(config: SchedulerConfig, row, carry, model_output, noise=None):
+    """One update of the state from :func:`init_carry` with this step's ``row`` and model output."""
+    if isinstance(row, FlowSchedule):
+        return flow_step(row, carry, model_output)
+    x, x0 = step(config, row, carry[0], model_output, carry[1], noise)
+    return x, x0
