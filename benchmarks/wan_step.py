@@ -27,7 +27,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlongvid.models.wan import WanConfig, WanTransformer
 
