@@ -232,7 +232,7 @@ def guided_output(config: PipelineConfig, method, params, x, timestep, context, 
     """The model output for latents ``x [B, ...]`` with the uncond/cond pair batched as ``[2B, ...]``."""
     pair = jnp.concatenate([x, x]) if guided else x
     pair = sharding.constrain(pair, PAIR if guided else LATENTS)
-    ts = jnp.full((pair.shape[0],), timestep, jnp.int32)
+    ts = jnp.full((pair.shape[0],), timestep, timestep.dtype)  # int32 (DDPM-family rows) or float32 (flow)
     out = apply_denoiser(config, method, params, pair, ts, context, fps)
     if guided:
         uncond, cond = jnp.split(out.astype(jnp.float32), 2)
@@ -242,14 +242,15 @@ def guided_output(config: PipelineConfig, method, params, x, timestep, context, 
 
 def _step(config: PipelineConfig, method, guided: bool, stochastic: bool, params, carry, row, i, context, fps,
           guidance_scale, loop_key):
-    """One denoising step: model output (with guidance), then the scheduler update. ``carry = (x, prev_x0)``."""
-    x, prev_x0 = carry
+    """One denoising step: model output (with guidance), then the scheduler update of ``carry``
+    (:func:`schedulers.init_carry`; its first entry is the sample)."""
+    x = carry[0]
     out = guided_output(config, method, params, x, row.timestep, context, fps, guidance_scale, guided)
     z = None
     if stochastic:
         z = sharding.constrain(jax.random.normal(jax.random.fold_in(loop_key, i), x.shape), LATENTS)
-    x, x0 = schedulers.step(config.scheduler, row, x, out, prev_x0, z)
-    return sharding.constrain(x, LATENTS), sharding.constrain(x0, LATENTS)
+    carry = schedulers.advance(config.scheduler, row, carry, out, z)
+    return tuple(sharding.constrain(c, LATENTS) for c in carry)
 
 
 _STATIC = ("config", "method", "guided", "stochastic")
@@ -259,8 +260,8 @@ _STATIC = ("config", "method", "guided", "stochastic")
 def denoise(params, latents, context, fps, rows, guidance_scale, seed, *, config: PipelineConfig, method,
             guided: bool, stochastic: bool):
     """The whole denoising loop as one program: ``lax.scan`` over the schedule ``rows`` (a
-    :class:`schedulers.Schedule` of arrays). ``context`` is ``[2B, L, D]`` (negatives first) when ``guided``,
-    else ``[B, L, D]``; ``latents`` the initial noise ``[B, F, h, w, C]``."""
+    :class:`schedulers.Schedule` or :class:`schedulers.FlowSchedule` of arrays). ``context`` is ``[2B, L, D]``
+    (negatives first) when ``guided``, else ``[B, L, D]``; ``latents`` the initial noise ``[B, F, h, w, C]``."""
     _, loop_key = _keys(seed)
 
     def body(carry, xs):
@@ -268,16 +269,15 @@ def denoise(params, latents, context, fps, rows, guidance_scale, seed, *, config
         return _step(config, method, guided, stochastic, params, carry, row, i, context, fps, guidance_scale,
                      loop_key), None
 
-    latents = sharding.constrain(latents.astype(jnp.float32), LATENTS)
-    (x, _), _ = jax.lax.scan(body, (latents, jnp.zeros_like(latents)), (rows, jnp.arange(len(rows.timestep))))
-    return x
+    carry, _ = jax.lax.scan(body, _start(latents, rows), (rows, jnp.arange(len(rows.timestep))))
+    return carry[0]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def denoise_phase(params, carry, context, fps, rows, steps, guidance_scale, seed, *, config: PipelineConfig,
                   method, guided: bool, stochastic: bool):
     """One phase of a :class:`TimePlan`'s loop: ``lax.scan`` over its schedule ``rows`` (the global step
-    indices ``steps``) from ``carry = (x, prev_x0)``, with the phase's static method; returns the carry."""
+    indices ``steps``) from the scheduler's ``carry``, with the phase's static method; returns the carry."""
     _, loop_key = _keys(seed)
 
     def body(carry, xs):
@@ -307,7 +307,7 @@ def run_loop(params, latents, context, fps, rows, guidance_scale, seed, *, confi
     static = dict(config=config, guided=guided, stochastic=stochastic)
     if not progress and len(phases) == 1:
         return denoise(params, latents, context, fps, rows, guidance_scale, seed, method=phases[0][2], **static)
-    carry = _start(latents)
+    carry = _start(latents, rows)
     if not progress:
         for start, stop, phase_method in phases:
             part = jax.tree_util.tree_map(lambda a: a[start:stop], rows)
@@ -328,10 +328,10 @@ def run_loop(params, latents, context, fps, rows, guidance_scale, seed, *, confi
 
 
 @jax.jit
-def _start(latents):
-    """The loop's first carry ``(x, prev_x0)`` as global arrays laid out like ``latents``."""
+def _start(latents, rows):
+    """The loop's first carry (:func:`schedulers.init_carry`) as global arrays laid out like ``latents``."""
     latents = sharding.constrain(latents.astype(jnp.float32), LATENTS)
-    return latents, sharding.constrain(jnp.zeros_like(latents), LATENTS)  # the layout every step returns
+    return tuple(sharding.constrain(c, LATENTS) for c in schedulers.init_carry(rows, latents))
 
 
 def to_uint8(images) -> jnp.ndarray:
@@ -418,7 +418,7 @@ def _placed_params(pipe: Pipeline, mesh):
     return cached[1]
 
 
-def _generate(pipe: Pipeline, request: Request, schedule: schedulers.Schedule, mesh, progress: bool):
+def _generate(pipe: Pipeline, request: Request, schedule, mesh, progress: bool):
     """Latents after the denoising loop, ``[B, F, h, w, C]`` (sharded over frames under a mesh)."""
     config = pipe.config
     replicated = sharding.named(mesh, P())
@@ -430,7 +430,7 @@ def _generate(pipe: Pipeline, request: Request, schedule: schedulers.Schedule, m
     fps = None
     if config.uses_fps and request.fps is not None:
         fps = sharding.put(np.full((len(texts),), request.fps, np.int32), replicated)
-    rows = schedulers.Schedule(*(sharding.put(np.asarray(x), replicated) for x in schedule))
+    rows = type(schedule)(*(sharding.put(np.asarray(x), replicated) for x in schedule))
     seed = sharding.put(np.uint32(request.seed), replicated)
     scale = sharding.put(np.float32(request.guidance_scale), replicated)
     with _mesh_context(mesh):

@@ -1,4 +1,5 @@
-"""Diffusion samplers as pure functions: DDIM (with eta), DDPM and DPM-Solver++ (2M).
+"""Diffusion samplers as pure functions: DDIM (with eta), DDPM and DPM-Solver++ (2M); and for flow-matching
+models (Wan) UniPC and Euler on shifted flow sigmas (:class:`FlowSchedule`, :func:`flow_step`, at the end).
 
 Everything that depends only on the step count is computed once on the host, in float64, and stored as one
 row of coefficients per step (:class:`Schedule`). A step is then the same small linear formula for every
@@ -47,9 +48,10 @@ import numpy as np
 
 from jaxlongvid.configs import JsonConfig
 
-KINDS = ("ddim", "ddpm", "dpmsolver++")
+FLOW_KINDS = ("unipc-flow", "euler-flow")  # flow matching (Wan): see "flow matching" below
+KINDS = ("ddim", "ddpm", "dpmsolver++") + FLOW_KINDS
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
+PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
 SPACINGS = ("leading", "trailing", "linspace", "uniform")
 SOLVER_TYPES = ("midpoint", "heun")
 
@@ -74,6 +76,7 @@ class SchedulerConfig(JsonConfig):
     eta: float = 0.0  # DDIM's default eta (sample() may override it)
     solver_type: str = "midpoint"  # DPM-Solver++ second-order update: midpoint | heun
     lower_order_final: bool = True  # DPM-Solver++: first-order last step (always, with a zero final sigma)
+    flow_shift: float = 1.0  # flow matching: sigma -> shift sigma / (1 + (shift - 1) sigma) (Wan 480p: 3.0)
 
     def __post_init__(self):
         for attr, allowed in (("kind", KINDS), ("beta_schedule", BETA_SCHEDULES),
@@ -87,6 +90,11 @@ class SchedulerConfig(JsonConfig):
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if (self.kind in FLOW_KINDS) != (self.prediction_type == "flow"):
+            raise ValueError(f"prediction_type 'flow' goes with the flow-matching kinds {FLOW_KINDS} and only "
+                             f"with them; got kind={self.kind!r}, prediction_type={self.prediction_type!r}")
+        if not self.flow_shift > 0:
+            raise ValueError(f"flow_shift must be > 0, got {self.flow_shift}")
         if self.kind == "dpmsolver++" and self.timestep_spacing == "uniform":
             raise ValueError("timestep_spacing='uniform' is the LDM DDIM spacing; DPM-Solver++ takes "
                              "leading, trailing or linspace")
@@ -111,6 +119,12 @@ class SchedulerConfig(JsonConfig):
         return cls(kind=kind, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                    timestep_spacing=_default_spacing(kind), steps_offset=1, set_alpha_to_one=False,
                    clip_sample=False)
+
+    @classmethod
+    def wan(cls, kind: str = "unipc-flow", flow_shift: float = 3.0) -> "SchedulerConfig":
+        """Wan2.1 T2V (diffusers ``Wan2.1-T2V-*-Diffusers/scheduler``): UniPC on flow sigmas, shift 3 (480p;
+        the original uses 5 at 720p); ``kind="euler-flow"`` for flow-matching Euler."""
+        return cls(kind=kind, prediction_type="flow", flow_shift=flow_shift)
 
 
 def _default_spacing(kind: str) -> str:
@@ -140,12 +154,15 @@ def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
 
 
 def timesteps(config: SchedulerConfig, num_inference_steps: int) -> np.ndarray:
-    """The model timesteps of an S-step run, descending, int64 (as the original scheduler sets them).
+    """The model timesteps of an S-step run, descending, int64 (as the original scheduler sets them; float32 for
+    ``euler-flow``, see :func:`flow_timesteps`).
 
     DPM-Solver++ spaces S + 1 points and drops the last (diffusers' ``DPMSolverMultistepScheduler``); "uniform"
     is LDM's ``range(0, T, T // S) + 1``, which has more than S entries when S does not divide T.
     """
     s = _check_steps(config, num_inference_steps)
+    if config.kind in FLOW_KINDS:
+        return flow_timesteps(config, s)
     t_max = config.num_train_timesteps
     extra = 1 if config.kind == "dpmsolver++" else 0
     spacing = config.timestep_spacing
@@ -199,6 +216,8 @@ def make_schedule(config: SchedulerConfig, num_inference_steps: int, eta: Option
     eta = config.eta if eta is None else float(eta)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    if config.kind in FLOW_KINDS:
+        return make_flow_schedule(config, num_inference_steps)
     ts = timesteps(config, num_inference_steps)
     abar = alphas_cumprod(config).astype(np.float64)
     build = {"ddim": _ddim_rows, "ddpm": _ddpm_rows, "dpmsolver++": _dpm_rows}[config.kind]
@@ -308,4 +327,176 @@ def step(config: SchedulerConfig, row: Schedule, sample, model_output, prev_x0=N
 
 def row_at(schedule: Schedule, i: int) -> Schedule:
     """Step ``i``'s row (host-side helper; inside ``lax.scan`` the rows come as the scanned slices)."""
-    return Schedule(*(np.asarray(field)[i] for field in schedule))
+    return type(schedule)(*(np.asarray(field)[i] for field in schedule))
+
+
+# ---- flow matching (Wan) --------------------------------------------------------------------------------------------
+# The sample is x_sigma = (1 - sigma) x0 + sigma noise and the model predicts the velocity v = noise - x0, so
+# x0 = x - sigma v. Sigmas are shifted, sigma -> shift sigma / (1 + (shift - 1) sigma), and the model is called at
+# timestep 1000 sigma. Two samplers, each as diffusers' Wan pipeline runs it:
+#
+# * "unipc-flow": ``UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+#   solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True, final_sigmas_type="zero")``
+#   (Zhao et al. 2023, UniPC-2 with the B(h) = e^h - 1 variant) with sigmas ``linspace(1, 1/T, S + 1)[:-1]``,
+#   shifted, the first lowered by 1e-6, integer timesteps ``int(1000 sigma)``, a final sigma 0. Each step first
+#   corrects the previous predictor's output with the new x0 prediction (UniC, from the second step on), then
+#   predicts (UniP; first order on the first and last steps). Both are linear in the stored samples, so a row
+#   holds their coefficients:
+#       x_c    = c.sample x + c.last x_last + c.this x0 + c.prev x0_prev + c.prev2 x0_prev2
+#       x_next = p.sample x_c + p.this x0 + p.prev x0_prev + p.velocity v
+#   with ``x_last`` the previous step's corrected sample and ``x0_prev``, ``x0_prev2`` the two previous x0s.
+# * "euler-flow": ``FlowMatchEulerDiscreteScheduler(shift=...)``: ``x_next = x + (sigma' - sigma) v`` (the same
+#   rows with only ``c.sample = p.sample = 1`` and ``p.velocity = sigma' - sigma``); its sigmas are diffusers',
+#   float timesteps ``linspace(1000 sigma_max, 1000 sigma_min, S)`` shifted (sigma_min is itself the shifted
+#   ``1 / T``, so it is shifted twice, as there), float timesteps ``1000 sigma``.
+#
+# Coefficients are formed in float64 from diffusers' float32 sigmas and rounded once.
+
+
+class FlowSchedule(NamedTuple):
+    """One row per flow-matching step (float32 ``[S]``; see the notes above)."""
+
+    timestep: np.ndarray  # what the model is called with (float32; integer-valued for UniPC)
+    sigma: np.ndarray  # converts the velocity to x0: x0 = x - sigma v
+    c_sample: np.ndarray
+    c_last: np.ndarray
+    c_this: np.ndarray
+    c_prev: np.ndarray
+    c_prev2: np.ndarray
+    p_sample: np.ndarray
+    p_this: np.ndarray
+    p_prev: np.ndarray
+    p_velocity: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timestep.shape[0])
+
+    @property
+    def stochastic(self) -> bool:
+        return False
+
+
+def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    """The flow-matching time shift ``shift sigma / (1 + (shift - 1) sigma)`` (SD3 / Wan)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def _unipc_sigmas64(config: SchedulerConfig, s: int) -> np.ndarray:
+    """UniPC's shifted flow sigmas in float64 (before the final 0), the first lowered by 1e-6 if it is 1."""
+    sig = shift_sigmas(np.linspace(1, 1 / config.num_train_timesteps, s + 1)[:-1], config.flow_shift)
+    if abs(sig[0] - 1) < 1e-6:
+        sig[0] -= 1e-6  # as diffusers: keeps log(alpha) finite
+    return sig
+
+
+def flow_sigmas(config: SchedulerConfig, num_inference_steps: int) -> np.ndarray:
+    """float32 ``[S + 1]``: the sigmas of an S-step run of ``config.kind``, ending with 0 (see the notes)."""
+    s, t_max = _check_steps(config, num_inference_steps), config.num_train_timesteps
+    if config.kind == "unipc-flow":
+        sig = _unipc_sigmas64(config, s)
+    else:
+        train = np.linspace(1, t_max, t_max, dtype=np.float32)[::-1] / np.float32(t_max)
+        train = shift_sigmas(train, np.float32(config.flow_shift)).astype(np.float32)
+        ends = np.float64(train[0]) * t_max, np.float64(train[-1]) * t_max  # diffusers: float64 from here
+        sig = shift_sigmas(np.linspace(*ends, s) / t_max, float(config.flow_shift))
+    return np.concatenate([np.asarray(sig, np.float32), [np.float32(0)]]).astype(np.float32)
+
+
+def flow_timesteps(config: SchedulerConfig, num_inference_steps: int) -> np.ndarray:
+    """Model timesteps of an S-step flow run: ``int64(1000 sigma)`` for UniPC (as diffusers casts them), float32
+    ``1000 sigma`` for Euler."""
+    if config.kind == "unipc-flow":  # diffusers: from the float64 shifted sigmas, truncated
+        sig = _unipc_sigmas64(config, _check_steps(config, num_inference_steps))
+        return (sig * config.num_train_timesteps).astype(np.int64)
+    sig = flow_sigmas(config, num_inference_steps)[:-1]
+    return (sig.astype(np.float32) * np.float32(config.num_train_timesteps)).astype(np.float32)
+
+
+def _lambda(sigma: float) -> float:
+    """log(alpha / sigma) of the flow path (alpha = 1 - sigma); +inf at sigma 0."""
+    with np.errstate(divide="ignore"):
+        return float(np.log(1.0 - sigma) - np.log(sigma))
+
+
+def _unipc_coefficients(sig: np.ndarray, i: int, order: int, corrector: bool) -> dict:
+    """UniP (``corrector=False``: from step i to i+1) or UniC (re-doing step i-1 -> i) coefficients, bh2, x0 form.
+
+    With target sigma ``st``, source ``s0``, ``h = lambda_t - lambda_s0``, ``phi = expm1(-h)``, ``B = phi``:
+    ``x_t = (st / s0) x - a_t phi m0 - a_t B sum_k rho_k D_k`` where ``D_k = (m_k - m0) / r_k`` are the scaled
+    differences to earlier x0s (``r_k = (lambda_k - lambda_s0) / h``); UniC adds ``rho_last (m_this - m0)``.
+    """
+    t, s0 = (i, i - 1) if corrector else (i + 1, i)
+    st, ss0 = float(sig[t]), float(sig[s0])
+    alpha_t = 1.0 - st
+    h = _lambda(st) - _lambda(ss0)
+    phi = np.expm1(-h)
+    out = dict(sample=st / ss0, m0=-alpha_t * phi, m1=0.0, this=0.0)
+    if corrector:
+        if order == 1:
+            rho_last, rho = 0.5, None
+        else:  # order 2: solve R rho = b for the two UniC weights
+            rk = (_lambda(float(sig[s0 - 1])) - _lambda(ss0)) / h
+            hh = -h
+            b1 = (phi / hh - 1) / phi
+            b2 = ((phi / hh - 1) / hh - 0.5) * 2 / phi
+            rho, rho_last = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), np.array([b1, b2]))
+            out["m1"] += -alpha_t * phi * rho / rk
+            out["m0"] += alpha_t * phi * rho / rk
+        out["this"] = -alpha_t * phi * rho_last
+        out["m0"] += alpha_t * phi * rho_last
+    elif order == 2:
+        rk = (_lambda(float(sig[s0 - 1])) - _lambda(ss0)) / h
+        out["m1"] = -alpha_t * phi * 0.5 / rk
+        out["m0"] += alpha_t * phi * 0.5 / rk
+    return out
+
+
+def make_flow_schedule(config: SchedulerConfig, num_inference_steps: int) -> FlowSchedule:
+    """Per-step rows of an S-step flow-matching run (``unipc-flow`` or ``euler-flow``)."""
+    sig = flow_sigmas(config, num_inference_steps).astype(np.float64)
+    n = len(sig) - 1
+    rows = {name: np.zeros(n) for name in FlowSchedule._fields}
+    rows["timestep"] = flow_timesteps(config, num_inference_steps).astype(np.float64)
+    rows["sigma"] = sig[:-1]
+    rows["c_sample"][:] = 1.0
+    rows["p_sample"][:] = 1.0
+    if config.kind == "euler-flow":
+        rows["p_velocity"] = sig[1:] - sig[:-1]
+    else:
+        for i in range(n):
+            if i > 0:  # UniC of the previous step's prediction, at that step's order
+                c = _unipc_coefficients(sig, i, 1 if i == 1 else 2, corrector=True)
+                rows["c_sample"][i], rows["c_last"][i] = 0.0, c["sample"]
+                rows["c_prev"][i], rows["c_prev2"][i], rows["c_this"][i] = c["m0"], c["m1"], c["this"]
+            p = _unipc_coefficients(sig, i, 1 if i in (0, n - 1) else 2, corrector=False)
+            rows["p_sample"][i], rows["p_this"][i], rows["p_prev"][i] = p["sample"], p["m0"], p["m1"]
+    return FlowSchedule(**{k: np.asarray(v, np.float64).astype(np.float32) for k, v in rows.items()})
+
+
+def flow_step(row: FlowSchedule, carry, velocity):
+    """One flow-matching update. ``carry = (x, x_last, x0_prev, x0_prev2)`` (start: ``(noise, 0, 0, 0)``);
+    returns the next carry, whose first entry is the new sample."""
+    x, last, prev, prev2 = (jnp.asarray(a, jnp.float32) for a in carry)
+    v = jnp.asarray(velocity, jnp.float32)
+    x0 = x - row.sigma * v
+    x_c = row.c_sample * x + row.c_last * last + row.c_this * x0 + row.c_prev * prev + row.c_prev2 * prev2
+    x_next = row.p_sample * x_c + row.p_this * x0 + row.p_prev * prev + row.p_velocity * v
+    return x_next, x_c, x0, prev
+
+
+# ---- one interface for the sampling loop ----------------------------------------------------------------------
+def init_carry(schedule, latents):
+    """The loop's starting state for ``schedule``'s sampler: ``(x, x0_prev)`` for :class:`Schedule`,
+    ``(x, x_last, x0_prev, x0_prev2)`` for :class:`FlowSchedule`; the first entry is always the sample."""
+    x = jnp.asarray(latents, jnp.float32)
+    extra = 3 if isinstance(schedule, FlowSchedule) else 1
+    return (x,) + tuple(jnp.zeros_like(x) for _ in range(extra))
+
+
+def advance(config: SchedulerConfig, row, carry, model_output, noise=None):
+    """One update of the state from :func:`init_carry` with this step's ``row`` and model output."""
+    if isinstance(row, FlowSchedule):
+        return flow_step(row, carry, model_output)
+    x, x0 = step(config, row, carry[0], model_output, carry[1], noise)
+    return x, x0

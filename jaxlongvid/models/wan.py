@@ -1,0 +1,365 @@
+"""The Wan2.1 text-to-video diffusion transformer (DiT), channels last.
+
+``WanTransformer(config, method, dtype)`` is called as ``model.apply({"params": p}, x, timesteps, context)`` with
+latents ``x [B, F, H, W, in_channels]``, timesteps ``[B]`` (the flow-matching ``1000 * sigma``) and the umT5
+context ``[B, L, text_dim]``; it returns the predicted velocity ``[B, F, H, W, out_channels]`` (float32).
+
+The computation, as in the original ``wan/modules/model.py`` (and diffusers' ``WanTransformer3DModel``):
+
+1. patch embedding: a Conv3d with kernel = stride = ``patch_size`` (1, 2, 2), tokens in (frame, row, column)
+   order, ``S = F' H' W'`` of them;
+2. time: the sinusoid of ``freq_dim`` (``[cos, sin]``, max period 10000) -> Linear-SiLU-Linear (``temb``), and
+   ``SiLU -> Linear`` to the 6-way modulation ``[B, 6, dim]``; text: Linear-GELU(tanh)-Linear to ``dim``;
+3. ``num_layers`` blocks, each with its own ``scale_shift_table [1, 6, dim]`` added to the modulation
+   (shift, scale, gate of the self-attention, then of the feed-forward):
+   ``x += gate1 * SelfAttn(LN(x) (1 + scale1) + shift1)``; ``x += CrossAttn(LN_affine(x), text)``;
+   ``x += gate2 * FFN(LN(x) (1 + scale2) + shift2)``. Attention projections have biases; q and k are RMS-normed
+   over all heads together (before the split into heads); self-attention rotates q and k with the 3D RoPE below;
+   the FFN is Linear-GELU(tanh)-Linear;
+4. the head: ``LN(x) (1 + scale) + shift`` with ``scale_shift_table [1, 2, dim] + temb``, a Linear to
+   ``prod(patch) * out_channels``, and unpatchify.
+
+3D RoPE (the original's ``rope_params`` / ``rope_apply``): the head dim d splits into a frame part of
+``d - 4 (d // 6)`` channels and height and width parts of ``2 (d // 6)`` each (128 -> 44 / 42 / 42); each part
+rotates adjacent channel pairs ``(2k, 2k+1)`` by ``position * theta^(-2k / part)`` with its own axis's token index.
+The angle tables are computed in float64 on the host for exactly the grid at hand (so any frame count works;
+the originals precompute ``rope_max_seq_len`` = 1024 positions and stop there) and rounded once to float32.
+
+Numerics: LayerNorms, RMSNorms, the modulation and the residual stream run in float32 whatever the compute
+``dtype``; matrix products run in ``dtype``. Parameter names follow diffusers (``attn1/to_q``, ``ffn/net_0/proj``,
+``scale_shift_table``) so ``convert/wan.py`` is a rename table for either checkpoint layout.
+
+Self-attention over all ``S`` tokens goes through :func:`token_attention`, the one place the long-video methods
+will act on (only the unmodified ``direct`` method runs on this model so far).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxlongvid import sharding
+from jaxlongvid.configs import JsonConfig
+from jaxlongvid.methods import Method, MethodPlan, get_method
+from jaxlongvid.models.layers import TimestepEmbedding, timestep_sinusoid
+
+TOKENS_SPEC = P(sharding.DATA, sharding.FRAMES)  # [B, S, C]: tokens are frame-major, so frames split S
+
+
+@dataclass(frozen=True)
+class WanConfig(JsonConfig):
+    """Static architecture of a :class:`WanTransformer` (defaults: Wan2.1-T2V-1.3B)."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (frames, height, width) per token
+    num_heads: int = 12
+    head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096  # umT5-XXL width
+    freq_dim: int = 256  # timestep sinusoid width
+    ffn_dim: int = 8960
+    num_layers: int = 30
+    cross_attn_norm: bool = True  # affine LayerNorm before the cross-attention
+    eps: float = 1e-6  # every LayerNorm and RMSNorm
+    rope_theta: float = 10000.0
+    rope_max_seq_len: int = 1024  # the originals' RoPE table length (kept for the round trip; not a limit here)
+    native_frames: int = 21  # latent frames of the training clips (81 video frames)
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"WanConfig.patch_size must be 3 positive ints, got {self.patch_size}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"WanConfig.head_dim must be even and >= 6 (3D RoPE), got {self.head_dim}")
+        for name in ("num_heads", "in_channels", "out_channels", "text_dim", "freq_dim", "ffn_dim", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"WanConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def downsample_factor(self) -> int:
+        """Latent pixels per token side (the pipeline's spatial factor is the VAE's times this)."""
+        if self.patch_size[1] != self.patch_size[2]:
+            raise ValueError(f"non-square patches {self.patch_size[1:]} have no single downsample factor")
+        return self.patch_size[1]
+
+    # ---- the released models ---------------------------------------------------------------------------------
+    @classmethod
+    def wan_1_3b(cls) -> "WanConfig":
+        """Wan2.1-T2V-1.3B: dim 1536, ffn 8960, 12 heads x 128, 30 layers."""
+        return cls(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30)
+
+    @classmethod
+    def wan_14b(cls) -> "WanConfig":
+        """Wan2.1-T2V-14B: dim 5120, ffn 13824, 40 heads x 128, 40 layers."""
+        return cls(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40)
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "WanConfig":
+        """From a diffusers ``transformer/config.json`` (``WanTransformer3DModel``); text-to-video only."""
+        for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+            if config.get(key) is not None:
+                raise ValueError(f"WanConfig.from_diffusers: {key}={config[key]} is an image-conditioned Wan "
+                                 f"(I2V / FLF2V); only text-to-video transformers are supported")
+        qk_norm = config.get("qk_norm", "rms_norm_across_heads")
+        if qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"WanConfig.from_diffusers: qk_norm={qk_norm!r} is not supported "
+                             f"(Wan2.1 uses 'rms_norm_across_heads')")
+        return cls(patch_size=tuple(config.get("patch_size", (1, 2, 2))),
+                   num_heads=config.get("num_attention_heads", 40), head_dim=config.get("attention_head_dim", 128),
+                   in_channels=config.get("in_channels", 16), out_channels=config.get("out_channels") or
+                   config.get("in_channels", 16), text_dim=config.get("text_dim", 4096),
+                   freq_dim=config.get("freq_dim", 256), ffn_dim=config.get("ffn_dim", 13824),
+                   num_layers=config.get("num_layers", 40), cross_attn_norm=config.get("cross_attn_norm", True),
+                   eps=config.get("eps", 1e-6), rope_max_seq_len=config.get("rope_max_seq_len", 1024))
+
+    @classmethod
+    def from_original(cls, config: dict) -> "WanConfig":
+        """From the original release's ``config.json`` (``WanModel``: ``dim``, ``num_heads``, ``in_dim`` ...)."""
+        model_type = config.get("model_type", "t2v")
+        if model_type != "t2v":
+            raise ValueError(f"WanConfig.from_original: model_type={model_type!r}; only 't2v' is supported")
+        dim, heads = config.get("dim", 2048), config.get("num_heads", 16)
+        if dim % heads:
+            raise ValueError(f"WanConfig.from_original: dim {dim} is not divisible by num_heads {heads}")
+        return cls(patch_size=tuple(config.get("patch_size", (1, 2, 2))), num_heads=heads, head_dim=dim // heads,
+                   in_channels=config.get("in_dim", 16), out_channels=config.get("out_dim", 16),
+                   text_dim=config.get("text_dim", 4096), freq_dim=config.get("freq_dim", 256),
+                   ffn_dim=config.get("ffn_dim", 8192), num_layers=config.get("num_layers", 32),
+                   cross_attn_norm=config.get("cross_attn_norm", True), eps=config.get("eps", 1e-6))
+
+
+# ---- 3D RoPE ----------------------------------------------------------------------------------------------------
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels of the head given to frames, height and width: ``d - 4 (d // 6)``, ``2 (d // 6)``, ``2 (d // 6)``."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> np.ndarray:
+    """float64 ``[f h w, head_dim // 2]``: the rotation angle of each channel pair of each token.
+
+    Pair k of an axis part of width ``c`` turns by ``position * theta ** (-2k / c)``, position being the token's
+    index along that axis (frame, row, column); the parts are concatenated frame, height, width.
+    """
+    parts = []
+    for axis, (n, width) in enumerate(zip(grid, rope_split(head_dim))):
+        freqs = 1.0 / theta ** (np.arange(0, width, 2, dtype=np.float64) / width)
+        angle = np.arange(n, dtype=np.float64)[:, None] * freqs[None, :]  # [n, width / 2]
+        shape = [1, 1, 1, width // 2]
+        shape[axis] = n
+        parts.append(np.broadcast_to(angle.reshape(shape), tuple(grid) + (width // 2,)))
+    return np.concatenate(parts, axis=-1).reshape(-1, head_dim // 2)
+
+
+def apply_rope(x: jnp.ndarray, angles: np.ndarray) -> jnp.ndarray:
+    """Rotate channel pairs ``(2k, 2k+1)`` of ``x [B, S, heads, d]`` by ``angles [S, d / 2]`` (float32 math)."""
+    cos = jnp.asarray(np.cos(angles), jnp.float32)[:, None, :]
+    sin = jnp.asarray(np.sin(angles), jnp.float32)[:, None, :]
+    pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+# ---- attention ----------------------------------------------------------------------------------------------------
+def token_attention(q, k, v, implementation: Optional[str] = None) -> jnp.ndarray:
+    """Full softmax attention of every token to every token, ``[B, S, heads, d]`` each (scale ``1/sqrt(d)``).
+
+    The DiT's self-attention over all frames' tokens: the single entry point through which the long-video
+    methods will act on this model (see the module docstring).
+    """
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def cross_attention(q, k, v, implementation: Optional[str] = None) -> jnp.ndarray:
+    """Tokens ``[B, S, heads, d]`` attending to the text ``[B, L, heads, d]`` (no mask: padded rows included)."""
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis (float32 statistics), back in ``dtype``."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        y = (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)).astype(self.dtype)
+        return y * scale.astype(self.dtype)
+
+
+def layer_norm(x, eps: float) -> jnp.ndarray:
+    """LayerNorm without affine parameters, float32 (two-pass variance)."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centered = x - mean
+    return centered * jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + eps)
+
+
+class WanAttention(nn.Module):
+    """Multi-head attention with biased projections and q / k RMS-normed across all heads (``attn1`` / ``attn2``).
+
+    ``angles`` (self-attention): the 3D RoPE angles of the tokens; ``context``: cross-attention to the text.
+    """
+
+    heads: int
+    head_dim: int
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    implementation: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, context=None, angles=None):
+        inner = self.heads * self.head_dim
+        source = x if context is None else context
+        dense = lambda name: nn.Dense(inner, dtype=self.dtype, name=name)
+        split = lambda y: y.reshape(y.shape[:-1] + (self.heads, self.head_dim))
+        q = split(RMSNorm(self.eps, self.dtype, name="norm_q")(dense("to_q")(x)))
+        k = split(RMSNorm(self.eps, self.dtype, name="norm_k")(dense("to_k")(source)))
+        v = split(dense("to_v")(source))
+        if context is None:
+            out = token_attention(apply_rope(q, angles), apply_rope(k, angles), v, self.implementation)
+        else:
+            out = cross_attention(q, k, v, self.implementation)
+        out = out.reshape(out.shape[:-2] + (inner,))
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU (tanh approximation) -> Linear (``fc1``, ``fc2``)."""
+
+    inner: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(self.inner, dtype=self.dtype, name="fc1")(x), approximate=True)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+
+
+class WanBlock(nn.Module):
+    """One DiT block (module docstring, step 3). ``x [B, S, dim]`` float32; ``modulation [B, 6, dim]`` float32."""
+
+    config: WanConfig
+    dtype: jnp.dtype = jnp.float32
+    implementation: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, modulation, context, angles):
+        cfg = self.config
+        table = self.param("scale_shift_table", nn.initializers.normal(cfg.dim ** -0.5), (1, 6, cfg.dim))
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(table + modulation, 6, axis=1)  # [B, 1, dim]
+        attention = lambda name: WanAttention(cfg.num_heads, cfg.head_dim, cfg.eps, self.dtype, self.implementation,
+                                              name=name)
+        h = (layer_norm(x, cfg.eps) * (1 + scale1) + shift1).astype(self.dtype)
+        x = x + attention("attn1")(h, angles=angles).astype(jnp.float32) * gate1
+        h = x
+        if cfg.cross_attn_norm:
+            h = nn.LayerNorm(epsilon=cfg.eps, use_fast_variance=False, dtype=jnp.float32, name="norm2")(x)
+        x = x + attention("attn2")(h.astype(self.dtype), context=context).astype(jnp.float32)
+        h = (layer_norm(x, cfg.eps) * (1 + scale2) + shift2).astype(self.dtype)
+        x = x + FeedForward(cfg.ffn_dim, self.dtype, name="ffn")(h).astype(jnp.float32) * gate2
+        return sharding.constrain(x, TOKENS_SPEC)
+
+
+def check_direct(method) -> None:
+    """Only the unmodified model runs on Wan so far: any other method is refused by name."""
+    method = get_method(method)
+    plain = isinstance(method, Method) and (method.positions, method.mask, method.merge) == ("identity", "none",
+                                                                                          "none")
+    if not plain:
+        name = getattr(method, "name", type(method).__name__)
+        raise ValueError(f"method {name!r} changes the temporal attention, which the Wan DiT does not route "
+                         f"through the attention core yet; use method='direct' (or one that only changes the "
+                         f"initial noise)")
+
+
+class TextProjection(nn.Module):
+    """Linear -> GELU (tanh) -> Linear (``linear_1``, ``linear_2``): umT5 width to the model width."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.features, dtype=self.dtype, name="linear_1")(x)
+        return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(nn.gelu(x, approximate=True))
+
+
+class WanConditionEmbedder(nn.Module):
+    """Timesteps -> (``temb [B, dim]``, modulation ``[B, 6, dim]``), float32; text ``[B, L, text_dim]`` -> ``dim``."""
+
+    config: WanConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, timesteps, context):
+        cfg = self.config
+        sinusoid = timestep_sinusoid(jnp.asarray(timesteps, jnp.float32), cfg.freq_dim)
+        temb = TimestepEmbedding(cfg.dim, jnp.float32, name="time_embedder")(sinusoid)
+        modulation = nn.Dense(6 * cfg.dim, dtype=jnp.float32, name="time_proj")(nn.silu(temb))
+        text = TextProjection(cfg.dim, self.dtype, name="text_embedder")(context.astype(self.dtype))
+        return temb, modulation.reshape(-1, 6, cfg.dim), text
+
+
+def unpatchify(tokens: jnp.ndarray, grid: tuple[int, int, int], patch: tuple[int, int, int],
+               channels: int) -> jnp.ndarray:
+    """``[B, f h w, pt ph pw C]`` (per token: patch offsets then channel) -> ``[B, f pt, h ph, w pw, C]``."""
+    b = tokens.shape[0]
+    (f, h, w), (pt, ph, pw) = grid, patch
+    x = tokens.reshape(b, f, h, w, pt, ph, pw, channels)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, f * pt, h * ph, w * pw, channels)
+
+
+class WanTransformer(nn.Module):
+    """The Wan DiT (module docstring). ``method``: a preset name, Method or MethodPlan (``direct`` only so far)."""
+
+    config: WanConfig
+    method: Union[str, Method, MethodPlan] = "direct"
+    dtype: jnp.dtype = jnp.float32
+    attention_implementation: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, timesteps, context):
+        cfg = self.config
+        check_direct(self.method)
+        b, f, hh, ww, c = x.shape
+        pt, ph, pw = cfg.patch_size
+        if c != cfg.in_channels:
+            raise ValueError(f"WanTransformer: latents have {c} channels, the model takes {cfg.in_channels}")
+        if f % pt or hh % ph or ww % pw:
+            raise ValueError(f"WanTransformer: latent grid {(f, hh, ww)} is not divisible by patch {cfg.patch_size}")
+        if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
+            raise ValueError(f"WanTransformer: context must be [B, L, {cfg.text_dim}], got {context.shape}")
+        grid = (f // pt, hh // ph, ww // pw)
+        x = sharding.constrain(x, P(sharding.DATA, sharding.FRAMES))
+        x = nn.Conv(cfg.dim, cfg.patch_size, strides=cfg.patch_size, padding="VALID", dtype=self.dtype,
+                    name="patch_embedding")(x.astype(self.dtype))
+        x = sharding.constrain(x.reshape(b, -1, cfg.dim).astype(jnp.float32), TOKENS_SPEC)
+
+        temb, modulation, context = WanConditionEmbedder(cfg, self.dtype, name="condition_embedder")(
+            timesteps, context)
+        angles = rope_angles(grid, cfg.head_dim, cfg.rope_theta)
+        for i in range(cfg.num_layers):
+            x = WanBlock(cfg, self.dtype, self.attention_implementation, name=f"blocks_{i}")(
+                x, modulation, context, angles)
+
+        table = self.param("scale_shift_table", nn.initializers.normal(cfg.dim ** -0.5), (1, 2, cfg.dim))
+        shift, scale = jnp.split(table + temb[:, None, :], 2, axis=1)
+        x = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(self.dtype)
+        x = nn.Dense(math.prod(cfg.patch_size) * cfg.out_channels, dtype=self.dtype, name="proj_out")(x)
+        return unpatchify(x.astype(jnp.float32), grid, cfg.patch_size, cfg.out_channels)
