@@ -61,8 +61,9 @@ def test_method_specs():
     from jaxlongvid import methods
 
     m = methods.parse_method("longdiff:num_groups=8,window=4")
-    assert (m.num_groups, m.window, m.positions) == (8, 4, "group_shift")
-    assert methods.parse_method("freeloc:vrpr_params=(12,16,2,8)").vrpr_params == (12, 16, 2, 8)
+    assert (m.positions, m.mask.window) == (methods.GroupShift(num_groups=8), 4)
+    v = methods.parse_method("freeloc:w1=12,w2=16").positions
+    assert (v.w1, v.w2, v.g1, v.g2) == (12, 16, 2, 8)
     assert methods.parse_method("direct") is methods.PRESETS["direct"]
 
 
@@ -74,8 +75,33 @@ def test_method_from_probe_json(tmp_path):
     path = tmp_path / "probe.json"
     path.write_text(json.dumps({"routes": {"a/temporal": "freeloc", "b/temporal": "vrpr", "c": "direct"}}))
     plan = methods.parse_method(str(path))
-    assert plan.for_layer(0, "a/temporal") is methods.PRESETS["freeloc"]
-    assert plan.for_layer(1, "b/temporal").positions == "vrpr" and plan.for_layer(2, "c").name == "direct"
+    assert plan.for_layer("a/temporal") is methods.PRESETS["freeloc"]
+    assert isinstance(plan.for_layer("b/temporal").positions, methods.VRPR)
+    assert plan.for_layer("c").name == "direct"
     path.write_text("{}")
-    with pytest.raises(ValueError, match="not a probe JSON with a 'routes' table"):
+    with pytest.raises(ValueError, match=r"probe.json' is not a probe result \(JSON with a 'routes' object\)"):
         methods.parse_method(str(path))
+
+
+def test_convert_to_a_dangling_symlink_is_refused(tmp_path):
+    (tmp_path / "pipe").symlink_to(tmp_path / "nowhere" / "pipe")
+    unet = os.path.join(HERE, "fixtures", "tiny", "lavie", "lavie_tiny.pt")
+    for extra in ([], ["--overwrite"]):
+        proc, _ = _cli("convert", "lavie", "--unet", unet, "--out", "pipe", *extra, cwd=tmp_path)
+        err = proc.stderr.strip()
+        assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+        assert f"{tmp_path}/pipe is a symbolic link to a missing path ({tmp_path}/nowhere/pipe)" in err, err
+    assert os.listdir(tmp_path) == ["pipe"] and not (tmp_path / "nowhere").exists()
+
+
+def test_convert_without_torch_says_what_to_install(tmp_path):
+    """torch missing (simulated: ``sys.modules["torch"] = None`` makes every import of it fail)."""
+    unet = os.path.join(HERE, "fixtures", "tiny", "lavie", "lavie_tiny.pt")
+    code = ("import sys; sys.modules['torch'] = None; from jaxlongvid import cli; "
+            f"sys.exit(cli.main(['convert', 'lavie', '--unet', {unet!r}, '--out', 'pipe']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+    assert "jaxlongvid convert: error: jaxlongvid convert needs torch" in err
+    assert "pip install 'jaxlongvid[convert]'" in err and os.listdir(tmp_path) == []
