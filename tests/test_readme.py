@@ -5,7 +5,7 @@ The README's ```bash blocks are split into commands (one per line, ``&&`` chains
 it is given a test. Three ways a command is covered:
 
 * ``RUN``: run verbatim here, as a user would type it, in a temporary directory with the test harness's
-  ``XLA_FLAGS`` (8 host devices) removed: the first ``jaxlongvid sample`` (128 frames, freeloc: ~150 s on 2
+  ``XLA_FLAGS`` (8 host devices) removed: the first ``jaxlongvid sample`` (128 frames, longdiff: ~70-150 s on 2
   cores) and ``jaxlongvid probe``.
 * ``CI``: executed by ``.ci/run`` before this suite; checked against that file here. ``pip install -e .`` is
   covered by CI's ``pip install -e ".[test,convert]"``, which installs the same package plus the extras.
@@ -41,7 +41,7 @@ RUN, CI, PARSED = "run here", "run by .ci/run", "parsed here"
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 DEMO = ('jaxlongvid sample --prompt "a red circle moving right on a black background" --frames 128 '
-        '--method freeloc --out demo.gif')
+        '--method longdiff --out demo.gif')
 PROBE = 'jaxlongvid probe --model tiny --prompt "a red circle moving left" --long-frames 64 --out probe.json'
 CONVERT_LAVIE = "jaxlongvid convert lavie --unet lavie_base.pt --sd stable-diffusion-v1-4/ --out lavie-jax"
 CONVERT_VC = "jaxlongvid convert videocrafter --ckpt model.ckpt --version 2 --out vc2-jax"
@@ -128,6 +128,7 @@ def test_first_command_verbatim(tmp_path):
     frames = iio.imread(tmp_path / "demo.gif", index=None)
     assert frames.shape == (128, 32, 32, 3)  # 128 frames of the tiny model's 32x32
     assert "wrote demo.gif: 128 frames, 32x32" in result.stdout
+    assert "warning" not in result.stderr  # every word of the prompt is in the tiny model's vocabulary
     assert frames.std() > 5 and np.abs(np.diff(frames.astype(float), axis=0)).mean() > 0  # a picture that moves
 
 
