@@ -183,15 +183,18 @@ def test_gpu_sample_command_reaches_sample(monkeypatch, tmp_path):
     from jaxlongvid import sampling
 
     loaded, calls = [], []
+    tiny_config = pipeline_lib.load_config("tiny")  # stands in for LaVie's config: the memory check is recorded
+    monkeypatch.setattr(pipeline_lib, "load_config", lambda name: loaded.append(name) or tiny_config)
+    monkeypatch.setattr(cli, "check_memory", lambda config, method, args: calls.append(("memory", method.name)))
     monkeypatch.setattr(pipeline_lib, "load", lambda name: loaded.append(name) or "PIPE")
     monkeypatch.setattr(sampling, "sample", lambda pipe, prompt, **kw: calls.append((pipe, prompt, kw))
                         or np.zeros((128, 8, 8, 3), np.uint8))
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv(PANDA)) == 0
-    assert loaded == ["lavie-jax"]
-    ((pipe, prompt, kw),) = calls
-    assert (pipe, prompt) == ("PIPE", "a panda playing guitar")
-    assert (kw["num_frames"], kw["method"], kw["num_inference_steps"]) == (128, "longdiff", 50)
+    assert loaded == ["lavie-jax", "lavie-jax"]
+    memory, (pipe, prompt, kw) = calls
+    assert memory == ("memory", "longdiff") and (pipe, prompt) == ("PIPE", "a panda playing guitar")
+    assert (kw["num_frames"], kw["method"].name, kw["num_inference_steps"]) == (128, "longdiff", 50)
     assert (tmp_path / "panda.mp4").is_file()
 
 
