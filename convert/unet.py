@@ -358,12 +358,12 @@ def _resolve_config(config: ConfigLike, preset: UNet3DConfig, from_kwargs: Calla
         return preset
     if isinstance(value, UNet3DConfig):
         return value
-    if not isinstance(config, (str, os.PathLike)):
-        return from_kwargs(value)
     try:
         return from_kwargs(value)
-    except CheckpointError as e:  # name the file the arguments came from
-        raise CheckpointError(f"{os.fspath(config)}: {e}") from None
+    except CheckpointError as e:
+        if not isinstance(config, (str, os.PathLike)):
+            raise
+        raise CheckpointError(f"{os.fspath(config)}: {e}") from None  # name the file the arguments came from
 
 
 def check_json_config(config: ConfigLike, what: str) -> None:

@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 EXIT_ERROR = 1  # a request that cannot be served (bad value, missing file); argparse uses 2 for bad syntax
@@ -339,8 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import warnings
-
     args = build_parser().parse_args(argv)
     show = warnings.showwarning
 

@@ -486,8 +486,7 @@ def code_digest() -> str:
 
     digest = hashlib.sha256(f"jax {jax.__version__} flax {flax.__version__}".encode())
     root = os.path.dirname(os.path.abspath(__file__))
-    for folder, dirs, names in sorted(os.walk(root)):
-        dirs.sort()
+    for folder, _, names in sorted(os.walk(root)):
         for name in sorted(n for n in names if n.endswith(".py")):
             with open(os.path.join(folder, name), "rb") as f:
                 digest.update(os.path.relpath(os.path.join(folder, name), root).encode() + b"\0" + f.read())
@@ -521,10 +520,9 @@ def check_params(params: dict, expected: dict[str, tuple[int, ...]], what: str, 
     from flax.traverse_util import flatten_dict
 
     got = {"/".join(k): v for k, v in flatten_dict(params).items()}
-    want = expected
-    found = [("missing", sorted(set(want) - set(got))), ("unexpected", sorted(set(got) - set(want))),
-             ("mis-shaped", sorted(f"{k} {tuple(np.shape(got[k]))} (model: {want[k]})"
-                                   for k in set(want) & set(got) if tuple(np.shape(got[k])) != want[k])),
+    found = [("missing", sorted(set(expected) - set(got))), ("unexpected", sorted(set(got) - set(expected))),
+             ("mis-shaped", sorted(f"{k} {tuple(np.shape(got[k]))} (model: {expected[k]})"
+                                   for k in set(expected) & set(got) if tuple(np.shape(got[k])) != expected[k])),
              ("non-finite", nonfinite_leaves(got))]
     problems = [f"{len(items)} {label}: " + ", ".join(items[:max_listed]) + (", ..." if len(items) > max_listed else "")
                 for label, items in found if items]
