@@ -68,7 +68,9 @@ _REGISTERED: dict[str, tuple[type, type]] = {}
 
 def register_model(config_cls: type, module_cls: type, name: Optional[str] = None) -> None:
     """Make ``config_cls`` storable in ``pipeline.json`` (under ``name``, default its class name) and say which
-    Flax module it builds. Config classes need ``to_dict()`` / ``from_dict()`` and must be frozen dataclasses."""
+    Flax module it builds. Config classes need ``to_dict()`` / ``from_dict()`` and must be frozen dataclasses. A text
+    encoder's or VAE's module class must be defined in a Python module that also has its functions
+    (:func:`component_functions`: ``encode`` or ``decode``, and ``param_shapes``)."""
     name = name or config_cls.__name__
     for attr in ("to_dict", "from_dict"):
         if not hasattr(config_cls, attr):

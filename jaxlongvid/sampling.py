@@ -347,16 +347,16 @@ def _decoder(config: PipelineConfig, mesh, spec, chunk: int, as_uint8: bool):
     """The jitted decode. Under a mesh a VAE that codes each frame alone decodes every device's own frames
     (``shard_map``); a causal one over time (Wan's, ``temporal_factor > 1``: each chunk depends on the frames
     before it) decodes the gathered latents."""
+    causal = config.temporal_factor > 1
+
     def fn(vae_params, latents):
+        if causal:  # every latent frame on every device (nothing to do without a mesh)
+            latents = sharding.constrain(latents, P())
         images = decode_latents(config, vae_params, latents, chunk)
         return to_uint8(images) if as_uint8 else images
 
-    if mesh is not None and config.vae is not None:
-        if config.temporal_factor == 1:
-            fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), spec), out_specs=spec)
-        else:
-            whole = fn
-            fn = lambda vae_params, latents: whole(vae_params, sharding.constrain(latents, P()))  # noqa: E731
+    if mesh is not None and config.vae is not None and not causal:
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), spec), out_specs=spec)
     return jax.jit(fn)
 
 

@@ -30,6 +30,7 @@ DIT = dict(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=12, i
 CORPUS = ["a red circle bouncing on the floor", "two blue squares spin slowly", "a cat jumps over a fence"] * 3
 PROMPT = "a red circle bouncing"
 SMALL = dict(height=32, width=16, num_inference_steps=2, seed=3, progress=False)
+FRAMES = 13  # 4 latent frames: one per device of the mesh's frames axis in test_sharded_equals_unsharded
 
 
 def randomise(model, scale: float = 0.3):
@@ -144,18 +145,18 @@ def test_pipeline_contracts_match_the_torch_parts(pipe, torch_parts):
 def test_sample_python_and_cli_deterministic(pipe, converted, tmp_path, capsys):
     from jaxlongvid import video
 
-    first = jlv.sample(pipe, PROMPT, num_frames=9, **SMALL)
-    second = jlv.sample(pipe, PROMPT, num_frames=9, **SMALL)
-    assert first.shape == (9, 32, 16, 3) and first.dtype == np.uint8
+    first = jlv.sample(pipe, PROMPT, num_frames=FRAMES, **SMALL)
+    second = jlv.sample(pipe, PROMPT, num_frames=FRAMES, **SMALL)
+    assert first.shape == (FRAMES, 32, 16, 3) and first.dtype == np.uint8
     np.testing.assert_array_equal(first, second)
     assert first.std() > 2  # a picture, not a constant
-    other = jlv.sample(pipe, PROMPT, num_frames=9, **dict(SMALL, seed=4))
+    other = jlv.sample(pipe, PROMPT, num_frames=FRAMES, **dict(SMALL, seed=4))
     assert np.any(other != first)
 
     out = tmp_path / "wan.png"
-    code = cli.main(["sample", "--model", str(converted), "--prompt", PROMPT, "--frames", "9", "--height", "32",
-                     "--width", "16", "--steps", "2", "--seed", "3", "--no-progress", "--out", str(out)])
-    assert code == 0 and "9 frames" in capsys.readouterr().out
+    code = cli.main(["sample", "--model", str(converted), "--prompt", PROMPT, "--frames", str(FRAMES), "--height",
+                     "32", "--width", "16", "--steps", "2", "--seed", "3", "--no-progress", "--out", str(out)])
+    assert code == 0 and f"{FRAMES} frames" in capsys.readouterr().out
     import imageio.v3 as iio
 
     np.testing.assert_array_equal(iio.imread(out)[..., :3], video.contact_sheet(first))
@@ -175,10 +176,10 @@ def test_sharded_equals_unsharded(pipe):
     """Latent frames 4 over a (frames 4, data 2) mesh of 8 host devices; the causal VAE decodes the gathered
     latents. Compared in float32 on the [0, 255] scale."""
     assert len(jax.devices()) >= 8
-    kw = dict(num_frames=13, output="float", **SMALL)
-    single = jlv.sample(pipe, PROMPT, **kw)
+    kw = dict(num_frames=FRAMES, output="float", **SMALL)
+    single = jlv.sample(pipe, PROMPT, **kw)  # the programs of test_sample_python_and_cli_deterministic
     sharded = jlv.sample(pipe, PROMPT, mesh=sharding.make_mesh(4, 2), **kw)
-    assert single.shape == (13, 32, 16, 3)
+    assert single.shape == (FRAMES, 32, 16, 3)
     diff = float(np.max(np.abs(single - sharded))) * 127.5
     print(f"wan sharded vs unsharded: max diff {diff:.2e} on the [0, 255] scale")
     assert diff < 1e-2, diff
