@@ -174,15 +174,16 @@ def test_frame_counts_other_than_4k_plus_1_are_refused(pipe, converted, no_traci
 
 def test_sharded_equals_unsharded(pipe):
     """Latent frames 4 over a (frames 4, data 2) mesh of 8 host devices; the causal VAE decodes the gathered
-    latents. Compared in float32 on the [0, 255] scale."""
+    latents. uint8 frames (the unsharded programs are those of test_sample_python_and_cli_deterministic): at most
+    one level apart where float32 rounding of the other partitioning crosses a rounding boundary."""
     assert len(jax.devices()) >= 8
-    kw = dict(num_frames=FRAMES, output="float", **SMALL)
-    single = jlv.sample(pipe, PROMPT, **kw)  # the programs of test_sample_python_and_cli_deterministic
+    kw = dict(num_frames=FRAMES, **SMALL)
+    single = jlv.sample(pipe, PROMPT, **kw)
     sharded = jlv.sample(pipe, PROMPT, mesh=sharding.make_mesh(4, 2), **kw)
-    assert single.shape == (FRAMES, 32, 16, 3)
-    diff = float(np.max(np.abs(single - sharded))) * 127.5
-    print(f"wan sharded vs unsharded: max diff {diff:.2e} on the [0, 255] scale")
-    assert diff < 1e-2, diff
+    assert single.shape == sharded.shape == (FRAMES, 32, 16, 3)
+    diff = np.abs(single.astype(int) - sharded.astype(int))
+    print(f"wan sharded vs unsharded: max diff {diff.max()} levels, {np.mean(diff > 0):.1e} of values differ")
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-2
 
 
 def partial_folder(wan_folder: Path, target: Path, parts) -> Path:
