@@ -216,9 +216,13 @@ def run_info(args) -> int:
           f"sizes in multiples of {c.spatial_factor}")
     print(f"  text: {type(c.text).__name__}; VAE: {type(c.vae).__name__ if c.vae is not None else 'none'}")
     s = c.scheduler
-    print(f"  scheduler: {s.kind}, {s.beta_schedule} betas {s.beta_start}..{s.beta_end}, "
-          f"{s.prediction_type}, spacing {s.timestep_spacing}")
-    print(f"  defaults: {c.num_frames} frames, {c.height}x{c.width}, {c.num_inference_steps} steps, "
+    if s.prediction_type == "flow":
+        print(f"  scheduler: {s.kind} (flow matching), shift {s.flow_shift}")
+    else:
+        print(f"  scheduler: {s.kind}, {s.beta_schedule} betas {s.beta_start}..{s.beta_end}, "
+              f"{s.prediction_type}, spacing {s.timestep_spacing}")
+    latent = f" ({c.latent_frames(c.num_frames)} latent)" if c.temporal_factor > 1 else ""
+    print(f"  defaults: {c.num_frames} frames{latent}, {c.height}x{c.width}, {c.num_inference_steps} steps, "
           f"guidance {c.guidance_scale}")
     counts = pipe.num_parameters()
     print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" (total {sum(counts.values()):,})")

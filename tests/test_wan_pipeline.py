@@ -111,6 +111,14 @@ def test_converted_pipeline_config_and_round_trip(pipe):
         c.latent_frames(80)
 
 
+def test_info_describes_the_wan_pipeline(converted, capsys):
+    assert cli.main(["info", "--model", str(converted)]) == 0
+    out = capsys.readouterr().out
+    assert "family: wan" in out and "WanConfig" in out and "text: UMT5Config; VAE: WanVAEConfig" in out
+    assert "scheduler: unipc-flow (flow matching), shift 3.0" in out
+    assert "defaults: 81 frames (21 latent), 480x832, 50 steps, guidance 5.0" in out
+
+
 def test_pipeline_contracts_match_the_torch_parts(pipe, torch_parts):
     transformer, vae, text = torch_parts
     rng = np.random.default_rng(0)
