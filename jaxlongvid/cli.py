@@ -131,7 +131,7 @@ def run_sample(args) -> int:
     method = methods.parse_method(args.method)
     config = pipeline_lib.load_config(args.model)
     if method == methods.AUTO:  # resolved here once, so the memory check sees the method that will run
-        method = sampling.auto_method(config, args.frames or config.num_frames)
+        method = sampling.auto_method(config, config.latent_frames(args.frames or config.num_frames))
     if not args.force:
         check_memory(config, method, args)
     pipe = pipeline_lib.load(args.model)
@@ -160,12 +160,8 @@ def check_memory(config, method, args) -> None:
     import jaxlongvid.pipeline as pipeline_lib
     from jaxlongvid import memory
 
-    from jaxlongvid import sampling
-
     frames = args.frames or config.num_frames
-    latent = config.latent_frames(frames)  # Wan's 1 + 4k check comes here, before the weights load
-    if isinstance(method, str) and method == sampling.AUTO:  # the method the sampler will pick
-        method = sampling.auto_method(config, latent)
+    latent = config.latent_frames(frames)  # the estimate counts the frames the denoiser runs on
     devices = args.devices or 1
     guidance = config.guidance_scale if args.guidance is None else args.guidance
     request = dict(config=config, height=args.height or config.height, width=args.width or config.width,
