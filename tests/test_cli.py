@@ -71,6 +71,8 @@ def test_bad_syntax_exits_2(argv, capsys):
                                   overwrite=False)),
     (["convert", "modelscope", "--diffusers", "ms", "--out", "d"], "convert_modelscope",
      dict(diffusers="ms", out="d", overwrite=False)),
+    (["convert", "wan", "--original", "release", "--out", "d"], "convert_wan",
+     dict(diffusers=None, original="release", out="d", overwrite=False)),
 ])
 def test_convert_dispatch(fake_converters, capsys, argv, function, kwargs):
     assert cli.main(argv) == 0
