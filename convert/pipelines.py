@@ -13,6 +13,9 @@ problems, on one line; the CLI prints it and exits 1.
   safetensors read tensor by tensor); the tokenizer is OpenCLIP's ``bpe_simple_vocab_16e6.txt.gz``.
 * ModelScope / ZeroScope: a diffusers text-to-video folder (``unet/``, ``vae/``, ``text_encoder/``,
   ``tokenizer/``, ``scheduler/``).
+* Wan2.1 text-to-video: a diffusers folder (``transformer/``, ``vae/``, ``text_encoder/`` + ``tokenizer/``,
+  ``scheduler/``) or the original release folder (``config.json`` + ``diffusion_pytorch_model*.safetensors``,
+  ``Wan2.1_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth``, ``google/umt5-xxl/``).
 
 A component the input lacks is left out and listed in ``PipelineConfig.missing``: such a denoiser-only pipeline
 runs ``pipe.denoiser`` but ``jaxlongvid.sample`` refuses it.
@@ -31,12 +34,18 @@ from convert.readers import CheckpointError, read_json
 from convert.text import convert_openclip_text, load_hf_text_encoder
 from convert.unet import (ConfigLike, convert_lavie_unet, convert_modelscope_unet, convert_state, open_checkpoint,
                           original_kwargs, videocrafter_config, videocrafter_rules)
+from convert.umt5 import convert_original_umt5, load_hf_umt5
 from convert.vae import convert_ldm_vae, load_diffusers_vae
+from convert.wan import convert_transformer_folder
+from convert.wan_vae import convert_original_wan_vae, load_diffusers_wan_vae
 from jaxlongvid import pipeline as pipeline_lib
 from jaxlongvid.models.text import TextConfig
-from jaxlongvid.models.tokenizers import CLIPTokenizer
+from jaxlongvid.models.tokenizers import CLIPTokenizer, UMT5Tokenizer
+from jaxlongvid.models.umt5 import UMT5Config
 from jaxlongvid.models.unet3d import UNet3DConfig, init_shapes
 from jaxlongvid.models.vae import VAEConfig
+from jaxlongvid.models.wan import WanConfig
+from jaxlongvid.models.wan_vae import WanVAEConfig
 from jaxlongvid.pipeline import Pipeline, PipelineConfig
 from jaxlongvid.schedulers import SchedulerConfig, alphas_cumprod
 
@@ -48,6 +57,11 @@ VC_VAE, VC_TEXT = "first_stage_model.", "cond_stage_model.model."  # (the UNet's
 LAVIE_DEFAULTS = dict(num_frames=16, num_inference_steps=50, guidance_scale=7.5, height=320, width=512)
 VIDEOCRAFTER_DEFAULTS = dict(num_frames=16, num_inference_steps=50, guidance_scale=12.0, height=320, width=512)
 MODELSCOPE_DEFAULTS = dict(num_frames=16, num_inference_steps=50, guidance_scale=9.0)  # diffusers' pipeline call
+# Wan2.1 T2V: diffusers' WanPipeline call (480x832, 81 frames, 50 steps, guidance 5; the original's generate.py
+# samples the same counts with its flow shift 5). The original's default negative prompt is not carried over:
+# like diffusers, the default is the empty prompt.
+WAN_DEFAULTS = dict(num_frames=81, num_inference_steps=50, guidance_scale=5.0, height=480, width=832)
+WAN_ORIGINAL_SHIFT = 5.0  # generate.py's sample_shift for text-to-video
 
 
 # ---- public entry points ----------------------------------------------------------------------------------------
@@ -68,6 +82,17 @@ def convert_videocrafter(ckpt: PathLike, version: int, config: ConfigLike = None
 def convert_modelscope(diffusers: PathLike, *, out: PathLike, overwrite: bool = False) -> str:
     """A diffusers text-to-video folder -> a pipeline directory at ``out``. See :func:`modelscope_pipeline`."""
     return _convert_and_save(lambda: modelscope_pipeline(diffusers), out, overwrite)
+
+
+def convert_wan(diffusers: Optional[PathLike] = None, original: Optional[PathLike] = None, *, out: PathLike,
+                overwrite: bool = False) -> str:
+    """Wan2.1 text-to-video from a diffusers folder or the original release folder (exactly one) -> a pipeline
+    directory at ``out``. See :func:`wan_diffusers_pipeline` and :func:`wan_original_pipeline`."""
+    if (diffusers is None) == (original is None):
+        raise CheckpointError("give exactly one of --diffusers DIR and --original DIR")
+    if diffusers is not None:
+        return _convert_and_save(lambda: wan_diffusers_pipeline(diffusers), out, overwrite)
+    return _convert_and_save(lambda: wan_original_pipeline(original), out, overwrite)
 
 
 def _convert_and_save(build: Callable[[], Pipeline], out: PathLike, overwrite: bool) -> str:
@@ -383,3 +408,139 @@ def _named(name: str, convert: Callable, *args):
 
 def _describe(source) -> str:
     return os.path.abspath(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "<state dict>"
+
+
+# ---- Wan2.1 -------------------------------------------------------------------------------------------------------
+WAN_PIPELINES = ("WanPipeline",)
+WAN_RELEASE_VAE = "Wan2.1_VAE.pth"
+WAN_RELEASE_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+WAN_RELEASE_TOKENIZER = os.path.join("google", "umt5-xxl")
+WAN_SCHEDULERS = {"UniPCMultistepScheduler": "unipc-flow", "FlowMatchEulerDiscreteScheduler": "euler-flow"}
+
+
+def wan_diffusers_pipeline(diffusers: PathLike) -> Pipeline:
+    """Wan2.1 T2V in diffusers format: ``transformer/`` (required; config.json + single or sharded safetensors),
+    and whichever of ``vae/``, ``text_encoder/`` with ``tokenizer/``, ``scheduler/`` are present (absent ones:
+    ``PipelineConfig.missing``; no scheduler: ``SchedulerConfig.wan()``, UniPC with flow shift 3).
+
+    Sampling defaults: :data:`WAN_DEFAULTS` (diffusers' ``WanPipeline``)."""
+    folder = os.fspath(diffusers)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: no such diffusers folder")
+    index = os.path.join(folder, "model_index.json")
+    if os.path.isfile(index):
+        cls = read_json(index).get("_class_name")
+        if cls not in WAN_PIPELINES:
+            raise CheckpointError(f"{index}: a {cls} folder, not a Wan text-to-video one ({', '.join(WAN_PIPELINES)})")
+    sub = lambda name: os.path.join(folder, name)  # noqa: E731
+    if not os.path.isdir(sub("transformer")):
+        raise CheckpointError(f"{folder}: no transformer/ folder (expected a diffusers Wan pipeline folder)")
+    wan_config, wan_params = convert_transformer_folder(sub("transformer"), "diffusers")
+    components = {}
+    if os.path.isdir(sub("vae")):
+        components["vae_config"], components["vae_params"] = load_diffusers_wan_vae(sub("vae"))
+    if os.path.isdir(sub("text_encoder")) != os.path.isdir(sub("tokenizer")):
+        raise CheckpointError(f"{folder}: text_encoder/ and tokenizer/ go together; only one of them is there")
+    if os.path.isdir(sub("text_encoder")):
+        components["text_config"], components["text_params"] = load_hf_umt5(sub("text_encoder"))
+        components["tokenizer"] = _umt5_tokenizer(sub("tokenizer"), components["text_config"])
+    scheduler = _wan_scheduler(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    return assemble_wan(wan_config, wan_params, scheduler, sources={"diffusers": os.path.abspath(folder)},
+                        **components)
+
+
+def wan_original_pipeline(original: PathLike, vae_config: Optional[WanVAEConfig] = None,
+                          text_config: Optional[UMT5Config] = None) -> Pipeline:
+    """Wan2.1 T2V from the original release folder: ``config.json`` + ``diffusion_pytorch_model*.safetensors``
+    (required), and whichever of ``Wan2.1_VAE.pth`` and ``models_t5_umt5-xxl-enc-bf16.pth`` with the tokenizer
+    folder ``google/umt5-xxl/`` are present. The release states no architecture for those two: ``vae_config`` /
+    ``text_config`` default to the released ones (``WanVAEConfig()``, ``UMT5Config.umt5_xxl()``).
+
+    Sampling defaults: :data:`WAN_DEFAULTS` with the original's UniPC flow shift 5
+    (``SchedulerConfig.wan(flow_shift=5)``)."""
+    folder = os.fspath(original)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: no such Wan release folder")
+    wan_config, wan_params = convert_transformer_folder(folder, "original")
+    components = {}
+    vae_file, t5_file = os.path.join(folder, WAN_RELEASE_VAE), os.path.join(folder, WAN_RELEASE_T5)
+    if os.path.isfile(vae_file):
+        vae_config = vae_config or WanVAEConfig()
+        components.update(vae_config=vae_config, vae_params=convert_original_wan_vae(vae_file, vae_config))
+    if os.path.isfile(t5_file):
+        tokenizer_dir = os.path.join(folder, WAN_RELEASE_TOKENIZER)
+        if not os.path.isdir(tokenizer_dir):
+            raise CheckpointError(f"{folder}: {WAN_RELEASE_T5} is there but not its tokenizer folder "
+                                  f"{WAN_RELEASE_TOKENIZER}/")
+        text_config = text_config or UMT5Config.umt5_xxl()
+        components.update(text_config=text_config, text_params=convert_original_umt5(t5_file, text_config),
+                          tokenizer=_umt5_tokenizer(tokenizer_dir, text_config))
+    return assemble_wan(wan_config, wan_params, SchedulerConfig.wan(flow_shift=WAN_ORIGINAL_SHIFT),
+                        sources={"original": os.path.abspath(folder)}, **components)
+
+
+def _umt5_tokenizer(folder: str, text_config: UMT5Config) -> UMT5Tokenizer:
+    try:
+        return UMT5Tokenizer.from_dir(folder, text_len=text_config.text_len)
+    except Exception as e:  # the tokenizers library raises plain Exceptions for unreadable files
+        raise CheckpointError(f"{folder}: not a usable umT5 tokenizer folder ({_one_line(str(e))})") from None
+
+
+def _wan_scheduler(path: str) -> SchedulerConfig:
+    """``SchedulerConfig`` of a Wan ``scheduler_config.json`` (UniPC with flow sigmas, or flow-matching Euler);
+    none: ``SchedulerConfig.wan()``."""
+    if not os.path.isfile(path):
+        return SchedulerConfig.wan()
+    cfg = read_json(path)
+    cls = cfg.get("_class_name")
+    if cls not in WAN_SCHEDULERS:
+        raise CheckpointError(f"{path}: scheduler {cls!r} is not supported for Wan (supported: "
+                              f"{', '.join(WAN_SCHEDULERS)})")
+    if cls == "UniPCMultistepScheduler":
+        if cfg.get("prediction_type") != "flow_prediction" or not cfg.get("use_flow_sigmas", False):
+            raise CheckpointError(f"{path}: UniPC must run on flow sigmas with prediction_type 'flow_prediction' "
+                                  f"(got use_flow_sigmas={cfg.get('use_flow_sigmas')!r}, "
+                                  f"prediction_type={cfg.get('prediction_type')!r})")
+        shift = cfg.get("flow_shift", 1.0)
+    else:
+        if cfg.get("use_dynamic_shifting", False):
+            raise CheckpointError(f"{path}: use_dynamic_shifting is not supported")
+        shift = cfg.get("shift", 1.0)
+    try:
+        return SchedulerConfig.wan(WAN_SCHEDULERS[cls], float(shift)).replace(
+            num_train_timesteps=cfg.get("num_train_timesteps", 1000))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def assemble_wan(wan_config: WanConfig, wan_params: dict, scheduler: SchedulerConfig, *,
+                 vae_config: Optional[WanVAEConfig] = None, vae_params: Optional[dict] = None,
+                 text_config: Optional[UMT5Config] = None, text_params: Optional[dict] = None, tokenizer=None,
+                 sources: Optional[Mapping[str, str]] = None) -> Pipeline:
+    """A Wan Pipeline from converted components, after checking that they fit together (absent ones:
+    ``missing``)."""
+    where = ", ".join(sources.values()) if sources else "wan"
+    problems = []
+    if vae_config is not None and not vae_config.z_dim == wan_config.in_channels == wan_config.out_channels:
+        problems.append(f"the VAE has {vae_config.z_dim} latent channels but the transformer takes "
+                        f"{wan_config.in_channels} and makes {wan_config.out_channels}")
+    if text_config is not None:
+        if text_config.dim != wan_config.text_dim:
+            problems.append(f"the text encoder's width {text_config.dim} is not the transformer's text_dim "
+                            f"{wan_config.text_dim}")
+        if tokenizer is None:
+            problems.append("a text encoder without a tokenizer")
+        elif tokenizer.vocab_size > text_config.vocab_size:
+            problems.append(f"the tokenizer ({tokenizer.vocab_size} tokens) does not fit the text encoder "
+                            f"({text_config.vocab_size} tokens)")
+    if problems:
+        raise CheckpointError(f"{where}: the components do not fit together: {'; '.join(problems)}")
+    params = {"unet": wan_params}
+    if vae_config is not None:
+        params["vae"] = vae_params
+    if text_config is not None:
+        params["text"] = text_params
+    missing = tuple(name for name, cfg in (("vae", vae_config), ("text", text_config)) if cfg is None)
+    config = PipelineConfig(family="wan", unet=wan_config, text=text_config, vae=vae_config, scheduler=scheduler,
+                            missing=missing, extra={"converted_from": dict(sources or {})}, **WAN_DEFAULTS)
+    return Pipeline(config, params, tokenizer if text_config is not None else None)

@@ -7,6 +7,7 @@ Examples::
         --devices 8 --out corgi.mp4
     jaxlongvid info --model ckpt/lavie
     jaxlongvid convert lavie --unet lavie_base.pt --sd stable-diffusion-v1-4 --out ckpt/lavie
+    jaxlongvid convert wan --diffusers Wan2.1-T2V-1.3B-Diffusers --out ckpt/wan
     jaxlongvid bench shapes --frames 64,128 --methods direct,longdiff --prompts 8 --seeds 2 --out bench/
 
 Subcommands are registered in :data:`SUBCOMMANDS`: a function that adds its parser to the subparsers object and
@@ -130,8 +131,8 @@ def run_sample(args) -> int:
 
     method = methods.parse_method(args.method)
     config = pipeline_lib.load_config(args.model)
-    if method == methods.AUTO:  # decided here so the memory estimate sees the method the sampler will run
-        method = sampling.auto_method(config, args.frames or config.num_frames)
+    if method == methods.AUTO:  # resolved here once, so the memory check sees the method that will run
+        method = sampling.auto_method(config, config.latent_frames(args.frames or config.num_frames))
     if not args.force:
         check_memory(config, method, args)
     pipe = pipeline_lib.load(args.model)
@@ -160,17 +161,19 @@ def check_memory(config, method, args) -> None:
     import jaxlongvid.pipeline as pipeline_lib
     from jaxlongvid import memory
 
+    frames = args.frames or config.num_frames
+    latent = config.latent_frames(frames)  # the estimate counts the frames the denoiser runs on
     devices = args.devices or 1
     guidance = config.guidance_scale if args.guidance is None else args.guidance
     request = dict(config=config, height=args.height or config.height, width=args.width or config.width,
                    method=method, devices=devices, guided=guidance > 1,
                    weight_bytes=memory.folder_bytes(os.path.join(pipeline_lib.resolve(args.model),
                                                                  pipeline_lib.PARAMS_DIR)))
-    frames = args.frames or config.num_frames
-    need, have = memory.estimate_bytes(num_frames=frames, **request), memory.available_bytes()
+    need, have = memory.estimate_bytes(num_frames=latent, **request), memory.available_bytes()
     if need <= have:
         return
-    fit = memory.frames_that_fit(have, step=devices, **request)
+    fit = memory.frames_that_fit(have, step=devices, **request)  # latent frames
+    fit = 1 + config.temporal_factor * (fit - 1) if fit and config.temporal_factor > 1 else fit
     device = jax.devices()[0]
     raise CommandError(f"--frames {frames}: estimated {need / memory.GB:.1f} GB per device, but a "
                        f"{device.platform} device has {have / memory.GB:.1f} GB available; about {fit} frames fit "
@@ -212,9 +215,13 @@ def run_info(args) -> int:
           f"sizes in multiples of {c.spatial_factor}")
     print(f"  text: {type(c.text).__name__}; VAE: {type(c.vae).__name__ if c.vae is not None else 'none'}")
     s = c.scheduler
-    print(f"  scheduler: {s.kind}, {s.beta_schedule} betas {s.beta_start}..{s.beta_end}, "
-          f"{s.prediction_type}, spacing {s.timestep_spacing}")
-    print(f"  defaults: {c.num_frames} frames, {c.height}x{c.width}, {c.num_inference_steps} steps, "
+    if s.prediction_type == "flow":
+        print(f"  scheduler: {s.kind} (flow matching), shift {s.flow_shift}")
+    else:
+        print(f"  scheduler: {s.kind}, {s.beta_schedule} betas {s.beta_start}..{s.beta_end}, "
+              f"{s.prediction_type}, spacing {s.timestep_spacing}")
+    latent = f" ({c.latent_frames(c.num_frames)} latent)" if c.temporal_factor > 1 else ""
+    print(f"  defaults: {c.num_frames} frames{latent}, {c.height}x{c.width}, {c.num_inference_steps} steps, "
           f"guidance {c.guidance_scale}")
     words = getattr(pipe.tokenizer, "words", None)
     if words is not None:  # a word-level tokenizer: other words are read as <unk>
@@ -228,7 +235,7 @@ def run_info(args) -> int:
 # ---- convert -----------------------------------------------------------------------------------------------------
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a PyTorch checkpoint into a jaxlongvid pipeline directory",
-                       description="Convert a PyTorch checkpoint (LaVie, VideoCrafter1/2, ModelScope) into a "
+                       description="Convert a PyTorch checkpoint (LaVie, VideoCrafter1/2, ModelScope, Wan2.1) into a "
                                    "jaxlongvid pipeline directory. Pickles are read with weights_only=True; every "
                                    "key and shape is checked and non-finite weights are refused; the directory "
                                    "appears only when complete. Needs pip install 'jaxlongvid[convert]'.")
@@ -252,7 +259,18 @@ def _add_convert(sub) -> None:
     ms.add_argument("--diffusers", required=True, help="the diffusers pipeline folder (unet/, vae/, ...)")
     ms.set_defaults(convert="convert_modelscope", keys=("diffusers",))
 
-    for family in (lavie, vc, ms):
+    wan = families.add_parser("wan", help="Wan2.1 text-to-video (diffusers folder or the original release)",
+                              description="Wan2.1 text-to-video. Parts the folder lacks (VAE, text encoder with "
+                                          "its tokenizer) are left out: the pipeline then runs its denoiser only.")
+    layout = wan.add_mutually_exclusive_group(required=True)
+    layout.add_argument("--diffusers", help="a diffusers Wan folder: transformer/ and any of vae/, text_encoder/ + "
+                                            "tokenizer/, scheduler/")
+    layout.add_argument("--original", help="the original release folder: config.json + "
+                                           "diffusion_pytorch_model*.safetensors, and any of Wan2.1_VAE.pth, "
+                                           "models_t5_umt5-xxl-enc-bf16.pth with google/umt5-xxl/")
+    wan.set_defaults(convert="convert_wan", keys=("diffusers", "original"))
+
+    for family in (lavie, vc, ms, wan):
         family.add_argument("--out", required=True, help="the pipeline directory to write")
         family.add_argument("--overwrite", action="store_true",
                             help="replace an existing pipeline directory (anything else at --out is refused)")

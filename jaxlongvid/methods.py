@@ -550,6 +550,9 @@ def parse_method(text) -> Union[Method, MethodPlan, TimePlan, str]:
     base = get_method(preset)
     if not assignments:
         return base
+    if not isinstance(base, Method):
+        raise ValueError(f"method spec {text!r}: {preset!r} schedules methods over time; KEY=VALUE changes apply to "
+                         "single presets only")
     values: dict = {}
     try:
         for assignment in assignments:

@@ -2,9 +2,14 @@
 
 ``Pipeline(config, params, tokenizer)``: ``config`` is a frozen :class:`PipelineConfig` (denoiser, optional VAE,
 text encoder and scheduler configs, default sampling settings); ``params`` is ``{"unet": ..., "text": ...,
-"vae": ...}`` (plain nested dicts of arrays, ``vae`` absent for pixel-space models); ``tokenizer`` turns prompts
-into int32 ids. Nothing here knows a model family: each sub-config is an instance of a registered config class
+"vae": ...}`` (plain nested dicts of arrays, ``vae`` absent for pixel-space models; ``"unet"`` names the denoiser
+whatever its kind, a UNet or Wan's transformer); ``tokenizer`` turns prompts into int32 ids (and, for umT5, a
+mask). Nothing here knows a model family: each sub-config is an instance of a registered config class
 (:func:`register_model`), stored in ``pipeline.json`` by class name and built back from it.
+
+Families: the UNets (LaVie, VideoCrafter, ModelScope: ``UNet3DConfig`` + CLIP ``TextConfig`` + ``VAEConfig``)
+and Wan2.1 (``WanConfig`` + ``UMT5Config`` + ``WanVAEConfig``, whose VAE codes ``1 + 4k`` video frames as
+``1 + k`` latent frames: ``PipelineConfig.temporal_factor`` 4).
 
 On disk (:func:`save` / :func:`load`)::
 
@@ -50,19 +55,26 @@ TINY_DIR = os.path.join(os.path.dirname(__file__), "tiny", "weights")
 
 # ---- registry of model config classes -------------------------------------------------------------------------
 # name -> "module:ConfigClass:ModuleClass". The denoiser module is built as ModuleClass(config, method=..., dtype=...)
-# and called (x [B,F,H,W,C], timesteps [B], context [B,L,D], fps=None); a text module as ModuleClass(config,
-# dtype) on token ids [B, L]. VAEs go through jaxlongvid.models.vae.decode.
+# and called (x [B,F,H,W,C], timesteps [B], context [B,L,D], fps=None). Text encoders and VAEs are used through
+# functions of the Python module that defines their module class (component_functions): text
+# ``encode(params, config, *tokens)`` (tokens as the tokenizer's ``encode`` gives them: ids, or ids and mask) and
+# VAE ``decode(params, config, latents, chunk=...)``; every component has ``param_shapes(config)``.
 _BUILTIN = {
     "UNet3DConfig": "jaxlongvid.models.unet3d:UNet3DConfig:UNet3D",
     "TextConfig": "jaxlongvid.models.text:TextConfig:TextEncoder",
     "VAEConfig": "jaxlongvid.models.vae:VAEConfig:AutoencoderKL",
+    "WanConfig": "jaxlongvid.models.wan:WanConfig:WanTransformer",
+    "UMT5Config": "jaxlongvid.models.umt5:UMT5Config:UMT5Encoder",
+    "WanVAEConfig": "jaxlongvid.models.wan_vae:WanVAEConfig:Decoder",
 }
 _REGISTERED: dict[str, tuple[type, type]] = {}
 
 
 def register_model(config_cls: type, module_cls: type, name: Optional[str] = None) -> None:
     """Make ``config_cls`` storable in ``pipeline.json`` (under ``name``, default its class name) and say which
-    Flax module it builds. Config classes need ``to_dict()`` / ``from_dict()`` and must be frozen dataclasses."""
+    Flax module it builds. Config classes need ``to_dict()`` / ``from_dict()`` and must be frozen dataclasses. A text
+    encoder's or VAE's module class must be defined in a Python module that also has its functions
+    (:func:`component_functions`: ``encode`` or ``decode``, and ``param_shapes``)."""
     name = name or config_cls.__name__
     for attr in ("to_dict", "from_dict"):
         if not hasattr(config_cls, attr):
@@ -98,6 +110,21 @@ def module_class(config) -> type:
     return _lookup(_class_name(config))[1]
 
 
+def component_functions(config):
+    """The Python module holding a text encoder's or VAE's functions (``encode`` / ``decode``,
+    ``param_shapes``): the one defining the Flax module class its config is registered with."""
+    return importlib.import_module(module_class(config).__module__)
+
+
+def context_dim(denoiser_config) -> int:
+    """The width of the text context the denoiser cross-attends to (UNets: ``cross_attention_dim``, Wan:
+    ``text_dim``)."""
+    for name in ("cross_attention_dim", "text_dim"):
+        if hasattr(denoiser_config, name):
+            return getattr(denoiser_config, name)
+    raise ValueError(f"{type(denoiser_config).__name__} names no text width (cross_attention_dim or text_dim)")
+
+
 def _config_to_json(config) -> Optional[dict]:
     return None if config is None else {"class": _class_name(config), "config": config.to_dict()}
 
@@ -118,8 +145,8 @@ class PipelineConfig:
     model whose output is the image in [-1, 1]. ``text``: the text encoder's config. ``missing``: components a
     partial conversion left out (``"vae"``, ``"text"``; their configs are None): such a pipeline runs
     ``pipe.denoiser`` but cannot sample. The sampling settings are what ``jaxlongvid.sample`` uses for arguments
-    left out. ``extra``: free JSON metadata (training run, conversion source); it takes no part in equality or
-    hashing.
+    left out (``num_frames`` counts video frames: :meth:`latent_frames`). ``extra``: free JSON metadata (training
+    run, conversion source); it takes no part in equality or hashing.
     """
 
     family: str
@@ -174,6 +201,12 @@ class PipelineConfig:
                              f"{self.unet.in_channels}")
 
     @property
+    def temporal_factor(self) -> int:
+        """Video frames per latent frame after the first: the VAE's (Wan: 4, ``1 + 4k`` frames make ``1 + k``
+        latent frames); 1 in pixel space or when every frame is coded alone."""
+        return 1 if self.vae is None else self.vae.temporal_factor
+
+    @property
     def latent_factor(self) -> int:
         """Image pixels per latent pixel (the VAE's downsampling; 1 in pixel space)."""
         return 1 if self.vae is None else self.vae.downsample_factor
@@ -193,7 +226,21 @@ class PipelineConfig:
 
     @property
     def native_frames(self) -> Optional[int]:
+        """The denoiser's training length in latent frames (None: not stated)."""
         return getattr(self.unet, "native_frames", None)
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames for ``num_frames`` video frames: ``(num_frames - 1) // t + 1`` with ``t`` =
+        :attr:`temporal_factor`; a count the VAE cannot make (not ``1 + t k``) is a one-line error."""
+        t = self.temporal_factor
+        if t == 1:
+            return num_frames
+        if num_frames < 1 or (num_frames - 1) % t:
+            low = max(1, (num_frames - 1) // t * t + 1)
+            raise ValueError(f"num_frames={num_frames}: this {self.family} model makes 1 + {t}k frames (its VAE "
+                             f"codes the first frame alone, then {t} frames per latent frame); use {low} or "
+                             f"{low + t}")
+        return (num_frames - 1) // t + 1
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -254,20 +301,28 @@ def apply_denoiser(config: PipelineConfig, method, params, latents, timesteps, c
     return build_denoiser(config, method).apply({"params": params}, latents, timesteps, context, **kwargs)
 
 
-def apply_text_encoder(config: PipelineConfig, params, token_ids):
-    """Context ``[B, L, D]`` (float32) for token ids ``[B, L]``."""
-    module = module_class(config.text)(config.text, jnp.float32)
-    return module.apply({"params": params}, token_ids).astype(jnp.float32)
+def tokenize(tokenizer, texts) -> tuple[np.ndarray, ...]:
+    """The text encoder's inputs for a list of prompts, as a tuple: ``(ids int32 [B, L],)``, or for umT5
+    ``(ids, mask bool [B, L])``."""
+    tokens = tokenizer.encode(list(texts))
+    tokens = tokens if isinstance(tokens, tuple) else (tokens,)
+    return (np.asarray(tokens[0], np.int32),) + tuple(np.asarray(t) for t in tokens[1:])
+
+
+def apply_text_encoder(config: PipelineConfig, params, tokens):
+    """Context ``[B, L, D]`` (float32) for the tokenizer's output ``tokens`` (:func:`tokenize`)."""
+    return component_functions(config.text).encode(params, config.text, *tokens).astype(jnp.float32)
 
 
 def decode_latents(config: PipelineConfig, params, latents, chunk: int = 8):
-    """Images in about [-1, 1] ``[..., H, W, 3]``: VAE decode (``chunk`` frames at a time), or the identity in
-    pixel space."""
+    """Images in about [-1, 1] ``[B, frames, H, W, 3]``: VAE decode (``chunk`` latent frames at a time; Wan's
+    VAE makes ``1 + 4 (F - 1)`` frames of ``F``), or the identity in pixel space."""
     if config.vae is None:
+        if "vae" in config.missing:
+            raise ValueError("this pipeline has no VAE (a denoiser-only conversion): it cannot decode latents; "
+                             "convert it again with the VAE")
         return latents.astype(jnp.float32)
-    from jaxlongvid.models import vae
-
-    return vae.decode(params, config.vae, latents, chunk=chunk)
+    return component_functions(config.vae).decode(params, config.vae, latents, chunk=chunk)
 
 
 # ---- the pipeline object ------------------------------------------------------------------------------------------
@@ -296,10 +351,12 @@ class Pipeline:
             raise ValueError("this pipeline has no text encoder")
         if self.tokenizer is None:
             raise ValueError("this pipeline has no tokenizer")
-        ids = jnp.asarray(self.tokenizer.encode(list(prompts)), jnp.int32)
-        return encode_text(self.config, self.params["text"], ids)
+        tokens = tuple(jnp.asarray(t) for t in tokenize(self.tokenizer, prompts))
+        return encode_text(self.config, self.params["text"], tokens)
 
     def decode(self, latents, chunk: int = 8):
+        """Frames ``[B, frames, H, W, 3]`` in [-1, 1] from latents ``[B, F, h, w, C]`` as the sampler holds
+        them (normalised; Wan: ``frames = 1 + 4 (F - 1)``)."""
         return decode_latents(self.config, self.params.get("vae"), latents, chunk)
 
     def num_parameters(self) -> dict[str, int]:
@@ -307,7 +364,7 @@ class Pipeline:
                 for k, v in self.params.items()}
 
 
-encode_text = jax.jit(apply_text_encoder, static_argnums=0)  # (config, text params, token ids) -> context
+encode_text = jax.jit(apply_text_encoder, static_argnums=0)  # (config, text params, tokens) -> context
 
 
 # ---- files --------------------------------------------------------------------------------------------------------
@@ -450,17 +507,13 @@ def param_shapes(config: PipelineConfig) -> dict:
     unet = build_denoiser(config)
     s = getattr(config.unet, "downsample_factor", 1)
     x = jnp.zeros((1, 2, s, s, config.unet.in_channels))
-    context = jnp.zeros((1, 1, config.unet.cross_attention_dim))
+    context = jnp.zeros((1, 1, context_dim(config.unet)))
     fps = {"fps": jnp.zeros((1,), jnp.int32)} if config.uses_fps else {}
     shapes = {"unet": jax.eval_shape(lambda: unet.init(key, x, jnp.zeros((1,), jnp.int32), context, **fps))["params"]}
-    if config.text is not None:
-        text = module_class(config.text)(config.text, jnp.float32)
-        ids = jnp.zeros((1, getattr(config.text, "context_length", 1)), jnp.int32)
-        shapes["text"] = jax.eval_shape(lambda: text.init(key, ids))["params"]
-    if config.vae is not None:
-        from jaxlongvid.models import vae
-
-        shapes["vae"] = vae.param_shapes(config.vae)
+    for name in ("text", "vae"):
+        component = getattr(config, name)
+        if component is not None:
+            shapes[name] = component_functions(component).param_shapes(component)
     return shapes
 
 

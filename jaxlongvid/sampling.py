@@ -54,7 +54,7 @@ from jaxlongvid import schedulers, sharding
 from jaxlongvid.positions import _check_int as _int
 from jaxlongvid.methods import AUTO, Method, MethodPlan, TimePlan, as_plan, get_method
 from jaxlongvid.pipeline import (Pipeline, PipelineConfig, apply_denoiser, cast_params, decode_latents,
-                                 encode_text)
+                                 encode_text, tokenize)
 
 LATENTS = P(None, sharding.FRAMES)  # [B, F, h, w, C]: frames split, batch whole
 PAIR = sharding.VIDEO  # the guidance pair [2B, F, h, w, C]: batch over "data" too
@@ -68,7 +68,8 @@ class Request:
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
     single: bool  # a single prompt string: return [F, H, W, 3]
-    num_frames: int
+    num_frames: int  # video frames
+    latent_frames: int  # frames the denoiser runs on (PipelineConfig.latent_frames; = num_frames for the UNets)
     num_inference_steps: int
     guidance_scale: float
     height: int
@@ -143,6 +144,7 @@ def check_request(pipe: Pipeline, prompt, *, num_frames=None, method="direct", s
     if len(negatives) != len(prompts):
         raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
     num_frames = _int("num_frames", d.num_frames if num_frames is None else num_frames, 1)
+    latent_frames = config.latent_frames(num_frames)
     steps = _int("num_inference_steps", d.num_inference_steps if num_inference_steps is None
                  else num_inference_steps, 1)
     height = _int("height", d.height if height is None else height, 1)
@@ -168,8 +170,9 @@ def check_request(pipe: Pipeline, prompt, *, num_frames=None, method="direct", s
     eta = d.eta if eta is None else eta
     if pipe.tokenizer is None:
         raise ValueError("this pipeline has no tokenizer, so it cannot encode prompts")
-    method = auto_method(config, num_frames) if isinstance(method, str) and method == AUTO else get_method(method)
+    method = auto_method(config, latent_frames) if isinstance(method, str) and method == AUTO else get_method(method)
     request = Request(prompts=prompts, negative_prompts=negatives, single=single, num_frames=num_frames,
+                      latent_frames=latent_frames,
                       num_inference_steps=steps, guidance_scale=float(scale), height=height, width=width, fps=fps,
                       eta=None if eta is None else float(eta), seed=_seed(seed),
                       method=method, precision=resolve_precision(precision, config))
@@ -186,7 +189,7 @@ AUTO_TABLE = {"native length or shorter": "direct", "past the native length": AU
 def auto_method(config: PipelineConfig, num_frames: int):
     """``method="auto"``: the project's recommended method for the model and length (:data:`AUTO_TABLE`):
     ``direct`` up to the denoiser's native frame count (or when the model states none), else
-    :data:`AUTO_LONG`."""
+    :data:`AUTO_LONG`. ``num_frames`` counts latent frames, as ``native_frames`` does."""
     native = config.native_frames
     return get_method("direct" if native is None or num_frames <= native else AUTO_LONG)
 
@@ -341,11 +344,18 @@ def to_uint8(images) -> jnp.ndarray:
 
 @functools.lru_cache(maxsize=32)
 def _decoder(config: PipelineConfig, mesh, spec, chunk: int, as_uint8: bool):
+    """The jitted decode. Under a mesh a VAE that codes each frame alone decodes every device's own frames
+    (``shard_map``); a causal one over time (Wan's, ``temporal_factor > 1``: each chunk depends on the frames
+    before it) decodes the gathered latents."""
+    causal = config.temporal_factor > 1
+
     def fn(vae_params, latents):
+        if causal:  # every latent frame on every device (nothing to do without a mesh)
+            latents = sharding.constrain(latents, P())
         images = decode_latents(config, vae_params, latents, chunk)
         return to_uint8(images) if as_uint8 else images
 
-    if mesh is not None and config.vae is not None:  # each device decodes its own frames
+    if mesh is not None and config.vae is not None and not causal:
         fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), spec), out_specs=spec)
     return jax.jit(fn)
 
@@ -366,6 +376,8 @@ def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Option
       prompt: a string, or a list of strings for a batch.
       num_frames, num_inference_steps, guidance_scale, height, width, negative_prompt, fps, eta: default to
         the pipeline config's settings. ``fps`` only for fps-conditioned models; ``eta`` only for DDIM.
+        ``num_frames`` counts video frames: Wan makes ``1 + 4k`` (81: 21 latent frames), other counts are an
+        error.
       method: preset name (``direct``, ``freenoise``, ``freelong``, ``longdiff``, ``freeloc``, ...,
         ``keepmotion``), ``"auto"`` (:func:`auto_method`: the recommended one for the model and length), a
         Method, a MethodPlan or a TimePlan (methods scheduled over the denoising steps).
@@ -377,7 +389,7 @@ def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Option
       mesh_axes: the names of ``mesh``'s frame axis and (optional) guidance-pair axis.
       progress: show a progress bar over the denoising steps.
       output: ``"uint8"`` (default), ``"float"`` (the decoded frames in about [-1, 1], float32, unclipped) or
-        ``"latents"`` (the denoised latents ``[..., frames, h, w, C]``, before decoding).
+        ``"latents"`` (the denoised latents ``[..., latent frames, h, w, C]``, before decoding).
       decode_chunk: frames the VAE decodes at a time (per device).
       precision: matmul / convolution precision of the compiled programs: ``"default"``, ``"high"`` or
         ``"highest"`` (``jax.default_matmul_precision``). None: ``"highest"`` for a float32 pipeline (no TF32 on
@@ -391,7 +403,7 @@ def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Option
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                             width=width, negative_prompt=negative_prompt, fps=fps, eta=eta, precision=precision)
     mesh = resolve_mesh(mesh, devices, request.guided, mesh_axes)
-    sharding.check_mesh(mesh, request.num_frames, request.model_batch)
+    sharding.check_mesh(mesh, request.latent_frames, request.model_batch)
     config = pipe.config
     schedule = schedulers.make_schedule(config.scheduler, request.num_inference_steps, request.eta)
     with precision_context(request.precision):  # traced (and cached) at this precision
@@ -423,10 +435,10 @@ def _generate(pipe: Pipeline, request: Request, schedule, mesh, progress: bool):
     config = pipe.config
     replicated = sharding.named(mesh, P())
     f = config.latent_factor
-    shape = (len(request.prompts), request.num_frames, request.height // f, request.width // f,
+    shape = (len(request.prompts), request.latent_frames, request.height // f, request.width // f,
              config.latent_channels)
     texts = (request.negative_prompts + request.prompts) if request.guided else request.prompts
-    ids = sharding.put(np.asarray(pipe.tokenizer.encode(list(texts)), np.int32), replicated)
+    tokens = tuple(sharding.put(t, replicated) for t in tokenize(pipe.tokenizer, texts))
     fps = None
     if config.uses_fps and request.fps is not None:
         fps = sharding.put(np.full((len(texts),), request.fps, np.int32), replicated)
@@ -435,7 +447,7 @@ def _generate(pipe: Pipeline, request: Request, schedule, mesh, progress: bool):
     scale = sharding.put(np.float32(request.guidance_scale), replicated)
     with _mesh_context(mesh):
         params = _placed_params(pipe, mesh)
-        context = encode_text(config, params["text"], ids)
+        context = encode_text(config, params["text"], tokens)
         latents = _noise(shape, request.method, mesh)(seed)
         return run_loop(params["unet"], latents, context, fps, rows, scale, seed, config=config,
                         method=request.method, guided=request.guided, stochastic=schedule.stochastic,

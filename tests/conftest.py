@@ -14,12 +14,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 @pytest.fixture
 def fake_converters(monkeypatch):
-    """Stand-ins for the three ``convert.pipelines`` converters; returns the list of (name, kwargs) calls."""
+    """Stand-ins for the four ``convert.pipelines`` converters; returns the list of (name, kwargs) calls."""
     import convert
 
     calls = []
     fake = types.ModuleType("convert.pipelines")
-    for name in ("convert_lavie", "convert_videocrafter", "convert_modelscope"):
+    for name in ("convert_lavie", "convert_videocrafter", "convert_modelscope", "convert_wan"):
         setattr(fake, name, lambda _name=name, **kw: calls.append((_name, kw)) or kw["out"])
     monkeypatch.setitem(sys.modules, "convert.pipelines", fake)
     monkeypatch.setattr(convert, "pipelines", fake, raising=False)

@@ -48,6 +48,12 @@ CONVERT_VC = "jaxlongvid convert videocrafter --ckpt model.ckpt --version 2 --ou
 CONVERT_MS = "jaxlongvid convert modelscope --diffusers text-to-video-ms-1.7b/ --out modelscope-jax"
 PANDA = ('jaxlongvid sample --model lavie-jax --prompt "a panda playing guitar" --frames 128 --method longdiff '
          '--steps 50 --out panda.mp4')
+CONVERT_WAN = "jaxlongvid convert wan --diffusers Wan2.1-T2V-1.3B-Diffusers/ --out wan-jax"
+CONVERT_WAN_ORIGINAL = "jaxlongvid convert wan --original Wan2.1-T2V-1.3B/ --out wan-jax"
+WAN_81 = ('jaxlongvid sample --model wan-jax --prompt "a corgi running on the beach" --frames 81 --method direct '
+          '--out corgi.mp4')
+WAN_LONG = ('jaxlongvid sample --model wan-jax --prompt "a corgi running on the beach" --frames 333 --method direct '
+            '--devices 8 --out corgi_long.mp4')
 BENCH = ("jaxlongvid bench shapes --frames 64,128 --methods direct,freenoise,freelong,longdiff,freeloc "
          "--prompts 8 --seeds 2 --out bench/")
 
@@ -63,6 +69,10 @@ COMMANDS = {
                          "test_videocrafter_cli_vocab_all_components"),
     CONVERT_MS: (PARSED, "test_convert_pipelines.py::test_modelscope_diffusers_folder"),
     PANDA: (PARSED, "test_cli.py::test_sample_end_to_end (a tiny LaVie-style UNet3D, longdiff)"),
+    CONVERT_WAN: (PARSED, "test_wan_pipeline.py::test_converted_pipeline_config_and_round_trip"),
+    CONVERT_WAN_ORIGINAL: (PARSED, "test_wan_pipeline.py::test_original_layout_through_the_cli"),
+    WAN_81: (PARSED, "test_wan_pipeline.py::test_sample_python_and_cli_deterministic (a tiny Wan, 9 frames)"),
+    WAN_LONG: (PARSED, "test_wan_pipeline.py::test_sharded_equals_unsharded (a tiny Wan on 8 host devices)"),
     PROBE: (RUN, "test_probe_command_verbatim"),
     BENCH: (PARSED, "test_bench_runner.py (the runner on scaled-down settings)"),
 }
@@ -168,6 +178,8 @@ def argv(command: str) -> list[str]:
     (CONVERT_LAVIE, "convert_lavie", dict(unet="lavie_base.pt", sd="stable-diffusion-v1-4/", config=None)),
     (CONVERT_VC, "convert_videocrafter", dict(ckpt="model.ckpt", version=2, config=None, vocab=None)),
     (CONVERT_MS, "convert_modelscope", dict(diffusers="text-to-video-ms-1.7b/")),
+    (CONVERT_WAN, "convert_wan", dict(diffusers="Wan2.1-T2V-1.3B-Diffusers/", original=None)),
+    (CONVERT_WAN_ORIGINAL, "convert_wan", dict(diffusers=None, original="Wan2.1-T2V-1.3B/")),
 ])
 def test_convert_commands_reach_their_converter(command, function, kwargs, fake_converters, capsys):
     assert COMMANDS[command][0] == PARSED
@@ -204,3 +216,12 @@ def test_bench_command_parses():
         "bench", "shapes", "64,128", 8, 2, "bench/")
     assert args.methods.split(",") == ["direct", "freenoise", "freelong", "longdiff", "freeloc"]
     assert args.func is cli.run_bench_shapes
+
+
+@pytest.mark.parametrize("command,frames,devices", [(WAN_81, 81, None), (WAN_LONG, 333, 8)])
+def test_wan_sample_commands_parse(command, frames, devices):
+    """The Wan commands need the released weights: parsed by the real parser (the same path runs on a tiny
+    converted Wan in tests/test_wan_pipeline.py)."""
+    args = cli.build_parser().parse_args(argv(command))
+    assert (args.model, args.frames, args.method, args.devices) == ("wan-jax", frames, "direct", devices)
+    assert args.func is cli.run_sample and (frames - 1) % 4 == 0

@@ -63,6 +63,11 @@ class VAEConfig(JsonConfig):
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
+    @property
+    def temporal_factor(self) -> int:
+        """Video frames per latent frame: 1, every frame is coded alone."""
+        return 1
+
 
 # ---- building blocks --------------------------------------------------------------------------------------
 def _group_norm(x, groups: int, name: str, dtype):

@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlongvid import sharding
 from jaxlongvid.configs import JsonConfig
-from jaxlongvid.methods import Method, MethodPlan, get_method
+from jaxlongvid.methods import PRESETS, Gaussian, Method, MethodPlan, get_method
 from jaxlongvid.models.layers import TimestepEmbedding, timestep_sinusoid
 
 TOKENS_SPEC = P(sharding.DATA, sharding.FRAMES)  # [B, S, C]: tokens are frame-major, so frames split S
@@ -278,8 +278,7 @@ class WanBlock(nn.Module):
 def check_direct(method) -> None:
     """Only the unmodified model runs on Wan so far: any other method is refused by name."""
     method = get_method(method)
-    plain = isinstance(method, Method) and (method.positions, method.mask, method.merge) == ("identity", "none",
-                                                                                          "none")
+    plain = isinstance(method, Method) and method.replace(name="direct", noise=Gaussian()) == PRESETS["direct"]
     if not plain:
         name = getattr(method, "name", type(method).__name__)
         raise ValueError(f"method {name!r} changes the temporal attention, which the Wan DiT does not route "

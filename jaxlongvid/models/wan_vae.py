@@ -57,6 +57,8 @@ class WanVAEConfig(JsonConfig):
     out_channels: int = 3
 
     def __post_init__(self):
+        for name in ("dim_mult", "temporal_downsample", "latents_mean", "latents_std"):  # JSON gives lists
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(f"WanVAEConfig: temporal_downsample needs {len(self.dim_mult) - 1} entries, "
                              f"got {len(self.temporal_downsample)}")
@@ -70,6 +72,15 @@ class WanVAEConfig(JsonConfig):
     @property
     def spatial_factor(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
+
+    # the names a pipeline reads from any VAE config (jaxlongvid.pipeline.PipelineConfig)
+    @property
+    def downsample_factor(self) -> int:
+        return self.spatial_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.z_dim
 
 
 # ---- layers -------------------------------------------------------------------------------------------------------
