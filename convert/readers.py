@@ -51,6 +51,7 @@ def load_state_dict(path: str | os.PathLike, unwrap: tuple[str, ...] = ("state_d
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if not path.endswith(TORCH_SUFFIXES):
         raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors or one of {TORCH_SUFFIXES}")
+    check_torch_file(path)
     import pickle
 
     import torch
@@ -61,9 +62,22 @@ def load_state_dict(path: str | os.PathLike, unwrap: tuple[str, ...] = ("state_d
         raise CheckpointError(
             f"{path}: refused to load: the pickle needs more than tensors and plain containers "
             f"(weights_only=True), so it could run arbitrary code ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({e})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:  # a damaged pickle stream
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return _flatten_state(obj, path, unwrap)
+
+
+def check_torch_file(path: str) -> None:
+    """Refuse a file that cannot be a ``torch.save`` output before unpickling it: those are zip archives
+    (``PK\\x03\\x04``, PyTorch >= 1.6) or, in the legacy format, a pickle of protocol 2 or more (``\\x80``)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+        text = all(32 <= b < 127 or b in b"\t\r\n" for b in head)
+        kind = "an empty file" if not head else ("text" if text else f"starts with {head[:4]!r}")
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({kind}; torch.save writes a zip archive or a "
+                              f"binary pickle)")
 
 
 def _flatten_state(obj, path: str, unwrap: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -192,8 +192,10 @@ def original_kwargs(config: ConfigLike) -> Union[None, UNet3DConfig, dict]:
     """Normalise ``config`` to None, a UNet3DConfig, or the original constructor kwargs (a dict)."""
     if config is None or isinstance(config, UNet3DConfig):
         return config
+    where = ""
     if isinstance(config, (str, os.PathLike)):
         path = os.fspath(config)
+        where = f"{path}: "
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: config file not found")
         try:
@@ -208,7 +210,7 @@ def original_kwargs(config: ConfigLike) -> Union[None, UNet3DConfig, dict]:
         try:
             return dict(config["model"]["params"]["unet_config"]["params"])
         except (KeyError, TypeError):
-            raise CheckpointError("config has 'model' but no model.params.unet_config.params") from None
+            raise CheckpointError(f"{where}config has 'model' but no model.params.unet_config.params") from None
     if "temporal_layout" in config:  # our own UNet3DConfig.to_dict()
         return UNet3DConfig.from_dict(dict(config))
     return dict(config)
@@ -354,12 +356,36 @@ def _resolve_config(config: ConfigLike, preset: UNet3DConfig, from_kwargs: Calla
     value = original_kwargs(config)
     if value is None:
         return preset
-    return value if isinstance(value, UNet3DConfig) else from_kwargs(value)
+    if isinstance(value, UNet3DConfig):
+        return value
+    try:
+        return from_kwargs(value)
+    except CheckpointError as e:
+        if not isinstance(config, (str, os.PathLike)):
+            raise
+        raise CheckpointError(f"{os.fspath(config)}: {e}") from None  # name the file the arguments came from
+
+
+def check_json_config(config: ConfigLike, what: str) -> None:
+    """Refuse a config file that is not JSON (by name or content) for a family whose configs are JSON only."""
+    if not isinstance(config, (str, os.PathLike)) or not os.path.isfile(config):
+        return
+    path = os.fspath(config)
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+    except (ValueError, OSError):
+        kind = "a YAML file" if path.endswith((".yaml", ".yml")) else "not JSON"
+        raise CheckpointError(f"{path}: {kind}; {what}") from None
 
 
 # ---- public entry points ------------------------------------------------------------------------------------------
 def convert_lavie_unet(path, config: ConfigLike = None) -> tuple[UNet3DConfig, dict]:
-    """LaVie ``lavie_base.pt`` (or a safetensors copy / in-memory state dict) -> ``(config, params)``."""
+    """LaVie ``lavie_base.pt`` (or a safetensors copy / in-memory state dict) -> ``(config, params)``.
+    ``config``: a JSON file or mapping of the UNet's constructor arguments (its diffusers-style config.json)."""
+    check_json_config(config, "the LaVie UNet config must be a JSON file of the UNet's constructor arguments (its "
+                              "diffusers-style config.json: in_channels, block_out_channels, ...); LaVie's own "
+                              "sampling YAML is not needed, leave --config out for the released architecture")
     cfg = _resolve_config(config, UNet3DConfig.lavie(), lavie_config)
     return cfg, convert_state(open_checkpoint(path), lavie_rules(cfg), init_shapes(cfg))
 

@@ -21,6 +21,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 EXIT_ERROR = 1  # a request that cannot be served (bad value, missing file); argparse uses 2 for bad syntax
@@ -222,6 +223,10 @@ def run_info(args) -> int:
     latent = f" ({c.latent_frames(c.num_frames)} latent)" if c.temporal_factor > 1 else ""
     print(f"  defaults: {c.num_frames} frames{latent}, {c.height}x{c.width}, {c.num_inference_steps} steps, "
           f"guidance {c.guidance_scale}")
+    words = getattr(pipe.tokenizer, "words", None)
+    if words is not None:  # a word-level tokenizer: other words are read as <unk>
+        print(f"  vocabulary ({len(words)} words; other words are unknown to the model, prompts are cut after "
+              f"{pipe.tokenizer.context_length - 2} words): {' '.join(words)}")
     counts = pipe.num_parameters()
     print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" (total {sum(counts.values()):,})")
     return 0
@@ -354,11 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning):
+            print(f"jaxlongvid {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
     try:
+        warnings.showwarning = one_line  # the command's own warnings (e.g. words the model does not know)
         return args.func(args)
     except (ValueError, OSError, CommandError) as e:
         print(f"jaxlongvid {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

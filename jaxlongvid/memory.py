@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 ACTIVATION_COPIES = 32
 RUNTIME_BYTES = 700 * 2**20
 GB = 1e9
@@ -52,7 +54,8 @@ def estimate_bytes(config, num_frames: int, height: int, width: int, method, dev
     native = getattr(config, "native_frames", None) or num_frames
     keys = max(min(num_frames, m.merge.window) if isinstance(m.merge, FreeNoiseWindows) else num_frames
                for m in layer_methods)
-    maps = max(len(m.positions.profile(num_frames, native)) for m in layer_methods)  # score planes per query
+    one = np.zeros(1, np.int32)  # the maps at one distance: their count without O(M N) work (M ~ N for longdiff)
+    maps = max(len(m.positions.mapped(one, num_frames, native, np)) for m in layer_methods)  # planes per query
     attention = max(3 * batch * (h // s) * (w // s) * heads * num_frames * keys * 4 * maps
                     for s, heads in attention_levels(config.unet))
     channels = max(getattr(config.unet, "block_channels", (getattr(config.unet, "channels", 320),))[:1])

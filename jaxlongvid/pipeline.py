@@ -25,10 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import importlib
 import json
+import numbers
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -172,6 +176,17 @@ class PipelineConfig:
         if self.attention_implementation not in IMPLEMENTATIONS:
             raise ValueError(f"PipelineConfig.attention_implementation must be one of {IMPLEMENTATIONS}, got "
                              f"{self.attention_implementation!r}")
+        for name in ("num_frames", "num_inference_steps", "height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"PipelineConfig.{name} must be an integer >= 1, got {value!r}")
+        for name, optional in (("guidance_scale", False), ("fps", True), ("eta", True)):
+            value = getattr(self, name)
+            if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise ValueError(f"PipelineConfig.{name} must be a number{' or null' if optional else ''}, "
+                                 f"got {value!r}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"PipelineConfig.negative_prompt must be a string, got {self.negative_prompt!r}")
         object.__setattr__(self, "missing", tuple(self.missing))
         unknown = [m for m in self.missing if m not in OPTIONAL_COMPONENTS]
         present = [m for m in self.missing if m in OPTIONAL_COMPONENTS and getattr(self, m) is not None]
@@ -366,6 +381,9 @@ def check_target(directory: str, overwrite: bool) -> str:
     """``directory`` as an absolute path that :func:`save` may write, or a one-line error: an existing path is
     replaced only with ``overwrite`` and only if it is a jaxlongvid pipeline (nothing else is ever deleted)."""
     directory = os.path.abspath(os.fspath(directory))
+    if os.path.islink(directory) and not os.path.exists(directory):
+        raise FileExistsError(f"{directory} is a symbolic link to a missing path ({os.readlink(directory)}); "
+                              f"nothing is written through it: remove it or choose another --out")
     if os.path.lexists(directory):
         if not overwrite:
             raise FileExistsError(f"{directory} exists; pass --overwrite (overwrite=True) to replace it")
@@ -478,9 +496,13 @@ def load_config(name_or_dir: str) -> PipelineConfig:
         raise ValueError(f"{path}: not a readable jaxlongvid pipeline config ({problem})") from None
 
 
+@functools.lru_cache(maxsize=16)
 def param_shapes(config: PipelineConfig) -> dict:
     """The parameter tree every component's Flax module initialises (``jax.eval_shape``: nothing allocated),
-    ``{"unet": ..., "text": ..., "vae": ...}`` for the components the config has."""
+    ``{"unet": ..., "text": ..., "vae": ...}`` for the components the config has.
+
+    Traced once per config (seconds: the whole model's init is traced) and cached; the tree is shared, so
+    treat it as read-only."""
     key = jax.random.key(0)
     unet = build_denoiser(config)
     s = getattr(config.unet, "downsample_factor", 1)
@@ -495,16 +517,65 @@ def param_shapes(config: PipelineConfig) -> dict:
     return shapes
 
 
-def check_params(params: dict, expected: dict, what: str, max_listed: int = 10) -> None:
+def flat_shapes(tree: dict) -> dict[str, tuple[int, ...]]:
+    """``{"unet/conv_in/kernel": shape, ...}`` for a nested dict of arrays or shape structs."""
+    from flax.traverse_util import flatten_dict
+
+    return {"/".join(k): tuple(np.shape(v)) for k, v in flatten_dict(tree).items()}
+
+
+def shapes_cache_dir() -> str:
+    """Where :func:`expected_shapes` keeps its files: ``$JAXLONGVID_CACHE``, else ``$XDG_CACHE_HOME/jaxlongvid``
+    (``~/.cache/jaxlongvid``)."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxlongvid")
+    return os.path.join(os.environ.get("JAXLONGVID_CACHE") or default, "param_shapes")
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 of this package's Python source and the jax / flax versions: what the parameter trees of the
+    models can depend on besides their configs."""
+    import flax
+
+    digest = hashlib.sha256(f"jax {jax.__version__} flax {flax.__version__}".encode())
+    root = os.path.dirname(os.path.abspath(__file__))
+    for folder, _, names in sorted(os.walk(root)):
+        for name in sorted(n for n in names if n.endswith(".py")):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(os.path.relpath(os.path.join(folder, name), root).encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def expected_shapes(config: PipelineConfig) -> dict[str, tuple[int, ...]]:
+    """:func:`flat_shapes` of :func:`param_shapes`, kept in a file per (config, :func:`code_digest`) under
+    :func:`shapes_cache_dir`: tracing a model's init takes seconds, reading the file milliseconds, and any change
+    of the code or the config is a new file, so a stale tree is never used. Without a writable cache folder
+    the tree is traced every time."""
+    entries = {k: v for k, v in config.to_dict().items() if k != "extra"}
+    key = hashlib.sha256((code_digest() + json.dumps(entries, sort_keys=True)).encode()).hexdigest()
+    path = os.path.join(shapes_cache_dir(), f"{key[:32]}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {k: tuple(v) for k, v in json.load(f).items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # absent or damaged: traced and rewritten below
+    shapes = flat_shapes(param_shapes(config))
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with files.atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(shapes, f)
+    return shapes
+
+
+def check_params(params: dict, expected: dict[str, tuple[int, ...]], what: str, max_listed: int = 10) -> None:
     """One error naming the leaves of ``params`` that are missing, unexpected, mis-shaped or not finite
-    against the ``expected`` shape tree (:func:`param_shapes`)."""
+    against the ``expected`` shapes (:func:`expected_shapes`: ``{"unet/conv_in/kernel": shape, ...}``)."""
     from flax.traverse_util import flatten_dict
 
     got = {"/".join(k): v for k, v in flatten_dict(params).items()}
-    want = {"/".join(k): v for k, v in flatten_dict(expected).items()}
-    found = [("missing", sorted(set(want) - set(got))), ("unexpected", sorted(set(got) - set(want))),
-             ("mis-shaped", sorted(f"{k} {tuple(np.shape(got[k]))} (model: {tuple(want[k].shape)})"
-                                   for k in set(want) & set(got) if tuple(np.shape(got[k])) != tuple(want[k].shape))),
+    found = [("missing", sorted(set(expected) - set(got))), ("unexpected", sorted(set(got) - set(expected))),
+             ("mis-shaped", sorted(f"{k} {tuple(np.shape(got[k]))} (model: {expected[k]})"
+                                   for k in set(expected) & set(got) if tuple(np.shape(got[k])) != expected[k])),
              ("non-finite", nonfinite_leaves(got))]
     problems = [f"{len(items)} {label}: " + ", ".join(items[:max_listed]) + (", ..." if len(items) > max_listed else "")
                 for label, items in found if items]
@@ -524,10 +595,25 @@ def nonfinite_leaves(flat: dict) -> list[str]:
     return sorted(bad)
 
 
+class ClosedLoopFilter:
+    """A ``sys.unraisablehook`` that drops the ``RuntimeError('Event loop is closed')`` reports of reads still in
+    flight when orbax gave up on a damaged checkpoint (tensorstore completes them on its own threads after the
+    restore's event loop closed; the error :func:`load` raised already says what is wrong) and passes every
+    other report to the hook it replaced. :func:`load` installs it for the restore and leaves it in place only
+    when the restore failed."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, report):
+        if not (isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"):
+            self.previous(report)
+
+
 def load(name_or_dir: str) -> Pipeline:
     """Read a pipeline written by :func:`save` (or ``"tiny"``). Parameters land on the default device.
 
-    The restored weights are checked against the model's own parameter tree (:func:`param_shapes`: every leaf
+    The restored weights are checked against the model's own parameter tree (:func:`expected_shapes`: every leaf
     present, nothing extra, every shape) and must be finite; any problem is one error naming the leaves."""
     import orbax.checkpoint as ocp
 
@@ -536,13 +622,16 @@ def load(name_or_dir: str) -> Pipeline:
     params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{path}: the pipeline has no {PARAMS_DIR}/ checkpoint")
+    hook = sys.unraisablehook
+    sys.unraisablehook = ClosedLoopFilter(hook)  # from the start: reads may be abandoned before `except` runs
     try:
         params = ocp.StandardCheckpointer().restore(params_dir)
     except Exception as e:  # orbax raises many kinds for damaged data; the user needs the path and the cause
         first = (str(e).splitlines() or [""])[0][:300]
         raise ValueError(f"{params_dir}: the weights cannot be read, the checkpoint is damaged or incomplete "
                          f"({type(e).__name__}: {first}); convert or save the pipeline again") from None
-    check_params(params, param_shapes(config), path)
+    sys.unraisablehook = hook  # read completely: nothing is left in flight
+    check_params(params, expected_shapes(config), path)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     tokenizer = None
     if os.path.isdir(os.path.join(path, TOKENIZER_DIR)):

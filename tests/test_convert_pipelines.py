@@ -393,7 +393,24 @@ def _narrow_text_sd(tmp: Path, sd: dict) -> Path:
     return folder
 
 
+def _text_as_pt(tmp: Path) -> Path:
+    (tmp / "notes.pt").write_text("pop from an empty list: this is a text file renamed to .pt\n")
+    return tmp / "notes.pt"
+
+
+def _lavie_yaml(tmp: Path) -> Path:  # LaVie's own sampling config, which --config does not take
+    (tmp / "sample.yaml").write_text("ckpt_path: lavie_base.pt\nsd_path: stable-diffusion-v1-4\nuse_fp16: true\n")
+    return tmp / "sample.yaml"
+
+
 BAD_INPUTS = {  # argv (without --out) with {tmp} / {sd}, and what the message must say
+    "text renamed to .pt": (lambda tmp, sd: ["lavie", "--unet", _text_as_pt(tmp), "--config", LAVIE / "config.json"],
+                            r"notes\.pt: not a PyTorch checkpoint \(text; torch\.save writes a zip archive"),
+    "YAML config": (lambda tmp, sd: ["lavie", "--unet", LAVIE / "lavie_tiny.pt", "--config", _lavie_yaml(tmp)],
+                    r"sample\.yaml: a YAML file; the LaVie UNet config must be a JSON file"),
+    "config of another model": (lambda tmp, sd: ["lavie", "--unet", LAVIE / "lavie_tiny.pt", "--config",
+                                                 VC1 / "config.json"],
+                                r"videocrafter1/config\.json: LaVie UNet config: unknown constructor arguments"),
     "wrong family": (lambda tmp, sd: ["lavie", "--unet", VC2 / "model.ckpt", "--config", LAVIE / "config.json"],
                      r"model\.ckpt: not a LaVie UNet .*VideoCrafter2"),
     "truncated": (lambda tmp, sd: ["lavie", "--unet", _truncated(tmp), "--config", LAVIE / "config.json"],

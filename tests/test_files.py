@@ -169,3 +169,61 @@ def test_convert_refuses_non_finite_weights_and_keeps_the_old_pipeline(tmp_path)
     with pytest.raises(pipelines.CheckpointError, match=r"non-finite weights .* in \d+ leaves: text/"):
         pipelines._convert_and_save(lambda: bad, out, overwrite=True)
     jax.tree_util.tree_map(np.testing.assert_array_equal, pipeline_lib.load(str(out)).params, pipe.params)
+
+
+def test_truncated_weights_fail_in_one_line_naming_the_pipeline(tmp_path):
+    """A data file of the checkpoint cut to 0 bytes: orbax gives up while other reads are in flight, whose
+    'Event loop is closed' reports used to follow the error on stderr (2 to 30 tracebacks)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(pipeline_lib.TINY_DIR, model)
+    data = model / "params" / "ocdbt.process_0" / "d"
+    biggest = max(data.iterdir(), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-m", "jaxlongvid.cli", "info", "--model", str(model)], env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+    assert f"{model}/params: the weights cannot be read, the checkpoint is damaged or incomplete" in err
+
+
+def test_expected_shapes_are_traced_once_per_config_and_code(tmp_path, monkeypatch):
+    """load's validation reads the model's parameter shapes from a file cache keyed by the config and the code
+    (tracing the model's init took seconds of every load)."""
+    monkeypatch.setenv("JAXLONGVID_CACHE", str(tmp_path / "cache"))
+    config = make_pipeline(seed=0).config
+    traced = pipeline_lib.flat_shapes(pipeline_lib.param_shapes(config))
+    assert pipeline_lib.expected_shapes(config) == traced and "unet/conv_in/kernel" in traced
+    (cached,) = (tmp_path / "cache" / "param_shapes").iterdir()
+
+    def fail(config):
+        raise AssertionError("traced again")
+
+    monkeypatch.setattr(pipeline_lib, "param_shapes", fail)
+    assert pipeline_lib.expected_shapes(config) == traced  # from the file
+    cached.write_text("{damaged")
+    with pytest.raises(AssertionError, match="traced again"):  # a damaged file is not trusted
+        pipeline_lib.expected_shapes(config)
+    monkeypatch.setattr(pipeline_lib, "code_digest", lambda: "other code")
+    with pytest.raises(AssertionError, match="traced again"):  # other code: another key
+        pipeline_lib.expected_shapes(config)
+
+
+@pytest.mark.parametrize("entries,problem", [
+    ({"num_frames": "x"}, "PipelineConfig.num_frames must be an integer >= 1, got 'x'"),
+    ({"unet": None}, "'NoneType' object has no attribute"),
+    ({"unet": {"class": "Nope", "config": {}}}, "unknown model config class 'Nope'"),
+])
+def test_broken_pipeline_json_is_one_cli_line_naming_the_file(tmp_path, capsys, entries, problem):
+    import json
+
+    from jaxlongvid import cli
+
+    pipeline_lib.save(make_pipeline(seed=0), tmp_path / "m")
+    path = tmp_path / "m" / "pipeline.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}))
+    code = cli.main(["info", "--model", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"{path}: not a readable jaxlongvid pipeline config ({problem}" in err

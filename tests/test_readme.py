@@ -5,7 +5,7 @@ The README's ```bash blocks are split into commands (one per line, ``&&`` chains
 it is given a test. Three ways a command is covered:
 
 * ``RUN``: run verbatim here, as a user would type it, in a temporary directory with the test harness's
-  ``XLA_FLAGS`` (8 host devices) removed: the first ``jaxlongvid sample`` (128 frames, freeloc: ~150 s on 2
+  ``XLA_FLAGS`` (8 host devices) removed: the first ``jaxlongvid sample`` (128 frames, longdiff: ~70-150 s on 2
   cores) and ``jaxlongvid probe``.
 * ``CI``: executed by ``.ci/run`` before this suite; checked against that file here. ``pip install -e .`` is
   covered by CI's ``pip install -e ".[test,convert]"``, which installs the same package plus the extras.
@@ -41,7 +41,7 @@ RUN, CI, PARSED = "run here", "run by .ci/run", "parsed here"
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 DEMO = ('jaxlongvid sample --prompt "a red circle moving right on a black background" --frames 128 '
-        '--method freeloc --out demo.gif')
+        '--method longdiff --out demo.gif')
 PROBE = 'jaxlongvid probe --model tiny --prompt "a red circle moving left" --long-frames 64 --out probe.json'
 CONVERT_LAVIE = "jaxlongvid convert lavie --unet lavie_base.pt --sd stable-diffusion-v1-4/ --out lavie-jax"
 CONVERT_VC = "jaxlongvid convert videocrafter --ckpt model.ckpt --version 2 --out vc2-jax"
@@ -138,6 +138,7 @@ def test_first_command_verbatim(tmp_path):
     frames = iio.imread(tmp_path / "demo.gif", index=None)
     assert frames.shape == (128, 32, 32, 3)  # 128 frames of the tiny model's 32x32
     assert "wrote demo.gif: 128 frames, 32x32" in result.stdout
+    assert "warning" not in result.stderr  # every word of the prompt is in the tiny model's vocabulary
     assert frames.std() > 5 and np.abs(np.diff(frames.astype(float), axis=0)).mean() > 0  # a picture that moves
 
 
@@ -194,15 +195,18 @@ def test_gpu_sample_command_reaches_sample(monkeypatch, tmp_path):
     from jaxlongvid import sampling
 
     loaded, calls = [], []
+    tiny_config = pipeline_lib.load_config("tiny")  # stands in for LaVie's config: the memory check is recorded
+    monkeypatch.setattr(pipeline_lib, "load_config", lambda name: loaded.append(name) or tiny_config)
+    monkeypatch.setattr(cli, "check_memory", lambda config, method, args: calls.append(("memory", method.name)))
     monkeypatch.setattr(pipeline_lib, "load", lambda name: loaded.append(name) or "PIPE")
     monkeypatch.setattr(sampling, "sample", lambda pipe, prompt, **kw: calls.append((pipe, prompt, kw))
                         or np.zeros((128, 8, 8, 3), np.uint8))
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv(PANDA)) == 0
-    assert loaded == ["lavie-jax"]
-    ((pipe, prompt, kw),) = calls
-    assert (pipe, prompt) == ("PIPE", "a panda playing guitar")
-    assert (kw["num_frames"], kw["method"], kw["num_inference_steps"]) == (128, "longdiff", 50)
+    assert loaded == ["lavie-jax", "lavie-jax"]
+    memory, (pipe, prompt, kw) = calls
+    assert memory == ("memory", "longdiff") and (pipe, prompt) == ("PIPE", "a panda playing guitar")
+    assert (kw["num_frames"], kw["method"].name, kw["num_inference_steps"]) == (128, "longdiff", 50)
     assert (tmp_path / "panda.mp4").is_file()
 
 

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import unicodedata
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -335,8 +336,27 @@ class WordTokenizer:
         return [self.ids.get(w, self.unk_id) for w in self.split(text)]
 
     def encode(self, texts) -> np.ndarray:
-        return _pad_batch((self.tokenize(t) for t in _as_list(texts)), self.bos_id, self.eos_id, self.pad_id,
+        """Ids ``[B, context_length]``; a prompt with words outside the vocabulary (read as ``<unk>``) or longer
+        than ``context_length - 2`` words (cut) gets a warning saying so (:meth:`problems`)."""
+        texts = _as_list(texts)
+        for text in texts:
+            for problem in self.problems(text):
+                warnings.warn(problem, stacklevel=2)
+        return _pad_batch((self.tokenize(t) for t in texts), self.bos_id, self.eos_id, self.pad_id,
                           self.context_length)
+
+    def problems(self, text: str) -> list[str]:
+        """What the model will not read of ``text``: unknown words, and words past the context length."""
+        words, found = self.split(text), []
+        unknown = sorted({w for w in words if w not in self.ids})
+        if unknown:
+            found.append(f"prompt {text!r}: the model does not know {', '.join(unknown)} (read as <unk>); its "
+                         f"vocabulary: {' '.join(self.words)}")
+        keep = self.context_length - 2
+        if len(words) > keep:
+            found.append(f"prompt {text!r}: {len(words)} words, the model reads the first {keep} (cut: "
+                         f"{' '.join(words[keep:])})")
+        return found
 
     def save(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
