@@ -41,7 +41,7 @@ RUN, CI, PARSED = "run here", "run by .ci/run", "parsed here"
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 DEMO = ('jaxlongvid sample --prompt "a red circle moving right on a black background" --frames 128 '
-        '--method longdiff --out demo.gif')
+        '--method auto --out demo.gif')
 PROBE = 'jaxlongvid probe --model tiny --prompt "a red circle moving left" --long-frames 64 --out probe.json'
 CONVERT_LAVIE = "jaxlongvid convert lavie --unet lavie_base.pt --sd stable-diffusion-v1-4/ --out lavie-jax"
 CONVERT_VC = "jaxlongvid convert videocrafter --ckpt model.ckpt --version 2 --out vc2-jax"
