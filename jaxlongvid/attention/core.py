@@ -63,6 +63,9 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
         raise ValueError(f"tokens_per_frame must be an int >= 1 that divides the {n} tokens, got {tokens_per_frame!r}")
     if tokens_per_frame > 1 and method.merge is not None:
         raise ValueError(f"method {method.name!r} merges windows or spectra: it takes tokens_per_frame=1")
+    frames = n // tokens_per_frame
+    seen = min(frames, method.merge.window) if isinstance(method.merge, FreeNoiseWindows) else frames
+    encoding = method.positions.encoding_at(encoding, seen, encoding.native_frames)
     check_tables(encoding, heads, dim, t5_table, rel_k, rel_v)
     if rel_v is not None and v.shape[-1] != dim:
         raise ValueError(f"rel_v needs v's dim ({v.shape[-1]}) to equal q's ({dim})")
@@ -77,7 +80,6 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
             raise ValueError("method with a FreeNoise merge takes no keyframes or extra mask")
         return merges.freenoise(q, k, v, method, encoding.native_frames, run)
     if tokens_per_frame > 1:
-        frames = n // tokens_per_frame
         frame_mask = method_mask(method, frames, keyframes, None)
         maps, info = method_maps(method, frames, encoding.native_frames)
         full_mask = combine_masks(None if frame_mask is None else token_maps(frame_mask, tokens_per_frame), mask)
@@ -162,20 +164,23 @@ def attend_pallas(q, k, v, maps, info: MapInfo, mask, encoding: Encoding, t5_tab
 
 # ---- single-layer analysis ---------------------------------------------------------------------------------------
 def one_layer(what: str, q, encoding, method, t5_table, rel_k, keyframes, mask):
-    """Checks shared by the single-layer analysis functions; returns the method, full mask, maps and facts."""
+    """Checks shared by the single-layer analysis functions; returns the method, the encoding at this length,
+    the full mask, maps and facts."""
     method = get_method(method)
     if not isinstance(method, Method) or method.merge is not None:
         raise ValueError(f"{what} needs one layer's Method without a merge")
     check_tables(encoding, q.shape[-2], q.shape[-1], t5_table, rel_k, rel_k)
     n = q.shape[-3]
-    return method, method_mask(method, n, keyframes, mask), *method_maps(method, n, encoding.native_frames)
+    encoding = method.positions.encoding_at(encoding, n, encoding.native_frames)
+    return (method, encoding, method_mask(method, n, keyframes, mask),
+            *method_maps(method, n, encoding.native_frames))
 
 
 def attention_probabilities(q, k, *, encoding: Encoding = Encoding(), method="direct", t5_table=None,
                             rel_k=None, keyframes=None, mask=None):
     """The attention weights ``[..., heads, N, N]`` (float32) that ``temporal_attention`` applies to v, for
     methods without a window/spectral merge. Used by tests (masked keys are exactly 0) and layer probing."""
-    _, full_mask, maps, info = one_layer("attention_probabilities", q, encoding, method, t5_table, rel_k,
+    _, encoding, full_mask, maps, info = one_layer("attention_probabilities", q, encoding, method, t5_table, rel_k,
                                          keyframes, mask)
     rope = rope_formulation(info, encoding)
     return probabilities(q, k, maps, info, full_mask, encoding, t5_table, rel_k, rope,
@@ -186,7 +191,7 @@ def attention_logsumexp(q, k, *, encoding: Encoding = Encoding(), method="direct
                         keyframes=None, mask=None):
     """``logsumexp_j`` of the masked logits, ``[..., heads, N]`` float32 (-inf where a row sees no key), for a
     single-map method. With :func:`merge_passes` it combines attention computed over disjoint key sets."""
-    method, full_mask, maps, info = one_layer("attention_logsumexp", q, encoding, method, t5_table, rel_k,
+    method, encoding, full_mask, maps, info = one_layer("attention_logsumexp", q, encoding, method, t5_table, rel_k,
                                               keyframes, mask)
     if info.num_maps != 1:
         raise ValueError(f"method {method.name!r} averages {info.num_maps} maps: its passes cannot be merged by "
