@@ -231,6 +231,12 @@ class Mask:
     def static(self, n: int, xp=jnp):
         return None
 
+    def hides_nothing(self, n: int) -> bool:
+        """Whether the static part is known to keep every key at N frames (then it is no mask at all: the
+        attention runs exactly as without it). Checked on the host over the N x N frames."""
+        static = self.static(n, np)
+        return static is not None and bool(np.all(static))
+
 
 @dataclass(frozen=True)
 class Window(Mask):

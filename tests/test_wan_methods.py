@@ -164,7 +164,7 @@ def test_riflex_lowers_the_intrinsic_frequency():
 def test_token_keyframes_score_each_latent_frame_from_its_tokens():
     features = jax.random.normal(jax.random.PRNGKey(4), (2, int(np.prod(GRID)), 5))
     method = Method("ifs", mask=IFS(num_segments=3))
-    got = np.asarray(token_keyframes(features, GRID, method, N0))
+    got = np.asarray(jax.jit(token_keyframes, static_argnums=(1, 2, 3))(features, GRID, method, N0))
     t = GRID[1] * GRID[2]
     for b in range(2):
         frames = np.stack([np.asarray(features[b, f * t:(f + 1) * t]).T for f in range(GRID[0])])  # [f, C, hw]
@@ -187,8 +187,9 @@ def tiny_model():
     x = jax.random.normal(jax.random.PRNGKey(5), (1, GRID[0], 4, 4, CONFIG.in_channels))
     t = jnp.asarray([700.0])
     ctx = jax.random.normal(jax.random.PRNGKey(6), (1, 3, CONFIG.text_dim))
-    params = WanTransformer(CONFIG).init(jax.random.PRNGKey(7), x, t, ctx)["params"]
-    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(8), p.shape), params)
+    shapes = jax.eval_shape(WanTransformer(CONFIG).init, jax.random.PRNGKey(7), x, t, ctx)["params"]
+    rng = np.random.default_rng(8)  # every parameter random (norm scales, tables, biases included)
+    params = jax.tree.map(lambda p: 0.3 * rng.standard_normal(p.shape).astype(np.float32), shapes)
     return params, x, t, ctx
 
 
@@ -196,7 +197,7 @@ def run_model(method, x=None):
     params, x0, t, ctx = tiny_model()
     x = x0 if x is None else x
     with jax.default_matmul_precision("highest"):
-        return np.asarray(WanTransformer(CONFIG, method).apply({"params": params}, x, t, ctx))
+        return np.asarray(jax.jit(WanTransformer(CONFIG, method).apply)({"params": params}, x, t, ctx))
 
 
 PLAN = MethodPlan(default=Method("longdiff", positions=GroupShift(), mask=IFS(window=2)), layers=((1, TINY_FRESH),))

@@ -112,8 +112,10 @@ def combine_masks(a, b):
 
 
 def method_mask(method: Method, n: int, keyframes, mask):
-    """The method's full mask (static part, IFS part, caller's part), built in the program; None: all keys."""
-    full = combine_masks(None if method.mask is None else method.mask.static(n), mask)
+    """The method's full mask (static part, IFS part, caller's part), built in the program; None: all keys (a
+    static part that keeps every key is left out, so such a method runs exactly as one without a mask)."""
+    hides = method.mask is not None and not method.mask.hides_nothing(n)
+    full = combine_masks(method.mask.static(n) if hides else None, mask)
     if method.needs_keyframes:
         if keyframes is None:
             raise ValueError(f"method {method.name!r} uses IFS and needs keyframes [..., n]")
