@@ -117,15 +117,17 @@ def random_qkv(seed: int, grid=GRID, batch: int = 2):
 
 
 # ---- token-level attention ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("implementation", [None, "xla"], ids=["jnp", "by-query-frame"])
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
-def test_token_attention_matches_reference(method):
+def test_token_attention_matches_reference(method, implementation):
+    """The jnp path over token maps, and the fused path one query frame at a time (``attend_fused_frames``)."""
     q, k, v = random_qkv(1)
     keyframes = None
     if method.needs_keyframes:
         segments = method.mask.segments(GRID[0], N0)
         keyframes = jnp.asarray(np.stack([np.arange(segments) * 2, np.arange(segments) * 2 + 1]) % GRID[0])
     with jax.default_matmul_precision("highest"):
-        out = self_attention(q, k, v, GRID, method, frame_encoding(CONFIG), keyframes)
+        out = self_attention(q, k, v, GRID, method, frame_encoding(CONFIG), keyframes, implementation)
     err = relative_error(out, reference_attention(q, k, v, GRID, method, keyframes))
     assert err < ATTENTION_RTOL, (method.name, err)
 

@@ -15,7 +15,7 @@ from jaxlongvid import masks
 from jaxlongvid.attention import merges
 from jaxlongvid.attention.average import probabilities
 from jaxlongvid.attention.encoding import Encoding, check_tables, logits as map_logits
-from jaxlongvid.attention.kernels.fused import attend_fused
+from jaxlongvid.attention.kernels.fused import attend_fused, attend_fused_frames
 from jaxlongvid.attention.kernels.plane import pallas_forward
 from jaxlongvid.attention.maps import MapInfo, info_of_positions, token_maps
 from jaxlongvid.attention.plan import AttentionPlan, make_plan, map_average_of, rope_formulation
@@ -49,7 +49,9 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
         ``average``). Both exact.
       tokens_per_frame: T > 1 for token-level attention (video DiTs): the N = F T tokens are laid out frame by
         frame, the method's maps, mask and keyframes are over the F frames and apply to every token of a frame
-        (``maps.token_maps``); ``mask`` is then token-level. Methods with a merge take T = 1.
+        (``maps.token_maps``); ``mask`` is then token-level. Methods with a merge take T = 1. With a fused
+        ``implementation`` a method that maps or masks runs one fused call per query frame
+        (``kernels.fused.attend_fused_frames``).
     Returns:
       ``[..., N, heads, dim]`` in v's dtype.
     """
@@ -82,6 +84,8 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
     if tokens_per_frame > 1:
         frame_mask = method_mask(method, frames, keyframes, None)
         maps, info = method_maps(method, frames, encoding.native_frames)
+        if by_query_frame(info, frame_mask, mask, encoding, implementation):
+            return attend_fused_frames(q, k, v, maps, info, frame_mask, encoding, tokens_per_frame, implementation)
         full_mask = combine_masks(None if frame_mask is None else token_maps(frame_mask, tokens_per_frame), mask)
         return run(q, k, v, token_maps(maps, tokens_per_frame), info.for_tokens(tokens_per_frame), full_mask)
     full_mask = method_mask(method, n, keyframes, mask)
@@ -91,6 +95,16 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
         local = combine_masks(masks.local_window(n, method.merge.local_window, jnp), full_mask)
         out = merges.freelong(out, run(q, k, v, maps, info, local), method.merge, spatial_shape)
     return out
+
+
+def by_query_frame(info: MapInfo, frame_mask, mask, encoding: Encoding, implementation) -> bool:
+    """Token-level attention runs one fused call per query frame (``attend_fused_frames``) where a fused
+    implementation ("xla", "cudnn") is asked for and the method maps positions or masks frames, so that nothing
+    [tokens x tokens] is formed outside the kernel; relative tables, T5 biases and an extra token mask take the
+    other paths."""
+    plain_encoding = not (encoding.t5_buckets or encoding.rel_distance)
+    acts = not info.linear or info.num_maps > 1 or frame_mask is not None
+    return implementation in ("xla", "cudnn") and plain_encoding and mask is None and acts
 
 
 def one_method(method) -> Method:
