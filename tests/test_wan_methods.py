@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlongvid.methods import (IFS, PLAN_PRESETS, PRESETS, RIFLEx, VRPR, Clip, Group, GroupShift, Interpolate,
-                                Method, MethodPlan, Tiered, Window, intrinsic_frequency, vrpr_setting)
+import reference
+from jaxlongvid.methods import (IFS, PLAN_PRESETS, PRESETS, VRPR, Clip, FreeLongBlend, FreeNoiseWindows, Group,
+                                GroupShift, Interpolate, Method, MethodPlan, RIFLEx, Tiered, Window,
+                                intrinsic_frequency, vrpr_setting)
 from jaxlongvid.keyframes import select_keyframes
 from jaxlongvid.models import wan
 from jaxlongvid.models.wan import (WanConfig, WanTransformer, frame_encoding, rope_split, self_attention,
@@ -75,7 +77,8 @@ def reference_frame_freqs(method: Method, f: int, fw: int, theta: float) -> np.n
     return freqs
 
 
-def reference_attention(q, k, v, grid, method: Method, keyframes=None, theta: float = 10000.0) -> np.ndarray:
+def reference_attention(q, k, v, grid, method: Method, keyframes=None, theta: float = 10000.0,
+                        extra_frame_mask=None) -> np.ndarray:
     """float64 ``[B, S, H, D]``: for every token pair (a, b) each channel pair of k_b is rotated by its own
     relative angle -- frame pairs by ``P[f_a, f_b] * freq``, height and width pairs by ``(y_b - y_a) * freq`` and
     ``(x_b - x_a) * freq`` -- and dotted with q_a; softmax per map (masked keys -inf), probabilities averaged
@@ -86,7 +89,10 @@ def reference_attention(q, k, v, grid, method: Method, keyframes=None, theta: fl
     fw, hw, ww = rope_split(d)
     fa, ya, xa = np.unravel_index(np.arange(f * h * w), grid)
     maps = np.asarray(method.positions.maps(f, N0, np), np.float64)  # [M, f, f]
-    mask = reference_frame_mask(method, f, keyframes)[:, fa][:, :, fa]  # [B or 1, S, S]: token blocks
+    frame_mask = reference_frame_mask(method, f, keyframes)
+    if extra_frame_mask is not None:
+        frame_mask = frame_mask & extra_frame_mask
+    mask = frame_mask[:, fa][:, :, fa]  # [B or 1, S, S]: token blocks
     frame_freqs = reference_frame_freqs(method, f, fw, theta)
     axis_freqs = lambda width: 1.0 / theta ** (np.arange(0, width, 2, dtype=np.float64) / width)
     spatial = np.concatenate([(ya[None, :] - ya[:, None])[..., None] * axis_freqs(hw),
@@ -241,6 +247,64 @@ def test_freeloc_wan_plan_is_freeloc_published_assignment():
         WanTransformer(CONFIG, "freeloc-wan").apply({"params": tiny_model()[0]}, *tiny_model()[1:])
 
 
-def test_merges_are_refused_on_the_dit():
-    with pytest.raises(ValueError, match="method 'freelong' merges windows or spectra"):
-        run_model("freelong")
+def reference_freenoise(q, k, v, grid, method: Method) -> np.ndarray:
+    """FreeNoise over latent frames: windows [i S, i S + W) (and one ending at f), each attending within its own
+    frames' tokens; every frame's outputs weighted 1, 2, .., 2, 1 over its window positions and normalised."""
+    f, h, w = grid
+    t, size, stride = h * w, method.merge.window, method.merge.stride
+    starts = list(range(0, f - size + 1, stride))
+    starts += [f - size] if starts[-1] + size < f else []
+    total, weight = np.zeros(q.shape[:1] + (f, t) + v.shape[2:]), np.zeros(f)
+    for start in starts:
+        tokens = slice(start * t, (start + size) * t)
+        out = reference_attention(q[:, tokens], k[:, tokens], v[:, tokens], (size, h, w), method)
+        for p in range(size):
+            wp = min(p + 1, size - p)
+            total[:, start + p] += wp * out[:, p * t:(p + 1) * t]
+            weight[start + p] += wp
+    return (total / weight[None, :, None, None, None]).reshape(v.shape)
+
+
+def reference_freelong(q, k, v, grid, method: Method) -> np.ndarray:
+    """FreeLong over latent frames: global attention and local attention (each frame sees 2 r + 1 consecutive
+    frames, shifted inward at the ends), blended per channel over (frames, h, w) by the Gaussian low-pass."""
+    f, h, w = grid
+    r = method.merge.local_window
+    width = min(2 * r + 1, f)
+    local = np.zeros((f, f), bool)
+    for i in range(f):
+        start = min(max(i - r, 0), f - width)
+        local[i, start:start + width] = True
+    glob = reference_attention(q, k, v, grid, method)
+    loc = reference_attention(q, k, v, grid, method, extra_frame_mask=local)
+    video = lambda x, b: x[b].reshape(f, h, w, -1)
+    return np.stack([reference.freelong_blend(video(glob, b), video(loc, b), method.merge.d_t, method.merge.d_s)
+                     for b in range(q.shape[0])]).reshape(v.shape)
+
+
+@pytest.mark.parametrize("implementation", [None, "xla"], ids=["jnp", "by-query-frame"])
+@pytest.mark.parametrize("method", [Method("freenoise", merge=FreeNoiseWindows(4, 2)),
+                                    Method("freenoise-vrpr", positions=VRPR(1, 2, 1, 1), merge=FreeNoiseWindows(5, 3)),
+                                    Method("freelong", merge=FreeLongBlend(local_window=2)),
+                                    Method("freelong-group", positions=GroupShift(), merge=FreeLongBlend(1))],
+                         ids=lambda m: m.name)
+def test_merges_over_latent_frames_match_reference(method, implementation):
+    q, k, v = random_qkv(9)
+    with jax.default_matmul_precision("highest"):
+        out = self_attention(q, k, v, GRID, method, frame_encoding(CONFIG), None, implementation)
+    merge = reference_freenoise if isinstance(method.merge, FreeNoiseWindows) else reference_freelong
+    err = relative_error(out, merge(q, k, v, GRID, method))
+    assert err < ATTENTION_RTOL, (method.name, err)
+
+
+def test_transformer_with_freenoise_matches_reference(monkeypatch):
+    """The whole tiny model under FreeNoise windows; the reference model's self-attention is reference_freenoise."""
+    method = Method("freenoise", merge=FreeNoiseWindows(4, 2))
+    out = run_model(method)
+
+    def reference_merge(q, k, v, grid, method, encoding, keyframes=None, implementation=None):
+        host = lambda q, k, v: reference_freenoise(q, k, v, grid, method).astype(np.float32)
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(v.shape, jnp.float32), q, k, v)
+
+    monkeypatch.setattr(wan, "self_attention", reference_merge)
+    assert relative_error(out, run_model(method).astype(np.float64)) < NETWORK_RTOL

@@ -37,7 +37,8 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
       rel_k, rel_v: ``[2R+1, dim]`` relative key/value tables, when ``encoding.rel_distance``.
       keyframes: int ``[..., n]`` IFS keyframes, broadcastable over the leading dims (methods with IFS).
       mask: optional extra bool mask ``[..., N, N]`` (AND-ed with the method's).
-      spatial_shape: ``(h, w)`` for FreeLong: the last leading dim must then be the flattened ``h * w``.
+      spatial_shape: ``(h, w)`` for FreeLong: the last leading dim must then be the flattened ``h * w`` (or, at
+        token level, ``h * w`` = tokens_per_frame).
       implementation: None for the jnp path; ``"cudnn"`` (or ``"xla"``) for fused attention where the RoPE is
         an absolute rotation; ``"pallas"`` for the plane kernel where it is mapped; ``"auto"``: per backend
         (``plan.make_plan``).
@@ -49,9 +50,10 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
         ``average``). Both exact.
       tokens_per_frame: T > 1 for token-level attention (video DiTs): the N = F T tokens are laid out frame by
         frame, the method's maps, mask and keyframes are over the F frames and apply to every token of a frame
-        (``maps.token_maps``); ``mask`` is then token-level. Methods with a merge take T = 1. With a fused
-        ``implementation`` a method that maps or masks runs one fused call per query frame
-        (``kernels.fused.attend_fused_frames``).
+        (``maps.token_maps``); ``mask`` is then token-level. With a fused ``implementation`` a method that maps
+        or masks runs one fused call per query frame (``kernels.fused.attend_fused_frames``). Merges act over
+        frames: FreeNoise windows of frames are blocks of tokens, FreeLong blends over (frames, h, w) with
+        ``spatial_shape = (h, w)``, ``h w = T``.
     Returns:
       ``[..., N, heads, dim]`` in v's dtype.
     """
@@ -63,37 +65,38 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
     if isinstance(tokens_per_frame, bool) or not isinstance(tokens_per_frame, int) or tokens_per_frame < 1 \
             or n % tokens_per_frame:
         raise ValueError(f"tokens_per_frame must be an int >= 1 that divides the {n} tokens, got {tokens_per_frame!r}")
-    if tokens_per_frame > 1 and method.merge is not None:
-        raise ValueError(f"method {method.name!r} merges windows or spectra: it takes tokens_per_frame=1")
     frames = n // tokens_per_frame
     seen = min(frames, method.merge.window) if isinstance(method.merge, FreeNoiseWindows) else frames
     encoding = method.positions.encoding_at(encoding, seen, encoding.native_frames)
     check_tables(encoding, heads, dim, t5_table, rel_k, rel_v)
     if rel_v is not None and v.shape[-1] != dim:
         raise ValueError(f"rel_v needs v's dim ({v.shape[-1]}) to equal q's ({dim})")
+    t = tokens_per_frame
     options = dict(implementation=implementation, chunk_bytes=chunk_bytes, mapped_rope=mapped_rope,
                    map_average=map_average)
 
-    def run(q_, k_, v_, maps, info, mask_):
-        return attend(q_, k_, v_, maps, info, mask_, encoding, t5_table, rel_k, rel_v, **options)
+    def run(q_, k_, v_, maps, info, frame_mask, token_mask=None):
+        """One attention under frame ``maps`` / ``info`` and a frame mask (and, at token level, an extra token
+        mask); tokens take one fused call per query frame where ``by_query_frame``, else the token maps."""
+        if t == 1:
+            return attend(q_, k_, v_, maps, info, frame_mask, encoding, t5_table, rel_k, rel_v, **options)
+        if by_query_frame(info, frame_mask, token_mask, encoding, implementation):
+            return attend_fused_frames(q_, k_, v_, maps, info, frame_mask, encoding, t, implementation)
+        full = combine_masks(None if frame_mask is None else token_maps(frame_mask, t), token_mask)
+        return attend(q_, k_, v_, token_maps(maps, t), info.for_tokens(t), full, encoding, t5_table, rel_k, rel_v,
+                      **options)
 
     if isinstance(method.merge, FreeNoiseWindows):
         if keyframes is not None or mask is not None:
             raise ValueError("method with a FreeNoise merge takes no keyframes or extra mask")
-        return merges.freenoise(q, k, v, method, encoding.native_frames, run)
-    if tokens_per_frame > 1:
-        frame_mask = method_mask(method, frames, keyframes, None)
-        maps, info = method_maps(method, frames, encoding.native_frames)
-        if by_query_frame(info, frame_mask, mask, encoding, implementation):
-            return attend_fused_frames(q, k, v, maps, info, frame_mask, encoding, tokens_per_frame, implementation)
-        full_mask = combine_masks(None if frame_mask is None else token_maps(frame_mask, tokens_per_frame), mask)
-        return run(q, k, v, token_maps(maps, tokens_per_frame), info.for_tokens(tokens_per_frame), full_mask)
-    full_mask = method_mask(method, n, keyframes, mask)
-    maps, info = method_maps(method, n, encoding.native_frames)
-    out = run(q, k, v, maps, info, full_mask)
+        return merges.freenoise(q, k, v, method, encoding.native_frames, run, t)
+    frame_mask = method_mask(method, frames, keyframes, mask if t == 1 else None)
+    maps, info = method_maps(method, frames, encoding.native_frames)
+    token_mask = mask if t > 1 else None
+    out = run(q, k, v, maps, info, frame_mask, token_mask)
     if isinstance(method.merge, FreeLongBlend):
-        local = combine_masks(masks.local_window(n, method.merge.local_window, jnp), full_mask)
-        out = merges.freelong(out, run(q, k, v, maps, info, local), method.merge, spatial_shape)
+        local = combine_masks(masks.local_window(frames, method.merge.local_window, jnp), frame_mask)
+        out = merges.freelong(out, run(q, k, v, maps, info, local, token_mask), method.merge, spatial_shape, t)
     return out
 
 

@@ -38,7 +38,8 @@ frame distance ``j - i`` of the frame component only, and its masks over latent 
 tokens. With the ``direct`` method this is Wan's 3D RoPE attention unchanged. ``method`` is one Method for every
 block or a ``MethodPlan`` over the block paths ``temporal_layer_names(config)`` (``blocks_i/attn1``); IFS scores
 keyframes from each block's input (the residual stream before its norm), one latent frame = ``h w`` tokens.
-Methods that merge several attentions (FreeNoise windows, FreeLong) are refused on this model for now.
+Merges act over latent frames: FreeNoise's windows are blocks of whole frames' tokens, FreeLong blends the global
+and local branches over (frames, h, w).
 """
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ def self_attention(q, k, v, grid: tuple[int, int, int], method: Method, encoding
     angles = rope_angles(grid, q.shape[-1], encoding.rope_theta)[:, fw // 2:]  # height and width pairs
     spatial = lambda x: jnp.concatenate([x[..., :fw], apply_rope(x[..., fw:], angles)], axis=-1)
     return temporal_attention(spatial(q), spatial(k), v, encoding=encoding, method=method, keyframes=keyframes,
-                              implementation=implementation, tokens_per_frame=grid[1] * grid[2])
+                              spatial_shape=grid[1:], implementation=implementation,
+                              tokens_per_frame=grid[1] * grid[2])
 
 
 def token_keyframes(features, grid: tuple[int, int, int], method: Method, native_frames: int) -> jnp.ndarray:
