@@ -231,6 +231,12 @@ class Mask:
     def static(self, n: int, xp=jnp):
         return None
 
+    def most_visible(self, n: int, n0: int) -> int:
+        """An upper bound on the key frames one query frame sees at N frames (static; the by-query-frame
+        attention gathers that many). From the static part on the host; parts chosen at run time say their own."""
+        static = self.static(n, np)
+        return n if static is None else int(np.max(np.sum(static, axis=-1)))
+
     def hides_nothing(self, n: int) -> bool:
         """Whether the static part is known to keep every key at N frames (then it is no mask at all: the
         attention runs exactly as without it). Checked on the host over the N x N frames."""
@@ -270,6 +276,9 @@ class IFS(Mask):
 
     def with_keyframes(self, n: int, keyframes):
         return masks.ifs_mask(n, keyframes, self.window)
+
+    def most_visible(self, n: int, n0: int) -> int:
+        return min(n, 2 * self.window + 1 + self.segments(n, n0))
 
 
 @dataclass(frozen=True)

@@ -75,13 +75,15 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
     options = dict(implementation=implementation, chunk_bytes=chunk_bytes, mapped_rope=mapped_rope,
                    map_average=map_average)
 
-    def run(q_, k_, v_, maps, info, frame_mask, token_mask=None):
+    def run(q_, k_, v_, maps, info, frame_mask, token_mask=None, visible=None):
         """One attention under frame ``maps`` / ``info`` and a frame mask (and, at token level, an extra token
-        mask); tokens take one fused call per query frame where ``by_query_frame``, else the token maps."""
+        mask); tokens take one fused call per query frame where ``by_query_frame`` (gathering at most
+        ``visible`` key frames per query frame; None: all), else the token maps."""
         if t == 1:
             return attend(q_, k_, v_, maps, info, frame_mask, encoding, t5_table, rel_k, rel_v, **options)
         if by_query_frame(info, frame_mask, token_mask, encoding, implementation):
-            return attend_fused_frames(q_, k_, v_, maps, info, frame_mask, encoding, t, implementation)
+            visible = q_.shape[-3] // t if visible is None else visible
+            return attend_fused_frames(q_, k_, v_, maps, info, frame_mask, encoding, t, implementation, visible)
         full = combine_masks(None if frame_mask is None else token_maps(frame_mask, t), token_mask)
         return attend(q_, k_, v_, token_maps(maps, t), info.for_tokens(t), full, encoding, t5_table, rel_k, rel_v,
                       **options)
@@ -93,10 +95,13 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
     frame_mask = method_mask(method, frames, keyframes, mask if t == 1 else None)
     maps, info = method_maps(method, frames, encoding.native_frames)
     token_mask = mask if t > 1 else None
-    out = run(q, k, v, maps, info, frame_mask, token_mask)
+    visible = frames if method.mask is None else method.mask.most_visible(frames, encoding.native_frames)
+    out = run(q, k, v, maps, info, frame_mask, token_mask, visible)
     if isinstance(method.merge, FreeLongBlend):
         local = combine_masks(masks.local_window(frames, method.merge.local_window, jnp), frame_mask)
-        out = merges.freelong(out, run(q, k, v, maps, info, local, token_mask), method.merge, spatial_shape, t)
+        local_visible = min(visible, 2 * method.merge.local_window + 1)
+        out = merges.freelong(out, run(q, k, v, maps, info, local, token_mask, local_visible), method.merge,
+                              spatial_shape, t)
     return out
 
 
