@@ -641,6 +641,9 @@ def parse_method(text) -> Union[Method, MethodPlan, TimePlan, str]:
     base = get_method(preset)
     if not assignments:
         return base
+    if not isinstance(base, Method):
+        raise ValueError(f"method spec {text!r}: {preset!r} is a plan of several methods; KEY=VALUE applies to a "
+                         f"single method's preset")
     values: dict = {}
     try:
         for assignment in assignments:

@@ -18,7 +18,7 @@ import pytest
 import reference
 from jaxlongvid.methods import (IFS, PLAN_PRESETS, PRESETS, VRPR, Clip, FreeLongBlend, FreeNoiseWindows, Group,
                                 GroupShift, Interpolate, Method, MethodPlan, RIFLEx, Tiered, Window,
-                                intrinsic_frequency, vrpr_setting)
+                                intrinsic_frequency, parse_method, vrpr_setting)
 from jaxlongvid.keyframes import select_keyframes
 from jaxlongvid.models import wan
 from jaxlongvid.models.wan import (WanConfig, WanTransformer, frame_encoding, rope_split, self_attention,
@@ -243,6 +243,10 @@ def test_freeloc_wan_plan_is_freeloc_published_assignment():
     assert all(isinstance(plan.for_layer(n).positions, VRPR) for n in names)
     assert vrpr_setting(41, 21) == (12, 20, 2, 8) and vrpr_setting(81, 21) == (10, 14, 2, 8)
     assert vrpr_setting(161, 21) == (10, 14, 2, 8) and vrpr_setting(30, 21) == (12, 20, 2, 8)
+    assert parse_method("freeloc-wan") is PLAN_PRESETS["freeloc-wan"]
+    assert parse_method("riflex:k=5").positions == RIFLEx(5)
+    with pytest.raises(ValueError, match="'freeloc-wan' is a plan of several methods"):
+        parse_method("freeloc-wan:window=3")
     with pytest.raises(ValueError, match="names temporal layer 4, but this model has 2"):
         WanTransformer(CONFIG, "freeloc-wan").apply({"params": tiny_model()[0]}, *tiny_model()[1:])
 
