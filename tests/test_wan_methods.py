@@ -201,11 +201,12 @@ def tiny_model():
     return params, x, t, ctx
 
 
-def run_model(method, x=None):
+def run_model(method, x=None, implementation=None):
     params, x0, t, ctx = tiny_model()
     x = x0 if x is None else x
+    model = WanTransformer(CONFIG, method, attention_implementation=implementation)
     with jax.default_matmul_precision("highest"):
-        return np.asarray(jax.jit(WanTransformer(CONFIG, method).apply)({"params": params}, x, t, ctx))
+        return np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx))
 
 
 PLAN = MethodPlan(default=Method("longdiff", positions=GroupShift(), mask=IFS(window=2)), layers=((1, TINY_FRESH),))
@@ -221,6 +222,13 @@ def test_transformer_matches_reference_attention(method, monkeypatch):
     assert err < NETWORK_RTOL, err
     monkeypatch.undo()
     assert relative_error(run_model("direct"), ref) > 1e-3  # the method changed the output
+
+
+def test_transformer_by_query_frame_equals_jnp_path():
+    """The tiny model under a per-block plan with a fused implementation (one call per query frame) against the
+    jnp path over token maps."""
+    ref = run_model(PLAN).astype(np.float64)
+    assert relative_error(run_model(PLAN, implementation="xla"), ref) < NETWORK_RTOL
 
 
 def test_freeloc_plan_at_native_length_equals_direct_exactly():
