@@ -204,8 +204,8 @@ def attention_probabilities(q, k, *, encoding: Encoding = Encoding(), method="di
                             rel_k=None, keyframes=None, mask=None):
     """The attention weights ``[..., heads, N, N]`` (float32) that ``temporal_attention`` applies to v, for
     methods without a window/spectral merge. Used by tests (masked keys are exactly 0) and layer probing."""
-    _, encoding, full_mask, maps, info = one_layer("attention_probabilities", q, encoding, method, t5_table, rel_k,
-                                         keyframes, mask)
+    _, encoding, full_mask, maps, info = one_layer("attention_probabilities", q, encoding, method, t5_table,
+                                                   rel_k, keyframes, mask)
     rope = rope_formulation(info, encoding)
     return probabilities(q, k, maps, info, full_mask, encoding, t5_table, rel_k, rope,
                          map_average_of(info, "auto", rope))[0]
@@ -215,8 +215,8 @@ def attention_logsumexp(q, k, *, encoding: Encoding = Encoding(), method="direct
                         keyframes=None, mask=None):
     """``logsumexp_j`` of the masked logits, ``[..., heads, N]`` float32 (-inf where a row sees no key), for a
     single-map method. With :func:`merge_passes` it combines attention computed over disjoint key sets."""
-    method, encoding, full_mask, maps, info = one_layer("attention_logsumexp", q, encoding, method, t5_table, rel_k,
-                                              keyframes, mask)
+    method, encoding, full_mask, maps, info = one_layer("attention_logsumexp", q, encoding, method, t5_table,
+                                                        rel_k, keyframes, mask)
     if info.num_maps != 1:
         raise ValueError(f"method {method.name!r} averages {info.num_maps} maps: its passes cannot be merged by "
                          "log-sum-exp")
