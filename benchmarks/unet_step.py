@@ -80,7 +80,7 @@ def pipeline_config(config: UNet3DConfig, dtype: str, implementation: str) -> Pi
 
 def step_fn(pipe_config: PipelineConfig, method: str):
     def step(params, x, context):
-        return guided_output(pipe_config, method, params, x, 500, context, None, 7.5, True)
+        return guided_output(pipe_config, method, params, x, jnp.int32(500), context, None, 7.5, True)
 
     return jax.jit(step)
 
@@ -123,7 +123,7 @@ def jaxpr_flops(jaxpr) -> float:
 def model_flops(config: UNet3DConfig, dtype: str, params, x, context) -> float:
     """FLOPs of one ``direct`` step on the XLA path, frames unchunked (traced only, nothing compiled)."""
     pipe = pipeline_config(config, dtype, "xla")
-    step = lambda p, x_, c: guided_output(pipe, "direct", p, x_, 500, c, None, 7.5, True)
+    step = lambda p, x_, c: guided_output(pipe, "direct", p, x_, jnp.int32(500), c, None, 7.5, True)
     return jaxpr_flops(jax.make_jaxpr(step)(params, x, context))
 
 

@@ -129,6 +129,8 @@ def run_sample(args) -> int:
 
     method = methods.parse_method(args.method)
     config = pipeline_lib.load_config(args.model)
+    if method == methods.AUTO:  # resolved here once, so the memory check sees the method that will run
+        method = sampling.auto_method(config, args.frames or config.num_frames)
     if not args.force:
         check_memory(config, method, args)
     pipe = pipeline_lib.load(args.model)

@@ -642,8 +642,8 @@ def parse_method(text) -> Union[Method, MethodPlan, TimePlan, str]:
     if not assignments:
         return base
     if not isinstance(base, Method):
-        raise ValueError(f"method spec {text!r}: {preset!r} is a plan of several methods; KEY=VALUE applies to a "
-                         f"single method's preset")
+        raise ValueError(f"method spec {text!r}: {preset!r} is a plan of several methods (per layer or over time); "
+                         "KEY=VALUE changes apply to single presets only")
     values: dict = {}
     try:
         for assignment in assignments:

@@ -160,7 +160,7 @@ def test_method_defaults_to_auto_and_bench_takes_auto_and_time_plans():
 
 def test_time_plan_specs_parse_to_time_plans():
     from jaxlongvid.bench import runner
-    from jaxlongvid.methods import TIME_PRESETS, get_method
+    from jaxlongvid.methods import IFS, TIME_PRESETS, get_method
 
     plan = runner.parse_method("longdiff:noise=freenoise~0.25~freenoise")
     unnamed = [(end, m.replace(name="")) for end, m in plan.phases]
@@ -168,7 +168,7 @@ def test_time_plan_specs_parse_to_time_plans():
     assert plan.name == "longdiff:noise=freenoise~0.25~freenoise"
     three = runner.parse_method("freenoise~0.2~longdiff:window=4~0.6~direct")
     assert [e for e, _ in three.phases] == [0.2, 0.6, 1.0]
-    assert three.phases[1][1] == get_method("longdiff").replace(name="longdiff[window=4]", window=4)
+    assert three.phases[1][1] == get_method("longdiff").replace(name="longdiff[window=4]", mask=IFS(window=4))
     for bad, match in (("longdiff~0.5", "METHOD~END"), ("longdiff~half~direct", "numbers"),
                        ("longdiff~0.5~auto", "single method"), ("longdiff~0.7~direct~0.5~direct", "increase")):
         with pytest.raises(ValueError, match=match):

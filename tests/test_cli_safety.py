@@ -34,7 +34,7 @@ def test_sample_fails_fast(tmp_path, args, message):
     err = proc.stderr.strip()
     assert proc.returncode == 1 and re.search(message, err), err
     assert len(err.splitlines()) == 1, err  # one line, no traceback
-    assert seconds < 15, seconds
+    assert seconds < 60, seconds  # before compiling: 4096 frames used to compile for minutes first
     assert sorted(os.listdir(tmp_path)) == ["adir.gif"]  # nothing written
 
 
@@ -55,27 +55,3 @@ def test_version_and_help_do_not_start_jax(tmp_path):
 def test_fps_zero_is_refused_by_the_parser(tmp_path):
     proc, _ = _cli("sample", "--prompt", "x", "--fps", "0", "--out", "v.gif", cwd=tmp_path)
     assert proc.returncode == 2 and "--fps: expected a finite number > 0, got 0" in proc.stderr
-
-
-def test_method_specs():
-    from jaxlongvid import methods
-
-    m = methods.parse_method("longdiff:num_groups=8,window=4")
-    assert (m.num_groups, m.window, m.positions) == (8, 4, "group_shift")
-    assert methods.parse_method("freeloc:vrpr_params=(12,16,2,8)").vrpr_params == (12, 16, 2, 8)
-    assert methods.parse_method("direct") is methods.PRESETS["direct"]
-
-
-def test_method_from_probe_json(tmp_path):
-    import json
-
-    from jaxlongvid import methods
-
-    path = tmp_path / "probe.json"
-    path.write_text(json.dumps({"routes": {"a/temporal": "freeloc", "b/temporal": "vrpr", "c": "direct"}}))
-    plan = methods.parse_method(str(path))
-    assert plan.for_layer(0, "a/temporal") is methods.PRESETS["freeloc"]
-    assert plan.for_layer(1, "b/temporal").positions == "vrpr" and plan.for_layer(2, "c").name == "direct"
-    path.write_text("{}")
-    with pytest.raises(ValueError, match="not a probe JSON with a 'routes' table"):
-        methods.parse_method(str(path))

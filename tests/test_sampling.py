@@ -22,7 +22,7 @@ import pytest
 import jaxlongvid.pipeline as pipeline_lib
 from jaxlongvid import noise, sampling, schedulers, sharding
 from jaxlongvid.attention import Encoding, TemporalAttention
-from jaxlongvid.methods import FreeNoiseShuffle, MethodPlan, TimePlan, as_plan, get_method
+from jaxlongvid.methods import FreeNoiseShuffle, GroupShift, MethodPlan, TimePlan, as_plan, get_method
 from jaxlongvid.models import text as text_lib
 from jaxlongvid.models.tokenizers import WordTokenizer
 from jaxlongvid.models.unet3d import UNet3DConfig, init_shapes
@@ -489,7 +489,7 @@ def test_time_plan_phases_resolve_once_to_step_ranges():
     assert sampling.resolve_phases(plan, 3) == ((0, 1, a), (1, 3, b))
     assert sampling.resolve_phases(plan, 1) == ((0, 1, b),)  # a phase left with no step is dropped
     assert sampling.resolve_phases("direct", 7) == ((0, 7, get_method("direct")),)
-    assert sampling.resolve_phases("keepmotion", 25)[0][2].positions == "group_shift"
+    assert sampling.resolve_phases("keepmotion", 25)[0][2].positions == GroupShift()
     for phases, match in (((), "empty"), (((0.5, a),), "end at 1"), (((0.6, a), (0.4, b), (1.0, a)), "increase"),
                           (((1.0, "longdiff"),), "Method or MethodPlan")):
         with pytest.raises(ValueError, match=match):
