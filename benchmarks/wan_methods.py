@@ -6,8 +6,10 @@ per step (median), the ratio to ``direct`` at the same length, compile seconds, 
 far (``memory_stats``; it never goes down, so lengths run in increasing order) and the compiled program's own need
 (arguments + outputs + temporaries, ``memory_analysis``). ``freeloc`` is FreeLOC's published layer assignment
 (``freeloc-wan``: tiered sparse attention + VRPR on 17 blocks, VRPR on 13) on a 30-block model, the ``freeloc``
-Method on every block otherwise. A row that fails (out of memory, a bad method name) prints one ``SKIP``
-line with the first line of the error.
+Method on every block otherwise. On a GPU the attention implementation is cuDNN: ``direct`` and ``riflex`` are one
+fused call per layer, methods that map positions or mask frames one fused call per query latent frame over the key
+frames it keeps (``attention.kernels.fused.attend_fused_frames``), merges a call per window / branch. A row that
+fails (out of memory, a bad method name) prints one ``SKIP`` line with the first line of the error.
 
 On one H100 / H200 (the issue's setting: 1.3B, 480x832, 81 / 161 / 321 frames = 21 / 41 / 81 latent frames,
 bfloat16):
