@@ -621,8 +621,9 @@ def test_token_level_attention_applies_frame_maps_to_token_blocks(name):
         assert _rel_err(run(q, k, v, tables["t5_table"], kf, "pallas"), got) <= 2e-6
     with pytest.raises(ValueError, match="tokens_per_frame must be an int >= 1 that divides"):
         temporal_attention(q, k, v, encoding=enc, t5_table=tables["t5_table"], tokens_per_frame=7)
-    with pytest.raises(ValueError, match="takes tokens_per_frame=1"):
-        temporal_attention(q, k, v, encoding=enc, t5_table=tables["t5_table"], method="freenoise", tokens_per_frame=3)
+    with pytest.raises(ValueError, match="spatial_shape \\(2, 2\\) does not match 3 tokens per frame"):
+        temporal_attention(q, k, v, encoding=enc, t5_table=tables["t5_table"], method="freelong", tokens_per_frame=3,
+                           spatial_shape=(2, 2))
 
 
 # ---- the plan: kernels per backend; the plane kernel's TPU build ---------------------------------------------------
