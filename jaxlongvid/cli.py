@@ -195,13 +195,13 @@ def run_info(args) -> int:
 
     import jaxlongvid
     import jaxlongvid.pipeline as pipeline_lib
-    from jaxlongvid.methods import PRESETS, TIME_PRESETS
+    from jaxlongvid.methods import PLAN_PRESETS, PRESETS, TIME_PRESETS
 
     devices = jax.devices()
     print(f"jaxlongvid {jaxlongvid.__version__}, jax {jax.__version__}")
     print(f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}), "
           f"processes: {jax.process_count()}")
-    print(f"methods: {', '.join([*PRESETS, *TIME_PRESETS])}, auto")
+    print(f"methods: {', '.join([*PRESETS, *PLAN_PRESETS, *TIME_PRESETS])}, auto")
     tiny = os.path.isfile(os.path.join(pipeline_lib.TINY_DIR, pipeline_lib.CONFIG_FILE))
     print(f"bundled tiny model: {'yes' if tiny else 'not installed'}")
     if args.model is None:

@@ -71,6 +71,11 @@ class Positions:
         """The plane cover of the maps in closed form (see ``jaxlongvid.attention.plane_cover``), or None."""
         return None
 
+    def encoding_at(self, encoding, n: int, n0: int):
+        """The position encoding (``jaxlongvid.attention.Encoding``) the attention uses at N frames: the model's
+        own, unless the part changes its RoPE frequencies (:class:`RIFLEx`)."""
+        return encoding
+
 
 @dataclass(frozen=True)
 class Identity(Positions):
@@ -145,21 +150,76 @@ class GroupShift(Positions):
         return None if n <= max(g, n0) else _group_planes(positions.group_size(n, g))
 
 
+# FreeLOC's published VRPR settings for Wan2.1 (Westlake-AGI-Lab/FreeLOC, wan/runtime_config_freeloc.py,
+# "rp_map.vrpr.frame_settings": 41 latent frames -> 12/20/2/8, 81 -> 10/14/2/8), keyed here by the length they
+# serve in multiples r of the native length: N - 1 <= r (N0 - 1) (41 = 2x, 81 = 4x of Wan's 21 latent frames).
+# Longer videos take the last setting.
+VRPR_SETTINGS = ((2, (12, 20, 2, 8)), (4, (10, 14, 2, 8)))
+
+
+def vrpr_setting(n: int, n0: int) -> tuple[int, int, int, int]:
+    """FreeLOC's published (W1, W2, G1, G2) for N frames of a model trained on N0 (``VRPR_SETTINGS``)."""
+    for ratio, setting in VRPR_SETTINGS:
+        if n - 1 <= ratio * (n0 - 1):
+            return setting
+    return VRPR_SETTINGS[-1][1]
+
+
 @dataclass(frozen=True)
 class VRPR(Positions):
     """FreeLOC's multi-granularity re-encoding (``positions.vrpr``), capped at N0 - 1. Defaults: the paper's 4x
-    setting W1, W2, G1, G2 = 10, 14, 2, 8."""
+    setting W1, W2, G1, G2 = 10, 14, 2, 8; all four None: FreeLOC's published setting for the video's length
+    (:func:`vrpr_setting`: 12/20/2/8 up to 2x, 10/14/2/8 beyond)."""
 
-    w1: int = 10
-    w2: int = 14
-    g1: int = 2
-    g2: int = 8
+    w1: Optional[int] = 10
+    w2: Optional[int] = 14
+    g1: Optional[int] = 2
+    g2: Optional[int] = 8
 
     def __post_init__(self):
-        _check_fields(self, {"w1": 0, "w2": self.w1, "g1": 1, "g2": 1})
+        given = [v is not None for v in (self.w1, self.w2, self.g1, self.g2)]
+        if any(given) and not all(given):
+            raise ValueError(f"VRPR: give all of w1, w2, g1, g2 or none (per length), got {self}")
+        _check_fields(self, {"w1": 0, "w2": self.w1 or 0, "g1": 1, "g2": 1})
+
+    def setting(self, n: int, n0: int) -> tuple[int, int, int, int]:
+        """(W1, W2, G1, G2) at N frames."""
+        return vrpr_setting(n, n0) if self.w1 is None else (self.w1, self.w2, self.g1, self.g2)
 
     def at(self, d, n, n0, xp):
-        return positions.vrpr_of(d, self.w1, self.w2, self.g1, self.g2, n0 - 1, xp)[None]
+        return positions.vrpr_of(d, *self.setting(n, n0), n0 - 1, xp)[None]
+
+
+def intrinsic_frequency(freqs: np.ndarray, n0: int) -> int:
+    """RIFLEx's intrinsic component (1-based, as its ``identify_k``): the RoPE frequency whose period
+    ``round(2 pi / theta_j)`` is closest to ``n0`` frames (the first on ties)."""
+    periods = np.rint(2 * np.pi / np.asarray(freqs, np.float64))
+    return int(np.argmin(np.abs(periods - n0))) + 1
+
+
+@dataclass(frozen=True)
+class RIFLEx(Positions):
+    """RIFLEx (Zhao et al., ICML 2025, thu-ml/RIFLEx ``get_1d_rotary_pos_embed_riflex``): the model's own
+    positions, and beyond N0 the intrinsic frequency ``k`` of the frame RoPE (1-based) lowered to
+    ``0.9 * 2 pi / N`` so that one period covers the N frames (0.9: the reference's margin against repetition in
+    the tail frames). ``k`` None: :func:`intrinsic_frequency` of the model's frame RoPE at N0 (Wan2.1: k = 4,
+    period 22 latent frames; FreeLOC's comparison ran k = 5, ``riflex:k=5``). At or below N0 nothing changes."""
+
+    k: Optional[int] = None
+
+    def __post_init__(self):
+        _check_fields(self, {"k": 1})
+
+    def at(self, d, n, n0, xp):
+        return d[None]
+
+    def encoding_at(self, encoding, n, n0):
+        if n <= n0 or not encoding.rope_dim:
+            return encoding
+        k = self.k or intrinsic_frequency(encoding.rope_freqs(), n0)
+        if k > encoding.rope_dim // 2:
+            raise ValueError(f"RIFLEx.k={k} exceeds the {encoding.rope_dim // 2} RoPE frequencies of the encoding")
+        return dataclasses.replace(encoding, rope_freq_overrides=((k - 1, 0.9 * 2 * np.pi / n),))
 
 
 # ---- masks ------------------------------------------------------------------------------------------------------
@@ -170,6 +230,18 @@ class Mask:
 
     def static(self, n: int, xp=jnp):
         return None
+
+    def most_visible(self, n: int, n0: int) -> int:
+        """An upper bound on the key frames one query frame sees at N frames (static; the by-query-frame
+        attention gathers that many). From the static part on the host; parts chosen at run time say their own."""
+        static = self.static(n, np)
+        return n if static is None else int(np.max(np.sum(static, axis=-1)))
+
+    def hides_nothing(self, n: int) -> bool:
+        """Whether the static part is known to keep every key at N frames (then it is no mask at all: the
+        attention runs exactly as without it). Checked on the host over the N x N frames."""
+        static = self.static(n, np)
+        return static is not None and bool(np.all(static))
 
 
 @dataclass(frozen=True)
@@ -204,6 +276,9 @@ class IFS(Mask):
 
     def with_keyframes(self, n: int, keyframes):
         return masks.ifs_mask(n, keyframes, self.window)
+
+    def most_visible(self, n: int, n0: int) -> int:
+        return min(n, 2 * self.window + 1 + self.segments(n, n0))
 
 
 @dataclass(frozen=True)
@@ -277,7 +352,7 @@ class FreeNoiseShuffle:
 # ---- the method -------------------------------------------------------------------------------------------------
 KINDS = {  # each part slot's kinds by name (spec strings, ``parse_method``)
     "positions": {"identity": Identity, "clip": Clip, "interpolate": Interpolate, "group": Group,
-                  "group_shift": GroupShift, "vrpr": VRPR},
+                  "group_shift": GroupShift, "vrpr": VRPR, "riflex": RIFLEx},
     "mask": {"none": None, "window": Window, "ifs": IFS, "tiered": Tiered},
     "merge": {"none": None, "freenoise": FreeNoiseWindows, "freelong": FreeLongBlend},
     "noise": {"gaussian": Gaussian, "freenoise": FreeNoiseShuffle},
@@ -326,6 +401,7 @@ PRESETS: dict[str, Method] = {
         Method("interpolate", positions=Interpolate(), mask=IFS()),
         Method("group-only", positions=Group(), mask=IFS()),
         Method("freeloc", positions=VRPR(), mask=Tiered()),
+        Method("riflex", positions=RIFLEx()),
     )
 }
 
@@ -365,6 +441,18 @@ class MethodPlan:
     @property
     def noise(self):
         return self.default.noise
+
+
+# FreeLOC's layer assignment for Wan2.1-T2V-1.3B (30 blocks), as shipped in Westlake-AGI-Lab/FreeLOC
+# (wan/runtime_config_freeloc.py, "default_rope_relative_layers": the blocks that run tiered sparse attention
+# with VRPR; every other block runs VRPR alone), with VRPR at FreeLOC's published setting for each length.
+FREELOC_WAN_TSA_LAYERS = (0, 1, 4, 6, 7, 9, 10, 11, 13, 14, 15, 16, 18, 22, 23, 24, 25)
+PLAN_PRESETS: dict[str, MethodPlan] = {
+    "freeloc-wan": MethodPlan(
+        default=Method("freeloc-wan-vrpr", positions=VRPR(None, None, None, None)),
+        layers=tuple((i, Method("freeloc-wan-tsa", positions=VRPR(None, None, None, None), mask=Tiered()))
+                     for i in FREELOC_WAN_TSA_LAYERS)),
+}
 
 
 @dataclass(frozen=True)
@@ -418,9 +506,12 @@ def get_method(method):
     if isinstance(method, str):
         if method in PRESETS:
             return PRESETS[method]
+        if method in PLAN_PRESETS:
+            return PLAN_PRESETS[method]
         if method in TIME_PRESETS:
             return TIME_PRESETS[method]
-        raise ValueError(f"unknown method {method!r}; presets are {sorted(PRESETS) + sorted(TIME_PRESETS)}"
+        raise ValueError(f"unknown method {method!r}; presets are "
+                         f"{sorted(PRESETS) + sorted(PLAN_PRESETS) + sorted(TIME_PRESETS)}"
                          + (" ('auto' is resolved by the sampler for a model and length)" if method == AUTO else ""))
     raise TypeError(f"method must be a preset name, Method, MethodPlan or TimePlan, got {type(method).__name__}")
 
@@ -551,8 +642,8 @@ def parse_method(text) -> Union[Method, MethodPlan, TimePlan, str]:
     if not assignments:
         return base
     if not isinstance(base, Method):
-        raise ValueError(f"method spec {text!r}: {preset!r} schedules methods over time; KEY=VALUE changes apply to "
-                         "single presets only")
+        raise ValueError(f"method spec {text!r}: {preset!r} is a plan of several methods (per layer or over time); "
+                         "KEY=VALUE changes apply to single presets only")
     values: dict = {}
     try:
         for assignment in assignments:

@@ -32,10 +32,18 @@ def rotate_pairs(x: np.ndarray, angle_scale: float, freqs: np.ndarray) -> np.nda
     return out
 
 
-def logits_one(q, k, pmap, rope_dim, theta, t5_table, rel_k, rel_r):
+def rope_freqs(rope_dim, theta, riflex_k=None, num_frames=None):
+    """``theta^(-2k / rope_dim)``; RIFLEx: component ``riflex_k`` (1-based) set to ``0.9 * 2 pi / num_frames``."""
+    freqs = theta ** (-np.arange(0, rope_dim, 2) / rope_dim) if rope_dim else np.zeros(0)
+    if riflex_k is not None:
+        freqs[riflex_k - 1] = 0.9 * 2 * np.pi / num_frames
+    return freqs
+
+
+def logits_one(q, k, pmap, rope_dim, theta, t5_table, rel_k, rel_r, freqs=None):
     """[N, N] logits of one sequence and head: q.R(theta P)k on the rotary part, plain dot elsewhere."""
     n, dim = q.shape
-    freqs = theta ** (-np.arange(0, rope_dim, 2) / rope_dim) if rope_dim else np.zeros(0)
+    freqs = rope_freqs(rope_dim, theta) if freqs is None else freqs
     out = np.zeros((n, n))
     for i in range(n):
         for j in range(n):
@@ -53,8 +61,9 @@ def logits_one(q, k, pmap, rope_dim, theta, t5_table, rel_k, rel_r):
 
 
 def attention(q, k, v, maps, mask=None, rope_dim=0, theta=10000.0, t5_table=None, rel_k=None, rel_v=None,
-              rel_r=0):
-    """q, k, v: [S, N, H, D] -> [S, N, H, D]; probabilities averaged over maps; masked keys get 0."""
+              rel_r=0, freqs=None):
+    """q, k, v: [S, N, H, D] -> [S, N, H, D]; probabilities averaged over maps; masked keys get 0. ``freqs``: the
+    RoPE frequencies when not the model's own (:func:`rope_freqs`)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     s, n, h, d = q.shape
     out = np.zeros((s, n, h, v.shape[-1]))
@@ -63,7 +72,7 @@ def attention(q, k, v, maps, mask=None, rope_dim=0, theta=10000.0, t5_table=None
         for hi in range(h):
             t5 = None if t5_table is None else np.asarray(t5_table, np.float64)[:, hi]
             for pmap in maps:
-                lg = logits_one(q[si, :, hi], k[si, :, hi], pmap, rope_dim, theta, t5, rel_k, rel_r)
+                lg = logits_one(q[si, :, hi], k[si, :, hi], pmap, rope_dim, theta, t5, rel_k, rel_r, freqs)
                 if m_ is not None:
                     lg = np.where(m_, lg, -np.inf)
                 p = np.exp(lg - lg.max(axis=1, keepdims=True))

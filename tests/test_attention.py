@@ -19,8 +19,8 @@ from jaxlongvid.attention import (SLOT_GAP_LIMIT, Encoding, TemporalAttention, a
                                   attention_probabilities, info_of_array, info_of_positions, logits, map_slots,
                                   merge_passes, plane_cover, rope_path, slot_average, slot_maps, temporal_attention)
 from jaxlongvid.attention.maps import plane_index
-from jaxlongvid.methods import (IFS, PRESETS, VRPR, FreeLongBlend, FreeNoiseWindows, GroupShift, Method, Tiered,
-                                Window)
+from jaxlongvid.methods import (IFS, PRESETS, VRPR, FreeLongBlend, FreeNoiseWindows, GroupShift, Method, RIFLEx,
+                                Tiered, Window)
 from jaxlongvid.positions import t5_bucket
 
 RTOL = 2e-5
@@ -85,6 +85,11 @@ def _reference(method, enc, q, k, v, tables, keyframes):
                 for j in range(n):
                     ifs[s, i, j] = abs(i - j) <= method.mask.window or j in keyframes[s]
         mask = ifs if mask is None else ifs & mask
+    if isinstance(method.positions, RIFLEx) and n > 16 and enc.rope_dim:
+        # RIFLEx's component: the frequency whose period round(2 pi / freq) is closest to N0 = 16 frames
+        periods = np.rint(2 * np.pi / reference.rope_freqs(enc.rope_dim, 10000.0))
+        kw["freqs"] = reference.rope_freqs(enc.rope_dim, 10000.0, method.positions.k or
+                                           1 + int(np.argmin(np.abs(periods - 16))), n)
     out = reference.attention(q, k, v, maps, mask, **kw)
     if isinstance(method.merge, FreeLongBlend):
         local = masks.local_window(n, method.merge.local_window)
@@ -616,8 +621,9 @@ def test_token_level_attention_applies_frame_maps_to_token_blocks(name):
         assert _rel_err(run(q, k, v, tables["t5_table"], kf, "pallas"), got) <= 2e-6
     with pytest.raises(ValueError, match="tokens_per_frame must be an int >= 1 that divides"):
         temporal_attention(q, k, v, encoding=enc, t5_table=tables["t5_table"], tokens_per_frame=7)
-    with pytest.raises(ValueError, match="takes tokens_per_frame=1"):
-        temporal_attention(q, k, v, encoding=enc, t5_table=tables["t5_table"], method="freenoise", tokens_per_frame=3)
+    with pytest.raises(ValueError, match="spatial_shape \\(2, 2\\) does not match 3 tokens per frame"):
+        temporal_attention(q, k, v, encoding=enc, t5_table=tables["t5_table"], method="freelong", tokens_per_frame=3,
+                           spatial_shape=(2, 2))
 
 
 # ---- the plan: kernels per backend; the plane kernel's TPU build ---------------------------------------------------

@@ -131,8 +131,8 @@ def test_bad_latents_are_refused():
     ctx = np.zeros((1, 2, 10), np.float32)
     with pytest.raises(ValueError, match="not divisible by patch"):
         run_jax(config, params, np.zeros((1, 2, 3, 4, 4), np.float32), np.zeros(1, np.float32), ctx)
-    with pytest.raises(ValueError, match="method 'longdiff'"):
-        WanTransformer(config, method="longdiff").apply({"params": params}, np.zeros((1, 2, 4, 4, 4)),
+    with pytest.raises(ValueError, match="unknown method 'nonesuch'"):
+        WanTransformer(config, method="nonesuch").apply({"params": params}, np.zeros((1, 2, 4, 4, 4)),
                                                         np.zeros(1), ctx)
 
 

@@ -15,7 +15,7 @@ from jaxlongvid import masks
 from jaxlongvid.attention import merges
 from jaxlongvid.attention.average import probabilities
 from jaxlongvid.attention.encoding import Encoding, check_tables, logits as map_logits
-from jaxlongvid.attention.kernels.fused import attend_fused
+from jaxlongvid.attention.kernels.fused import attend_fused, attend_fused_frames
 from jaxlongvid.attention.kernels.plane import pallas_forward
 from jaxlongvid.attention.maps import MapInfo, info_of_positions, token_maps
 from jaxlongvid.attention.plan import AttentionPlan, make_plan, map_average_of, rope_formulation
@@ -37,7 +37,8 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
       rel_k, rel_v: ``[2R+1, dim]`` relative key/value tables, when ``encoding.rel_distance``.
       keyframes: int ``[..., n]`` IFS keyframes, broadcastable over the leading dims (methods with IFS).
       mask: optional extra bool mask ``[..., N, N]`` (AND-ed with the method's).
-      spatial_shape: ``(h, w)`` for FreeLong: the last leading dim must then be the flattened ``h * w``.
+      spatial_shape: ``(h, w)`` for FreeLong: the last leading dim must then be the flattened ``h * w`` (or, at
+        token level, ``h * w`` = tokens_per_frame).
       implementation: None for the jnp path; ``"cudnn"`` (or ``"xla"``) for fused attention where the RoPE is
         an absolute rotation; ``"pallas"`` for the plane kernel where it is mapped; ``"auto"``: per backend
         (``plan.make_plan``).
@@ -49,7 +50,10 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
         ``average``). Both exact.
       tokens_per_frame: T > 1 for token-level attention (video DiTs): the N = F T tokens are laid out frame by
         frame, the method's maps, mask and keyframes are over the F frames and apply to every token of a frame
-        (``maps.token_maps``); ``mask`` is then token-level. Methods with a merge take T = 1.
+        (``maps.token_maps``); ``mask`` is then token-level. With a fused ``implementation`` a method that maps
+        or masks runs one fused call per query frame (``kernels.fused.attend_fused_frames``). Merges act over
+        frames: FreeNoise windows of frames are blocks of tokens, FreeLong blends over (frames, h, w) with
+        ``spatial_shape = (h, w)``, ``h w = T``.
     Returns:
       ``[..., N, heads, dim]`` in v's dtype.
     """
@@ -61,34 +65,54 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
     if isinstance(tokens_per_frame, bool) or not isinstance(tokens_per_frame, int) or tokens_per_frame < 1 \
             or n % tokens_per_frame:
         raise ValueError(f"tokens_per_frame must be an int >= 1 that divides the {n} tokens, got {tokens_per_frame!r}")
-    if tokens_per_frame > 1 and method.merge is not None:
-        raise ValueError(f"method {method.name!r} merges windows or spectra: it takes tokens_per_frame=1")
+    frames = n // tokens_per_frame
+    seen = min(frames, method.merge.window) if isinstance(method.merge, FreeNoiseWindows) else frames
+    encoding = method.positions.encoding_at(encoding, seen, encoding.native_frames)
     check_tables(encoding, heads, dim, t5_table, rel_k, rel_v)
     if rel_v is not None and v.shape[-1] != dim:
         raise ValueError(f"rel_v needs v's dim ({v.shape[-1]}) to equal q's ({dim})")
+    t = tokens_per_frame
     options = dict(implementation=implementation, chunk_bytes=chunk_bytes, mapped_rope=mapped_rope,
                    map_average=map_average)
 
-    def run(q_, k_, v_, maps, info, mask_):
-        return attend(q_, k_, v_, maps, info, mask_, encoding, t5_table, rel_k, rel_v, **options)
+    def run(q_, k_, v_, maps, info, frame_mask, token_mask=None, visible=None):
+        """One attention under frame ``maps`` / ``info`` and a frame mask (and, at token level, an extra token
+        mask); tokens take one fused call per query frame where ``by_query_frame`` (gathering at most
+        ``visible`` key frames per query frame; None: all), else the token maps."""
+        if t == 1:
+            return attend(q_, k_, v_, maps, info, frame_mask, encoding, t5_table, rel_k, rel_v, **options)
+        if by_query_frame(info, frame_mask, token_mask, encoding, implementation):
+            visible = q_.shape[-3] // t if visible is None else visible
+            return attend_fused_frames(q_, k_, v_, maps, info, frame_mask, encoding, t, implementation, visible)
+        full = combine_masks(None if frame_mask is None else token_maps(frame_mask, t), token_mask)
+        return attend(q_, k_, v_, token_maps(maps, t), info.for_tokens(t), full, encoding, t5_table, rel_k, rel_v,
+                      **options)
 
     if isinstance(method.merge, FreeNoiseWindows):
         if keyframes is not None or mask is not None:
             raise ValueError("method with a FreeNoise merge takes no keyframes or extra mask")
-        return merges.freenoise(q, k, v, method, encoding.native_frames, run)
-    if tokens_per_frame > 1:
-        frames = n // tokens_per_frame
-        frame_mask = method_mask(method, frames, keyframes, None)
-        maps, info = method_maps(method, frames, encoding.native_frames)
-        full_mask = combine_masks(None if frame_mask is None else token_maps(frame_mask, tokens_per_frame), mask)
-        return run(q, k, v, token_maps(maps, tokens_per_frame), info.for_tokens(tokens_per_frame), full_mask)
-    full_mask = method_mask(method, n, keyframes, mask)
-    maps, info = method_maps(method, n, encoding.native_frames)
-    out = run(q, k, v, maps, info, full_mask)
+        return merges.freenoise(q, k, v, method, encoding.native_frames, run, t)
+    frame_mask = method_mask(method, frames, keyframes, mask if t == 1 else None)
+    maps, info = method_maps(method, frames, encoding.native_frames)
+    token_mask = mask if t > 1 else None
+    visible = frames if method.mask is None else method.mask.most_visible(frames, encoding.native_frames)
+    out = run(q, k, v, maps, info, frame_mask, token_mask, visible)
     if isinstance(method.merge, FreeLongBlend):
-        local = combine_masks(masks.local_window(n, method.merge.local_window, jnp), full_mask)
-        out = merges.freelong(out, run(q, k, v, maps, info, local), method.merge, spatial_shape)
+        local = combine_masks(masks.local_window(frames, method.merge.local_window, jnp), frame_mask)
+        local_visible = min(visible, 2 * method.merge.local_window + 1)
+        out = merges.freelong(out, run(q, k, v, maps, info, local, token_mask, local_visible), method.merge,
+                              spatial_shape, t)
     return out
+
+
+def by_query_frame(info: MapInfo, frame_mask, mask, encoding: Encoding, implementation) -> bool:
+    """Token-level attention runs one fused call per query frame (``attend_fused_frames``) where a fused
+    implementation ("xla", "cudnn") is asked for and the method maps positions or masks frames, so that nothing
+    [tokens x tokens] is formed outside the kernel; relative tables, T5 biases and an extra token mask take the
+    other paths."""
+    plain_encoding = not (encoding.t5_buckets or encoding.rel_distance)
+    acts = not info.linear or info.num_maps > 1 or frame_mask is not None
+    return implementation in ("xla", "cudnn") and plain_encoding and mask is None and acts
 
 
 def one_method(method) -> Method:
@@ -110,8 +134,10 @@ def combine_masks(a, b):
 
 
 def method_mask(method: Method, n: int, keyframes, mask):
-    """The method's full mask (static part, IFS part, caller's part), built in the program; None: all keys."""
-    full = combine_masks(None if method.mask is None else method.mask.static(n), mask)
+    """The method's full mask (static part, IFS part, caller's part), built in the program; None: all keys (a
+    static part that keeps every key is left out, so such a method runs exactly as one without a mask)."""
+    hides = method.mask is not None and not method.mask.hides_nothing(n)
+    full = combine_masks(method.mask.static(n) if hides else None, mask)
     if method.needs_keyframes:
         if keyframes is None:
             raise ValueError(f"method {method.name!r} uses IFS and needs keyframes [..., n]")
@@ -162,21 +188,24 @@ def attend_pallas(q, k, v, maps, info: MapInfo, mask, encoding: Encoding, t5_tab
 
 # ---- single-layer analysis ---------------------------------------------------------------------------------------
 def one_layer(what: str, q, encoding, method, t5_table, rel_k, keyframes, mask):
-    """Checks shared by the single-layer analysis functions; returns the method, full mask, maps and facts."""
+    """Checks shared by the single-layer analysis functions; returns the method, the encoding at this length,
+    the full mask, maps and facts."""
     method = get_method(method)
     if not isinstance(method, Method) or method.merge is not None:
         raise ValueError(f"{what} needs one layer's Method without a merge")
     check_tables(encoding, q.shape[-2], q.shape[-1], t5_table, rel_k, rel_k)
     n = q.shape[-3]
-    return method, method_mask(method, n, keyframes, mask), *method_maps(method, n, encoding.native_frames)
+    encoding = method.positions.encoding_at(encoding, n, encoding.native_frames)
+    return (method, encoding, method_mask(method, n, keyframes, mask),
+            *method_maps(method, n, encoding.native_frames))
 
 
 def attention_probabilities(q, k, *, encoding: Encoding = Encoding(), method="direct", t5_table=None,
                             rel_k=None, keyframes=None, mask=None):
     """The attention weights ``[..., heads, N, N]`` (float32) that ``temporal_attention`` applies to v, for
     methods without a window/spectral merge. Used by tests (masked keys are exactly 0) and layer probing."""
-    _, full_mask, maps, info = one_layer("attention_probabilities", q, encoding, method, t5_table, rel_k,
-                                         keyframes, mask)
+    _, encoding, full_mask, maps, info = one_layer("attention_probabilities", q, encoding, method, t5_table,
+                                                   rel_k, keyframes, mask)
     rope = rope_formulation(info, encoding)
     return probabilities(q, k, maps, info, full_mask, encoding, t5_table, rel_k, rope,
                          map_average_of(info, "auto", rope))[0]
@@ -186,8 +215,8 @@ def attention_logsumexp(q, k, *, encoding: Encoding = Encoding(), method="direct
                         keyframes=None, mask=None):
     """``logsumexp_j`` of the masked logits, ``[..., heads, N]`` float32 (-inf where a row sees no key), for a
     single-map method. With :func:`merge_passes` it combines attention computed over disjoint key sets."""
-    method, full_mask, maps, info = one_layer("attention_logsumexp", q, encoding, method, t5_table, rel_k,
-                                              keyframes, mask)
+    method, encoding, full_mask, maps, info = one_layer("attention_logsumexp", q, encoding, method, t5_table,
+                                                        rel_k, keyframes, mask)
     if info.num_maps != 1:
         raise ValueError(f"method {method.name!r} averages {info.num_maps} maps: its passes cannot be merged by "
                          "log-sum-exp")

@@ -45,6 +45,9 @@ class Encoding:
     t5_max_distance: int = 32
     rel_distance: int = 0  # R of relative K/V tables with 2R+1 rows (0: none); VideoCrafter1: 16
     native_frames: int = 16  # N0: the clip length the model was trained on
+    # (index, frequency) pairs replacing entries of the RoPE frequencies (RIFLEx's lowered intrinsic frequency,
+    # set by the method's positions part: ``Positions.encoding_at``); () for the model's own
+    rope_freq_overrides: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         if self.rope_dim < 0 or self.rope_dim % 2:
@@ -55,10 +58,18 @@ class Encoding:
             raise ValueError(f"Encoding.rel_distance must be >= 0, got {self.rel_distance}")
         if self.native_frames < 2:
             raise ValueError(f"Encoding.native_frames must be >= 2, got {self.native_frames}")
+        bad = [i for i, _ in self.rope_freq_overrides if not 0 <= i < self.rope_dim // 2]
+        if bad:
+            raise ValueError(f"Encoding.rope_freq_overrides index {bad[0]} is outside the {self.rope_dim // 2} "
+                             f"RoPE frequencies")
 
     def rope_freqs(self) -> np.ndarray:
-        """``theta ** (-2k / rope_dim)``, k = 0 .. rope_dim/2 - 1 (float64, static)."""
-        return self.rope_theta ** (-np.arange(0, self.rope_dim, 2, dtype=np.float64) / self.rope_dim)
+        """``theta ** (-2k / rope_dim)``, k = 0 .. rope_dim/2 - 1, with ``rope_freq_overrides`` (float64,
+        static)."""
+        freqs = self.rope_theta ** (-np.arange(0, self.rope_dim, 2, dtype=np.float64) / self.rope_dim)
+        for index, frequency in self.rope_freq_overrides:
+            freqs[index] = frequency
+        return freqs
 
 
 def check_tables(encoding: Encoding, heads: int, dim: int, t5_table, rel_k, rel_v):

@@ -29,8 +29,17 @@ Numerics: LayerNorms, RMSNorms, the modulation and the residual stream run in fl
 ``dtype``; matrix products run in ``dtype``. Parameter names follow diffusers (``attn1/to_q``, ``ffn/net_0/proj``,
 ``scale_shift_table``) so ``convert/wan.py`` is a rename table for either checkpoint layout.
 
-Self-attention over all ``S`` tokens goes through :func:`token_attention`, the one place the long-video methods
-will act on (only the unmodified ``direct`` method runs on this model so far).
+Long-video methods: self-attention over all ``S`` tokens goes through :func:`self_attention`, which rotates the
+height and width parts of q and k here (absolute rotations: a token's row and column never change) and hands the
+frame part to the temporal-attention core (``jaxlongvid.attention.temporal_attention`` with ``tokens_per_frame =
+h w``): its ``Encoding`` is RoPE on the first ``d - 4 (d // 6)`` channels -- the frame part, in the same
+adjacent-pair layout and with the same frequencies -- so a method's frame position map ``P[i, j]`` replaces the
+frame distance ``j - i`` of the frame component only, and its masks over latent frames cover blocks of ``h w``
+tokens. With the ``direct`` method this is Wan's 3D RoPE attention unchanged. ``method`` is one Method for every
+block or a ``MethodPlan`` over the block paths ``temporal_layer_names(config)`` (``blocks_i/attn1``); IFS scores
+keyframes from each block's input (the residual stream before its norm), one latent frame = ``h w`` tokens.
+Merges act over latent frames: FreeNoise's windows are blocks of whole frames' tokens, FreeLong blends the global
+and local branches over (frames, h, w).
 """
 
 from __future__ import annotations
@@ -46,8 +55,10 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxlongvid import sharding
+from jaxlongvid.attention import Encoding, temporal_attention
 from jaxlongvid.configs import JsonConfig
-from jaxlongvid.methods import PRESETS, Gaussian, Method, MethodPlan, get_method
+from jaxlongvid.keyframes import select_keyframes
+from jaxlongvid.methods import Method, MethodPlan, as_plan
 from jaxlongvid.models.layers import TimestepEmbedding, timestep_sinusoid
 
 TOKENS_SPEC = P(sharding.DATA, sharding.FRAMES)  # [B, S, C]: tokens are frame-major, so frames split S
@@ -70,7 +81,7 @@ class WanConfig(JsonConfig):
     eps: float = 1e-6  # every LayerNorm and RMSNorm
     rope_theta: float = 10000.0
     rope_max_seq_len: int = 1024  # the originals' RoPE table length (kept for the round trip; not a limit here)
-    native_frames: int = 21  # latent frames of the training clips (81 video frames)
+    native_frames: int = 21  # latent frames of the training clips (81 video frames): N0 of the methods' maps
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -173,13 +184,37 @@ def apply_rope(x: jnp.ndarray, angles: np.ndarray) -> jnp.ndarray:
 
 
 # ---- attention ----------------------------------------------------------------------------------------------------
-def token_attention(q, k, v, implementation: Optional[str] = None) -> jnp.ndarray:
-    """Full softmax attention of every token to every token, ``[B, S, heads, d]`` each (scale ``1/sqrt(d)``).
+def frame_encoding(config: WanConfig) -> Encoding:
+    """The frame component of the 3D RoPE as the attention core's encoding: RoPE on the first ``d - 4 (d // 6)``
+    channels of each head (adjacent pairs, ``theta^(-2k / width)``), native length ``config.native_frames``."""
+    return Encoding(rope_dim=rope_split(config.head_dim)[0], rope_theta=config.rope_theta,
+                    native_frames=config.native_frames)
 
-    The DiT's self-attention over all frames' tokens: the single entry point through which the long-video
-    methods will act on this model (see the module docstring).
+
+def self_attention(q, k, v, grid: tuple[int, int, int], method: Method, encoding: Encoding, keyframes=None,
+                   implementation: Optional[str] = None) -> jnp.ndarray:
+    """Wan's 3D-RoPE self-attention of ``[B, S, heads, d]`` (un-rotated q, k) under ``method``.
+
+    The height and width channels are rotated here by the tokens' absolute rows and columns; the frame channels
+    (the encoding's ``rope_dim``) go to the core unrotated, which rotates them by the method's frame position
+    maps (``module docstring``). ``keyframes``: IFS keyframes ``[B, n]`` over latent frames.
     """
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    fw = encoding.rope_dim
+    angles = rope_angles(grid, q.shape[-1], encoding.rope_theta)[:, fw // 2:]  # height and width pairs
+    spatial = lambda x: jnp.concatenate([x[..., :fw], apply_rope(x[..., fw:], angles)], axis=-1)
+    return temporal_attention(spatial(q), spatial(k), v, encoding=encoding, method=method, keyframes=keyframes,
+                              spatial_shape=grid[1:], implementation=implementation,
+                              tokens_per_frame=grid[1] * grid[2])
+
+
+def token_keyframes(features, grid: tuple[int, int, int], method: Method, native_frames: int) -> jnp.ndarray:
+    """IFS keyframes ``[B, n]`` scored from tokens ``[B, f h w, C]``: each latent frame's ``h w`` tokens are its
+    pixels (``keyframes.select_keyframes`` on ``[f, C, h w]`` per batch element)."""
+    b, _, c = features.shape
+    f, h, w = grid
+    frames = jnp.transpose(features.reshape(b, f, h * w, c), (0, 1, 3, 2))  # [B, f, C, hw]
+    segments = method.mask.segments(f, native_frames)
+    return jax.vmap(lambda one: select_keyframes(one, segments))(frames)
 
 
 def cross_attention(q, k, v, implementation: Optional[str] = None) -> jnp.ndarray:
@@ -212,7 +247,8 @@ def layer_norm(x, eps: float) -> jnp.ndarray:
 class WanAttention(nn.Module):
     """Multi-head attention with biased projections and q / k RMS-normed across all heads (``attn1`` / ``attn2``).
 
-    ``angles`` (self-attention): the 3D RoPE angles of the tokens; ``context``: cross-attention to the text.
+    Self-attention (``grid`` given: the token grid ``(f, h, w)``): 3D RoPE under ``method`` (:func:`self_attention`),
+    ``features`` the block input that IFS scores; ``context``: cross-attention to the text.
     """
 
     heads: int
@@ -220,9 +256,11 @@ class WanAttention(nn.Module):
     eps: float
     dtype: jnp.dtype = jnp.float32
     implementation: Optional[str] = None
+    method: Method = Method("direct")
+    encoding: Encoding = Encoding()
 
     @nn.compact
-    def __call__(self, x, context=None, angles=None):
+    def __call__(self, x, context=None, grid=None, features=None):
         inner = self.heads * self.head_dim
         source = x if context is None else context
         dense = lambda name: nn.Dense(inner, dtype=self.dtype, name=name)
@@ -231,7 +269,11 @@ class WanAttention(nn.Module):
         k = split(RMSNorm(self.eps, self.dtype, name="norm_k")(dense("to_k")(source)))
         v = split(dense("to_v")(source))
         if context is None:
-            out = token_attention(apply_rope(q, angles), apply_rope(k, angles), v, self.implementation)
+            keyframes = None
+            if self.method.needs_keyframes:
+                keyframes = token_keyframes(x if features is None else features, grid, self.method,
+                                            self.encoding.native_frames)
+            out = self_attention(q, k, v, grid, self.method, self.encoding, keyframes, self.implementation)
         else:
             out = cross_attention(q, k, v, self.implementation)
         out = out.reshape(out.shape[:-2] + (inner,))
@@ -256,16 +298,18 @@ class WanBlock(nn.Module):
     config: WanConfig
     dtype: jnp.dtype = jnp.float32
     implementation: Optional[str] = None
+    method: Method = Method("direct")  # this block's self-attention method
 
     @nn.compact
-    def __call__(self, x, modulation, context, angles):
+    def __call__(self, x, modulation, context, grid):
         cfg = self.config
         table = self.param("scale_shift_table", nn.initializers.normal(cfg.dim ** -0.5), (1, 6, cfg.dim))
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(table + modulation, 6, axis=1)  # [B, 1, dim]
-        attention = lambda name: WanAttention(cfg.num_heads, cfg.head_dim, cfg.eps, self.dtype, self.implementation,
-                                              name=name)
+        attention = lambda name, **kw: WanAttention(cfg.num_heads, cfg.head_dim, cfg.eps, self.dtype,
+                                                    self.implementation, name=name, **kw)
         h = (layer_norm(x, cfg.eps) * (1 + scale1) + shift1).astype(self.dtype)
-        x = x + attention("attn1")(h, angles=angles).astype(jnp.float32) * gate1
+        self_attn = attention("attn1", method=self.method, encoding=frame_encoding(cfg))
+        x = x + self_attn(h, grid=grid, features=x).astype(jnp.float32) * gate1
         h = x
         if cfg.cross_attn_norm:
             h = nn.LayerNorm(epsilon=cfg.eps, use_fast_variance=False, dtype=jnp.float32, name="norm2")(x)
@@ -275,15 +319,17 @@ class WanBlock(nn.Module):
         return sharding.constrain(x, TOKENS_SPEC)
 
 
-def check_direct(method) -> None:
-    """Only the unmodified model runs on Wan so far: any other method is refused by name."""
-    method = get_method(method)
-    plain = isinstance(method, Method) and method.replace(name="direct", noise=Gaussian()) == PRESETS["direct"]
-    if not plain:
-        name = getattr(method, "name", type(method).__name__)
-        raise ValueError(f"method {name!r} changes the temporal attention, which the Wan DiT does not route "
-                         f"through the attention core yet; use method='direct' (or one that only changes the "
-                         f"initial noise)")
+def temporal_layer_names(config: WanConfig) -> tuple[str, ...]:
+    """Paths of the self-attentions the methods act on, in forward order (a MethodPlan's layer ``i`` is block
+    ``i``)."""
+    return tuple(f"blocks_{i}/attn1" for i in range(config.num_layers))
+
+
+def layer_methods(config: WanConfig, method) -> tuple[Method, ...]:
+    """Each block's Method: a preset name, Method or MethodPlan resolved once over ``temporal_layer_names``."""
+    names = temporal_layer_names(config)
+    plan = as_plan(method).resolve(names)
+    return tuple(plan.for_layer(name) for name in names)
 
 
 class TextProjection(nn.Module):
@@ -325,7 +371,7 @@ def unpatchify(tokens: jnp.ndarray, grid: tuple[int, int, int], patch: tuple[int
 
 
 class WanTransformer(nn.Module):
-    """The Wan DiT (module docstring). ``method``: a preset name, Method or MethodPlan (``direct`` only so far)."""
+    """The Wan DiT (module docstring). ``method``: a preset name, Method or MethodPlan (per block)."""
 
     config: WanConfig
     method: Union[str, Method, MethodPlan] = "direct"
@@ -335,7 +381,7 @@ class WanTransformer(nn.Module):
     @nn.compact
     def __call__(self, x, timesteps, context):
         cfg = self.config
-        check_direct(self.method)
+        methods = layer_methods(cfg, self.method)
         b, f, hh, ww, c = x.shape
         pt, ph, pw = cfg.patch_size
         if c != cfg.in_channels:
@@ -352,10 +398,9 @@ class WanTransformer(nn.Module):
 
         temb, modulation, context = WanConditionEmbedder(cfg, self.dtype, name="condition_embedder")(
             timesteps, context)
-        angles = rope_angles(grid, cfg.head_dim, cfg.rope_theta)
         for i in range(cfg.num_layers):
-            x = WanBlock(cfg, self.dtype, self.attention_implementation, name=f"blocks_{i}")(
-                x, modulation, context, angles)
+            x = WanBlock(cfg, self.dtype, self.attention_implementation, methods[i], name=f"blocks_{i}")(
+                x, modulation, context, grid)
 
         table = self.param("scale_shift_table", nn.initializers.normal(cfg.dim ** -0.5), (1, 2, cfg.dim))
         shift, scale = jnp.split(table + temb[:, None, :], 2, axis=1)

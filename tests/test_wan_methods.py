@@ -1,0 +1,321 @@
+"""Long-video methods on the Wan DiT: token-level 3D-RoPE attention under a method's frame maps and masks against a
+float64 NumPy reference that rotates every channel pair of every token pair explicitly, the whole tiny transformer
+against the same model whose self-attention is that reference, and the identities (methods inside their dense
+range, RIFLEx and FreeLOC's plan at the native length equal direct).
+
+Tolerances: attention max |out - ref| / max |ref| <= 1e-5 (float32 vs float64); whole network 1e-4.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from jaxlongvid.methods import (IFS, PLAN_PRESETS, PRESETS, VRPR, Clip, FreeLongBlend, FreeNoiseWindows, Group,
+                                GroupShift, Interpolate, Method, MethodPlan, RIFLEx, Tiered, Window,
+                                intrinsic_frequency, parse_method, vrpr_setting)
+from jaxlongvid.keyframes import select_keyframes
+from jaxlongvid.models import wan
+from jaxlongvid.models.wan import (WanConfig, WanTransformer, frame_encoding, rope_split, self_attention,
+                                   temporal_layer_names, token_keyframes)
+
+ATTENTION_RTOL = 1e-5
+NETWORK_RTOL = 1e-4
+N0 = 4  # the tiny model's native latent frames
+CONFIG = WanConfig(patch_size=(1, 2, 2), num_heads=2, head_dim=24, in_channels=4, out_channels=4, text_dim=8,
+                   freq_dim=16, ffn_dim=16, num_layers=2, native_frames=N0)  # RoPE parts 8 / 8 / 8
+GRID = (9, 2, 2)  # 9 latent frames (> 2 N0) of 2 x 2 tokens
+TINY_FRESH = Method("freeloc-tiny", positions=VRPR(2, 4, 2, 2), mask=Tiered(((2, 1), (6, 2)), 1))
+METHODS = [
+    PRESETS["direct"],
+    Method("clip", positions=Clip(), mask=IFS(window=2, num_segments=2)),
+    Method("interpolate", positions=Interpolate(), mask=IFS(window=1)),
+    Method("group", positions=Group()),
+    Method("longdiff", positions=GroupShift(), mask=IFS(window=2)),
+    TINY_FRESH,
+    Method("vrpr-per-length", positions=VRPR(None, None, None, None)),
+    Method("window", mask=Window(2)),
+    PRESETS["riflex"],
+    Method("riflex-k2-tiered", positions=RIFLEx(k=2), mask=Tiered(((3, 1),), 2)),
+]
+
+
+# ---- the float64 reference ---------------------------------------------------------------------------------------
+def reference_frame_mask(method: Method, f: int, keyframes) -> np.ndarray:
+    """bool [B or 1, f, f] written out from the papers' rules (not from ``masks.py``)."""
+    i, j = np.meshgrid(np.arange(f), np.arange(f), indexing="ij")
+    a = np.abs(j - i)
+    mask = method.mask
+    if mask is None:
+        return np.ones((1, f, f), bool)
+    if isinstance(mask, Window):
+        return (a <= mask.radius)[None]
+    if isinstance(mask, IFS):
+        return np.stack([(a <= mask.window) | np.isin(j, row) for row in np.asarray(keyframes)])  # [B, f, f]
+    if isinstance(mask, Tiered):
+        keep = np.zeros((f, f), bool)
+        for x in range(f):
+            for y in range(f):
+                tier = next((t for t in mask.tiers if a[x, y] <= t[0]), None)
+                keep[x, y] = (tier is not None and a[x, y] % tier[1] == 0) or y < mask.sink_frames
+        return keep[None]
+    raise AssertionError(mask)
+
+
+def reference_frame_freqs(method: Method, f: int, fw: int, theta: float) -> np.ndarray:
+    """The frame RoPE frequencies; RIFLEx beyond N0: component k (its ``k`` or the one whose period
+    round(2 pi / freq) is closest to N0) set to 0.9 * 2 pi / f."""
+    freqs = 1.0 / theta ** (np.arange(0, fw, 2, dtype=np.float64) / fw)
+    if isinstance(method.positions, RIFLEx) and f > N0:
+        k = method.positions.k or 1 + int(np.argmin(np.abs(np.rint(2 * np.pi / freqs) - N0)))
+        freqs[k - 1] = 0.9 * 2 * np.pi / f
+    return freqs
+
+
+def reference_attention(q, k, v, grid, method: Method, keyframes=None, theta: float = 10000.0,
+                        extra_frame_mask=None) -> np.ndarray:
+    """float64 ``[B, S, H, D]``: for every token pair (a, b) each channel pair of k_b is rotated by its own
+    relative angle -- frame pairs by ``P[f_a, f_b] * freq``, height and width pairs by ``(y_b - y_a) * freq`` and
+    ``(x_b - x_a) * freq`` -- and dotted with q_a; softmax per map (masked keys -inf), probabilities averaged
+    over the maps."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    f, h, w = grid
+    d = q.shape[-1]
+    fw, hw, ww = rope_split(d)
+    fa, ya, xa = np.unravel_index(np.arange(f * h * w), grid)
+    maps = np.asarray(method.positions.maps(f, N0, np), np.float64)  # [M, f, f]
+    frame_mask = reference_frame_mask(method, f, keyframes)
+    if extra_frame_mask is not None:
+        frame_mask = frame_mask & extra_frame_mask
+    mask = frame_mask[:, fa][:, :, fa]  # [B or 1, S, S]: token blocks
+    frame_freqs = reference_frame_freqs(method, f, fw, theta)
+    axis_freqs = lambda width: 1.0 / theta ** (np.arange(0, width, 2, dtype=np.float64) / width)
+    spatial = np.concatenate([(ya[None, :] - ya[:, None])[..., None] * axis_freqs(hw),
+                              (xa[None, :] - xa[:, None])[..., None] * axis_freqs(ww)], -1)  # [S, S, (hw+ww)/2]
+    probs = 0.0
+    for pmap in maps:
+        frame = pmap[fa][:, fa][..., None] * frame_freqs  # [S, S, fw/2]
+        angle = np.concatenate([frame, spatial], -1)  # [S, S, d/2]
+        cos, sin = np.cos(angle)[None, :, :, None], np.sin(angle)[None, :, :, None]  # [1, S, S, 1, d/2]
+        ka, kb = k[:, None, :, :, 0::2], k[:, None, :, :, 1::2]  # [B, 1, S, H, d/2]
+        rotated = np.stack([ka * cos - kb * sin, kb * cos + ka * sin], -1).reshape(ka.shape[:1] + angle.shape[:2]
+                                                                                    + k.shape[-2:])
+        logits = np.einsum("bihd,bijhd->bhij", q, rotated) / np.sqrt(d)
+        logits = np.where(mask[:, None], logits, -np.inf)
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        probs = probs + e / e.sum(-1, keepdims=True) / len(maps)
+    return np.einsum("bhij,bjhd->bihd", probs, v)
+
+
+def relative_error(out, ref) -> float:
+    return float(np.max(np.abs(np.asarray(out, np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+def random_qkv(seed: int, grid=GRID, batch: int = 2):
+    s = int(np.prod(grid))
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return [jax.random.normal(key, (batch, s, CONFIG.num_heads, CONFIG.head_dim)) for key in keys]
+
+
+# ---- token-level attention ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("implementation", [None, "xla"], ids=["jnp", "by-query-frame"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_token_attention_matches_reference(method, implementation):
+    """The jnp path over token maps, and the fused path one query frame at a time (``attend_fused_frames``)."""
+    q, k, v = random_qkv(1)
+    keyframes = None
+    if method.needs_keyframes:
+        segments = method.mask.segments(GRID[0], N0)
+        keyframes = jnp.asarray(np.stack([np.arange(segments) * 2, np.arange(segments) * 2 + 1]) % GRID[0])
+    with jax.default_matmul_precision("highest"):
+        out = self_attention(q, k, v, GRID, method, frame_encoding(CONFIG), keyframes, implementation)
+    err = relative_error(out, reference_attention(q, k, v, GRID, method, keyframes))
+    assert err < ATTENTION_RTOL, (method.name, err)
+
+
+def test_methods_inside_their_dense_range_equal_direct_exactly():
+    """Tiers whose dense tier covers every distance, and RIFLEx at the native length, are direct bit for bit;
+    VRPR under a window inside its dense range |d| < W1 (all visible distances unchanged) equals direct + window."""
+    q, k, v = random_qkv(2)
+    enc = frame_encoding(CONFIG)
+    run = lambda method, grid=GRID, x=(q, k, v): np.asarray(self_attention(*x, grid, method, enc))
+    direct = run(PRESETS["direct"])
+    np.testing.assert_array_equal(run(Method("dense-tiers", mask=Tiered(((8, 1), (24, 4)), 1))), direct)
+    native = (4, 2, 2)
+    small = random_qkv(3, native)
+    np.testing.assert_array_equal(run(PRESETS["riflex"], native, small), run(PRESETS["direct"], native, small))
+    windowed = run(Method("w", mask=Window(2)))
+    vrpr = run(Method("vw", positions=VRPR(3, 5, 2, 2), mask=Window(2)))
+    np.testing.assert_allclose(vrpr, windowed, rtol=0, atol=1e-6 * np.abs(windowed).max())
+    assert relative_error(run(Method("v", positions=VRPR(3, 5, 2, 2))), direct.astype(np.float64)) > 1e-3
+
+
+def test_riflex_lowers_the_intrinsic_frequency():
+    """Wan2.1's frame RoPE (44 channels, theta 1e4): periods 6, 10, 14, 22, 34 ... latent frames; the one closest
+    to the 21 native frames is k = 4, lowered to 0.9 * 2 pi / N beyond N0."""
+    enc = frame_encoding(WanConfig.wan_1_3b())
+    assert enc.rope_dim == 44 and intrinsic_frequency(enc.rope_freqs(), 21) == 4
+    long = RIFLEx().encoding_at(enc, 81, 21).rope_freqs()
+    expected = enc.rope_freqs()
+    expected[3] = 0.9 * 2 * np.pi / 81
+    np.testing.assert_array_equal(long, expected)
+    assert RIFLEx().encoding_at(enc, 21, 21) == enc
+    with pytest.raises(ValueError, match="RIFLEx.k=30 exceeds the 22 RoPE frequencies"):
+        RIFLEx(k=30).encoding_at(enc, 81, 21)
+
+
+def test_token_keyframes_score_each_latent_frame_from_its_tokens():
+    features = jax.random.normal(jax.random.PRNGKey(4), (2, int(np.prod(GRID)), 5))
+    method = Method("ifs", mask=IFS(num_segments=3))
+    got = np.asarray(jax.jit(token_keyframes, static_argnums=(1, 2, 3))(features, GRID, method, N0))
+    t = GRID[1] * GRID[2]
+    for b in range(2):
+        frames = np.stack([np.asarray(features[b, f * t:(f + 1) * t]).T for f in range(GRID[0])])  # [f, C, hw]
+        np.testing.assert_array_equal(got[b], np.asarray(select_keyframes(frames, 3)))
+
+
+# ---- the whole transformer ---------------------------------------------------------------------------------------
+def reference_self_attention(q, k, v, grid, method, encoding, keyframes=None, implementation=None):
+    """``wan.self_attention`` replaced by the float64 reference (through a host callback)."""
+    def host(q, k, v, keyframes):
+        return reference_attention(q, k, v, grid, method, keyframes if method.needs_keyframes else None,
+                                   encoding.rope_theta).astype(np.float32)
+
+    keyframes = jnp.zeros((q.shape[0], 1), jnp.int32) if keyframes is None else keyframes
+    return jax.pure_callback(host, jax.ShapeDtypeStruct(v.shape, jnp.float32), q, k, v, keyframes)
+
+
+@functools.cache
+def tiny_model():
+    x = jax.random.normal(jax.random.PRNGKey(5), (1, GRID[0], 4, 4, CONFIG.in_channels))
+    t = jnp.asarray([700.0])
+    ctx = jax.random.normal(jax.random.PRNGKey(6), (1, 3, CONFIG.text_dim))
+    shapes = jax.eval_shape(WanTransformer(CONFIG).init, jax.random.PRNGKey(7), x, t, ctx)["params"]
+    rng = np.random.default_rng(8)  # every parameter random (norm scales, tables, biases included)
+    params = jax.tree.map(lambda p: 0.3 * rng.standard_normal(p.shape).astype(np.float32), shapes)
+    return params, x, t, ctx
+
+
+def run_model(method, x=None, implementation=None):
+    params, x0, t, ctx = tiny_model()
+    x = x0 if x is None else x
+    model = WanTransformer(CONFIG, method, attention_implementation=implementation)
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx))
+
+
+PLAN = MethodPlan(default=Method("longdiff", positions=GroupShift(), mask=IFS(window=2)), layers=((1, TINY_FRESH),))
+
+
+@pytest.mark.parametrize("method", [METHODS[2], TINY_FRESH, PLAN], ids=["interpolate-ifs", "vrpr-tiered", "plan"])
+def test_transformer_matches_reference_attention(method, monkeypatch):
+    out = run_model(method)
+    monkeypatch.setattr(wan, "self_attention", reference_self_attention)
+    ref = run_model(method).astype(np.float64)
+    err = relative_error(out, ref)
+    assert err < NETWORK_RTOL, err
+    monkeypatch.undo()
+    assert relative_error(run_model("direct"), ref) > 1e-3  # the method changed the output
+
+
+def test_transformer_by_query_frame_equals_jnp_path():
+    """The tiny model under a per-block plan with a fused implementation (one call per query frame) against the
+    jnp path over token maps."""
+    ref = run_model(PLAN).astype(np.float64)
+    assert relative_error(run_model(PLAN, implementation="xla"), ref) < NETWORK_RTOL
+
+
+def test_freeloc_plan_at_native_length_equals_direct_exactly():
+    params, x, t, ctx = tiny_model()
+    native = x[:, :N0]
+    plan = MethodPlan(default=Method("vrpr", positions=VRPR(None, None, None, None)),
+                      layers=((0, Method("tsa", positions=VRPR(None, None, None, None), mask=Tiered())),))
+    np.testing.assert_array_equal(run_model(plan, native), run_model("direct", native))
+
+
+def test_freeloc_wan_plan_is_freeloc_published_assignment():
+    """Westlake-AGI-Lab/FreeLOC's Wan2.1-1.3B routing: TSA + VRPR on 17 blocks, VRPR on the other 13, and VRPR at
+    its published setting per length (41 latent frames: 12/20/2/8, 81: 10/14/2/8)."""
+    names = temporal_layer_names(WanConfig.wan_1_3b())
+    plan = PLAN_PRESETS["freeloc-wan"].resolve(names)
+    tsa = [i for i, name in enumerate(names) if isinstance(plan.for_layer(name).mask, Tiered)]
+    assert tsa == [0, 1, 4, 6, 7, 9, 10, 11, 13, 14, 15, 16, 18, 22, 23, 24, 25]
+    vrpr = [i for i, name in enumerate(names) if plan.for_layer(name).mask is None]
+    assert vrpr == [2, 3, 5, 8, 12, 17, 19, 20, 21, 26, 27, 28, 29]
+    assert all(isinstance(plan.for_layer(n).positions, VRPR) for n in names)
+    assert vrpr_setting(41, 21) == (12, 20, 2, 8) and vrpr_setting(81, 21) == (10, 14, 2, 8)
+    assert vrpr_setting(161, 21) == (10, 14, 2, 8) and vrpr_setting(30, 21) == (12, 20, 2, 8)
+    assert parse_method("freeloc-wan") is PLAN_PRESETS["freeloc-wan"]
+    assert parse_method("riflex:k=5").positions == RIFLEx(5)
+    with pytest.raises(ValueError, match="'freeloc-wan' is a plan of several methods"):
+        parse_method("freeloc-wan:window=3")
+    with pytest.raises(ValueError, match="names temporal layer 4, but this model has 2"):
+        WanTransformer(CONFIG, "freeloc-wan").apply({"params": tiny_model()[0]}, *tiny_model()[1:])
+
+
+def reference_freenoise(q, k, v, grid, method: Method) -> np.ndarray:
+    """FreeNoise over latent frames: windows [i S, i S + W) (and one ending at f), each attending within its own
+    frames' tokens; every frame's outputs weighted 1, 2, .., 2, 1 over its window positions and normalised."""
+    f, h, w = grid
+    t, size, stride = h * w, method.merge.window, method.merge.stride
+    starts = list(range(0, f - size + 1, stride))
+    starts += [f - size] if starts[-1] + size < f else []
+    total, weight = np.zeros(q.shape[:1] + (f, t) + v.shape[2:]), np.zeros(f)
+    for start in starts:
+        tokens = slice(start * t, (start + size) * t)
+        out = reference_attention(q[:, tokens], k[:, tokens], v[:, tokens], (size, h, w), method)
+        for p in range(size):
+            wp = min(p + 1, size - p)
+            total[:, start + p] += wp * out[:, p * t:(p + 1) * t]
+            weight[start + p] += wp
+    return (total / weight[None, :, None, None, None]).reshape(v.shape)
+
+
+def reference_freelong(q, k, v, grid, method: Method) -> np.ndarray:
+    """FreeLong over latent frames: global attention and local attention (each frame sees 2 r + 1 consecutive
+    frames, shifted inward at the ends), blended per channel over (frames, h, w) by the Gaussian low-pass."""
+    f, h, w = grid
+    r = method.merge.local_window
+    width = min(2 * r + 1, f)
+    local = np.zeros((f, f), bool)
+    for i in range(f):
+        start = min(max(i - r, 0), f - width)
+        local[i, start:start + width] = True
+    glob = reference_attention(q, k, v, grid, method)
+    loc = reference_attention(q, k, v, grid, method, extra_frame_mask=local)
+    video = lambda x, b: x[b].reshape(f, h, w, -1)
+    return np.stack([reference.freelong_blend(video(glob, b), video(loc, b), method.merge.d_t, method.merge.d_s)
+                     for b in range(q.shape[0])]).reshape(v.shape)
+
+
+@pytest.mark.parametrize("implementation", [None, "xla"], ids=["jnp", "by-query-frame"])
+@pytest.mark.parametrize("method", [Method("freenoise", merge=FreeNoiseWindows(4, 2)),
+                                    Method("freenoise-vrpr", positions=VRPR(1, 2, 1, 1), merge=FreeNoiseWindows(5, 3)),
+                                    Method("freelong", merge=FreeLongBlend(local_window=2)),
+                                    Method("freelong-group", positions=GroupShift(), merge=FreeLongBlend(1))],
+                         ids=lambda m: m.name)
+def test_merges_over_latent_frames_match_reference(method, implementation):
+    q, k, v = random_qkv(9)
+    with jax.default_matmul_precision("highest"):
+        out = self_attention(q, k, v, GRID, method, frame_encoding(CONFIG), None, implementation)
+    merge = reference_freenoise if isinstance(method.merge, FreeNoiseWindows) else reference_freelong
+    err = relative_error(out, merge(q, k, v, GRID, method))
+    assert err < ATTENTION_RTOL, (method.name, err)
+
+
+def test_transformer_with_freenoise_matches_reference(monkeypatch):
+    """The whole tiny model under FreeNoise windows; the reference model's self-attention is reference_freenoise."""
+    method = Method("freenoise", merge=FreeNoiseWindows(4, 2))
+    out = run_model(method)
+
+    def reference_merge(q, k, v, grid, method, encoding, keyframes=None, implementation=None):
+        host = lambda q, k, v: reference_freenoise(q, k, v, grid, method).astype(np.float32)
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(v.shape, jnp.float32), q, k, v)
+
+    monkeypatch.setattr(wan, "self_attention", reference_merge)
+    assert relative_error(out, run_model(method).astype(np.float64)) < NETWORK_RTOL
