@@ -28,14 +28,13 @@ Tiny on a CPU (tests/test_model_speed.py runs this for one step):
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlongvid.bench.timing import time_compiled
 from jaxlongvid.methods import PRESETS
 from jaxlongvid.models.layers import IMPLEMENTATIONS, plan_kernels
 from jaxlongvid.models.unet3d import UNet3DConfig, init_shapes
@@ -139,22 +138,8 @@ def gib(n) -> str:
 
 
 def run_row(fn, params, x, context, repeats: int, warmup: int) -> dict:
-    start = time.perf_counter()
-    compiled = fn.lower(params, x, context).compile()
-    compile_s = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    need = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                     + mem.temp_size_in_bytes)
-    for _ in range(warmup):
-        compiled(params, x, context).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        compiled(params, x, context).block_until_ready()
-        times.append(time.perf_counter() - start)
-    stats = jax.devices()[0].memory_stats() or {}
-    return dict(seconds=statistics.median(times), compile_s=compile_s, need=need,
-                peak=stats.get("peak_bytes_in_use"), kernels=custom_calls(compiled.as_text()))
+    row = time_compiled(fn, params, x, context, repeats=repeats, warmup=warmup)
+    return dict(row, kernels=custom_calls(row.pop("hlo")))
 
 
 def main(argv=None) -> int:

@@ -24,18 +24,16 @@ On a CPU, a tiny model in float32 (what the test runs; native length 2 latent fr
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wan_step import latent_grid  # noqa: E402
 
+from jaxlongvid.bench.timing import time_compiled  # noqa: E402
 from jaxlongvid.methods import PLAN_PRESETS, get_method  # noqa: E402
 from jaxlongvid.models.wan import WanConfig, WanTransformer  # noqa: E402
 
@@ -76,21 +74,7 @@ def step_fn(config: WanConfig, method, dtype, implementation):
 
 
 def run_row(step, params, x, context, repeats: int) -> dict:
-    start = time.perf_counter()
-    compiled = step.lower(params, x, context).compile()
-    compile_s = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    need = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                     + mem.temp_size_in_bytes)
-    compiled(params, x, context).block_until_ready()  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        compiled(params, x, context).block_until_ready()
-        times.append(time.perf_counter() - start)
-    stats = jax.devices()[0].memory_stats() or {}
-    return dict(seconds=statistics.median(times), compile_s=compile_s, need=need,
-                peak=stats.get("peak_bytes_in_use"))
+    return time_compiled(step, params, x, context, repeats=repeats, warmup=1)
 
 
 def gib(n) -> str:

@@ -365,6 +365,26 @@ def _diffusers_components(folder: PathLike, required: bool = True) -> dict:
     return out
 
 
+def pipeline_of_parts(family: str, denoiser_config, denoiser_params: dict, scheduler: SchedulerConfig,
+                      defaults: Mapping, problems: list[str], where: str, *, vae_config=None,
+                      vae_params: Optional[dict] = None, text_config=None, text_params: Optional[dict] = None,
+                      tokenizer=None, sources: Optional[Mapping[str, str]] = None) -> Pipeline:
+    """The Pipeline of converted components once ``problems`` (what does not fit together) is empty, else one
+    error naming them all; absent VAE / text parts are listed in ``missing``."""
+    if problems:
+        raise CheckpointError(f"{where}: the components do not fit together: {'; '.join(problems)}")
+    params = {"unet": denoiser_params}
+    if vae_config is not None:
+        params["vae"] = vae_params
+    if text_config is not None:
+        params["text"] = text_params
+    missing = tuple(name for name, cfg in (("vae", vae_config), ("text", text_config)) if cfg is None)
+    config = PipelineConfig(family=family, unet=denoiser_config, text=text_config, vae=vae_config,
+                            scheduler=scheduler, missing=missing, extra={"converted_from": dict(sources or {})},
+                            **defaults)
+    return Pipeline(config, params, tokenizer if text_config is not None else None)
+
+
 def assemble(family: str, unet_config: UNet3DConfig, unet_params: dict, scheduler: SchedulerConfig,
              defaults: Mapping, *, vae_config: Optional[VAEConfig] = None, vae_params: Optional[dict] = None,
              text_config: Optional[TextConfig] = None, text_params: Optional[dict] = None, tokenizer=None,
@@ -385,17 +405,9 @@ def assemble(family: str, unet_config: UNet3DConfig, unet_params: dict, schedule
             problems.append(f"the tokenizer ({tokenizer.vocab_size} tokens, {tokenizer.context_length} positions) "
                             f"does not fit the text encoder ({text_config.vocab_size} tokens, "
                             f"{text_config.context_length} positions)")
-    if problems:
-        raise CheckpointError(f"{where}: the components do not fit together: {'; '.join(problems)}")
-    params = {"unet": unet_params}
-    if vae_config is not None:
-        params["vae"] = vae_params
-    if text_config is not None:
-        params["text"] = text_params
-    missing = tuple(name for name, cfg in (("vae", vae_config), ("text", text_config)) if cfg is None)
-    config = PipelineConfig(family=family, unet=unet_config, text=text_config, vae=vae_config, scheduler=scheduler,
-                            missing=missing, extra={"converted_from": dict(sources or {})}, **defaults)
-    return Pipeline(config, params, tokenizer if text_config is not None else None)
+    return pipeline_of_parts(family, unet_config, unet_params, scheduler, defaults, problems, where, vae_config=vae_config,
+                             vae_params=vae_params, text_config=text_config, text_params=text_params,
+                             tokenizer=tokenizer, sources=sources)
 
 
 def _named(name: str, convert: Callable, *args):
@@ -533,14 +545,6 @@ def assemble_wan(wan_config: WanConfig, wan_params: dict, scheduler: SchedulerCo
         elif tokenizer.vocab_size > text_config.vocab_size:
             problems.append(f"the tokenizer ({tokenizer.vocab_size} tokens) does not fit the text encoder "
                             f"({text_config.vocab_size} tokens)")
-    if problems:
-        raise CheckpointError(f"{where}: the components do not fit together: {'; '.join(problems)}")
-    params = {"unet": wan_params}
-    if vae_config is not None:
-        params["vae"] = vae_params
-    if text_config is not None:
-        params["text"] = text_params
-    missing = tuple(name for name, cfg in (("vae", vae_config), ("text", text_config)) if cfg is None)
-    config = PipelineConfig(family="wan", unet=wan_config, text=text_config, vae=vae_config, scheduler=scheduler,
-                            missing=missing, extra={"converted_from": dict(sources or {})}, **WAN_DEFAULTS)
-    return Pipeline(config, params, tokenizer if text_config is not None else None)
+    return pipeline_of_parts("wan", wan_config, wan_params, scheduler, WAN_DEFAULTS, problems, where, vae_config=vae_config,
+                             vae_params=vae_params, text_config=text_config, text_params=text_params,
+                             tokenizer=tokenizer, sources=sources)

@@ -396,8 +396,11 @@ class UMT5Tokenizer:
     @classmethod
     def from_dir(cls, folder: str, text_len: int = 512, clean: bool = True) -> "UMT5Tokenizer":
         """A tokenizer folder holding ``tokenizer.json`` (google/umt5-xxl's, or Wan's ``tokenizer/`` folder)."""
-        from tokenizers import Tokenizer
-
+        try:
+            from tokenizers import Tokenizer  # only Wan pipelines need it: the "wan" extra
+        except ImportError:
+            raise ImportError("Wan2.1's umT5 tokenizer needs the tokenizers library: pip install 'jaxlongvid[wan]'") \
+                from None
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder}: no tokenizer.json (expected a umT5 tokenizer folder)")
