@@ -23,6 +23,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert {m: v.shape for m, v in ns["long"].items()} == {"direct": (64, 32, 32, 3), "longdiff": (64, 32, 32, 3)}
     assert (tmp_path / "longdiff_64.gif").stat().st_size > 0
     assert all((tmp_path / f"{m}_64.png").stat().st_size > 0 for m in ("direct", "longdiff"))  # the sheets shown
+    np.testing.assert_allclose(ns["probs"].sum(-1), 1.0, rtol=1e-5)
 
 
 def test_quickstart_notebook_ships_with_its_outputs():
@@ -31,4 +32,3 @@ def test_quickstart_notebook_ships_with_its_outputs():
     assert all(c["outputs"] for c in cells)
     images = [o for c in cells for o in c["outputs"] if o["output_type"] == "display_data"]
     assert len(images) == 2 and all(o["data"]["image/png"] for o in images)
-    np.testing.assert_allclose(ns["probs"].sum(-1), 1.0, rtol=1e-5)
