@@ -292,6 +292,20 @@ def _find_openclip_vocab(ckpt: str, vocab: Optional[PathLike]) -> Optional[str]:
 T2V_PIPELINES = ("TextToVideoSDPipeline", "VideoToVideoSDPipeline")
 
 
+def diffusers_folder(diffusers: PathLike, pipelines, what: str) -> str:
+    """``diffusers`` as a folder path, refused unless it exists and its ``model_index.json`` (if any) names one of
+    ``pipelines`` (``what``: the kind of pipeline, for the message)."""
+    folder = os.fspath(diffusers)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: no such diffusers folder")
+    index = os.path.join(folder, "model_index.json")
+    if os.path.isfile(index):
+        cls = read_json(index).get("_class_name")
+        if cls not in pipelines:
+            raise CheckpointError(f"{index}: a {cls} folder, not a {what} one ({', '.join(pipelines)})")
+    return folder
+
+
 def modelscope_pipeline(diffusers: PathLike) -> Pipeline:
     """ModelScope T2V / ZeroScope in diffusers format: ``unet/`` (required), ``vae/``, ``text_encoder/`` with
     ``tokenizer/``, ``scheduler/`` (its noise-schedule fields override ``SchedulerConfig.modelscope()``'s).
@@ -299,14 +313,7 @@ def modelscope_pipeline(diffusers: PathLike) -> Pipeline:
     Sampling defaults: 16 frames, 50 steps, guidance 9, size = the UNet's ``sample_size`` x the VAE factor (what
     diffusers' ``TextToVideoSDPipeline`` uses when none is given; 256x256 for ModelScope).
     """
-    folder = os.fspath(diffusers)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{folder}: no such diffusers folder")
-    index = os.path.join(folder, "model_index.json")
-    if os.path.isfile(index):
-        cls = read_json(index).get("_class_name")
-        if cls not in T2V_PIPELINES:
-            raise CheckpointError(f"{index}: a {cls} folder, not a text-to-video one ({', '.join(T2V_PIPELINES)})")
+    folder = diffusers_folder(diffusers, T2V_PIPELINES, "text-to-video")
     if not os.path.isdir(os.path.join(folder, "unet")):
         raise CheckpointError(f"{folder}: no unet/ folder (expected a diffusers text-to-video pipeline folder)")
     unet_config, unet_params = convert_modelscope_unet(os.path.join(folder, "unet"))
@@ -436,14 +443,7 @@ def wan_diffusers_pipeline(diffusers: PathLike) -> Pipeline:
     ``PipelineConfig.missing``; no scheduler: ``SchedulerConfig.wan()``, UniPC with flow shift 3).
 
     Sampling defaults: :data:`WAN_DEFAULTS` (diffusers' ``WanPipeline``)."""
-    folder = os.fspath(diffusers)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{folder}: no such diffusers folder")
-    index = os.path.join(folder, "model_index.json")
-    if os.path.isfile(index):
-        cls = read_json(index).get("_class_name")
-        if cls not in WAN_PIPELINES:
-            raise CheckpointError(f"{index}: a {cls} folder, not a Wan text-to-video one ({', '.join(WAN_PIPELINES)})")
+    folder = diffusers_folder(diffusers, WAN_PIPELINES, "Wan text-to-video")
     sub = lambda name: os.path.join(folder, name)  # noqa: E731
     if not os.path.isdir(sub("transformer")):
         raise CheckpointError(f"{folder}: no transformer/ folder (expected a diffusers Wan pipeline folder)")
