@@ -123,10 +123,11 @@ def random_qkv(seed: int, grid=GRID, batch: int = 2):
 
 
 # ---- token-level attention ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("implementation", [None, "xla"], ids=["jnp", "by-query-frame"])
+@pytest.mark.parametrize("implementation", [None, "xla", "pallas"], ids=["jnp", "by-query-frame", "block-sparse"])
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
 def test_token_attention_matches_reference(method, implementation):
-    """The jnp path over token maps, and the fused path one query frame at a time (``attend_fused_frames``)."""
+    """The jnp path over token maps, the fused path one query frame at a time (``attend_fused_frames``), and the
+    block-sparse Pallas kernel (``kernels.sparse``, interpreted)."""
     q, k, v = random_qkv(1)
     keyframes = None
     if method.needs_keyframes:
