@@ -393,6 +393,9 @@ def test_transformer_fused_and_sparse_paths_equal_jnp_path(implementation):
     block-sparse kernel (cross attention then XLA on a CPU) against the jnp path over token maps."""
     ref = run_model(PLAN).astype(np.float64)
     assert relative_error(run_model(PLAN, implementation=implementation), ref) < NETWORK_RTOL
+    assert wan.cross_implementation(implementation, jnp.bfloat16, "gpu") == {"xla": "xla", "pallas": "cudnn"}[
+        implementation]
+    assert wan.cross_implementation("pallas", jnp.float32, "gpu") is None  # cuDNN takes half precision only
 
 
 def test_freeloc_plan_at_native_length_equals_direct_exactly():
