@@ -461,7 +461,7 @@ def reference_freelong(q, k, v, grid, method: Method) -> np.ndarray:
                      for b in range(q.shape[0])]).reshape(v.shape)
 
 
-@pytest.mark.parametrize("implementation", [None, "xla"], ids=["jnp", "by-query-frame"])
+@pytest.mark.parametrize("implementation", [None, "xla", "pallas"], ids=["jnp", "by-query-frame", "block-sparse"])
 @pytest.mark.parametrize("method", [Method("freenoise", merge=FreeNoiseWindows(4, 2)),
                                     Method("freenoise-vrpr", positions=VRPR(1, 2, 1, 1), merge=FreeNoiseWindows(5, 3)),
                                     Method("freelong", merge=FreeLongBlend(local_window=2)),
@@ -470,7 +470,8 @@ def reference_freelong(q, k, v, grid, method: Method) -> np.ndarray:
 def test_merges_over_latent_frames_match_reference(method, implementation):
     q, k, v = random_qkv(9)
     with jax.default_matmul_precision("highest"):
-        out = self_attention(q, k, v, GRID, method, frame_encoding(CONFIG), None, implementation)
+        out = jax.jit(lambda q, k, v: self_attention(q, k, v, GRID, method, frame_encoding(CONFIG), None,
+                                                     implementation))(q, k, v)
     merge = reference_freenoise if isinstance(method.merge, FreeNoiseWindows) else reference_freelong
     err = relative_error(out, merge(q, k, v, GRID, method))
     assert err < ATTENTION_RTOL, (method.name, err)
