@@ -285,6 +285,23 @@ def test_splash_attention_interpreted_matches_reference(method):
     assert err < ATTENTION_RTOL, err
 
 
+def test_splash_attention_gradient_equals_jnp_path():
+    """Splash's own backward kernels (interpreted) against the gradient of the jnp path over token maps."""
+    from jaxlongvid.attention.kernels.splash import splash_forward
+
+    method, grid = Method("window", mask=Window(2)), (9, 4, 4)
+    q, k, v = random_qkv(8, grid, batch=1)
+    f, t = grid[0], grid[1] * grid[2]
+    enc = frame_encoding(CONFIG)
+    splash = lambda q, k, v: splash_forward(q, k, v, method.mask.static(f, np), 1.0, enc, t, interpret=True,
+                                            block=128)
+    core = lambda q, k, v: temporal_attention(q, k, v, encoding=enc, method=method, tokens_per_frame=t)
+    grads = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2)))(q, k, v)
+    with jax.default_matmul_precision("highest"):
+        for got, want in zip(grads(splash), grads(core)):
+            assert relative_error(got, np.asarray(want, np.float64)) < 2e-6
+
+
 def test_splash_mask_is_the_frame_mask_in_token_blocks_and_skips_hidden_blocks():
     """The frame mask as splash's mask: exactly the token blocks (padded keys hidden, padded query rows see the
     real keys), and splash's block map marks a block empty exactly where no token pair in it is kept."""
