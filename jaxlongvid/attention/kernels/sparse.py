@@ -70,7 +70,7 @@ def value_rows(frame_maps, info: MapInfo, seen):
 
 def turn_tables(info: MapInfo, encoding: Encoding, width: int):
     """float32 ``[pow2(U), width]`` cos and sin rows of each map value u, laid out for ``(evens | odds | rest)``:
-    C = (cos | cos | 1), S = (sin | -sin | 0 | 0), from float64 angles ``u * freqs``."""
+    C = (cos | cos | 1), S = (sin | -sin | 0), from float64 angles ``u * freqs``."""
     half = encoding.rope_dim // 2
     angles = np.asarray(info.values, np.float64)[:, None] * encoding.rope_freqs()[None, :]  # [U, r/2]
     cos, sin = np.zeros((pow2(len(angles), 1), width)), np.zeros((pow2(len(angles), 1), width))
@@ -81,10 +81,11 @@ def turn_tables(info: MapInfo, encoding: Encoding, width: int):
 
 
 def sparse_kernel(q_ref, qs_ref, k_ref, v_ref, seen_ref, rows_ref, cos_ref, sin_ref, out_ref, *, num_maps, tokens,
-                  block, blocks_per_frame, head_dim):
+                  block, blocks_per_frame, head_dim, precision):
     """One (sequence, head, query block of frame i): for each map, an online softmax over the key blocks of the
     frames in ``seen_ref`` (the list of frame i), the query turned by each frame's map value."""
-    dot_t = lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dot = lambda a, b, dims: jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision,
+                                                 preferred_element_type=jnp.float32)
     q, q_swapped = q_ref[...].astype(jnp.float32), qs_ref[...].astype(jnp.float32)
     steps = jnp.sum((seen_ref[...] >= 0).astype(jnp.int32)) * blocks_per_frame
     key_ids = jnp.arange(block)
@@ -98,13 +99,12 @@ def sparse_kernel(q_ref, qs_ref, k_ref, v_ref, seen_ref, rows_ref, cos_ref, sin_
             turned = q * cos_ref[row, :][None, :] + q_swapped * sin_ref[row, :][None, :]
             start = (seen_ref[slot] * blocks_per_frame + part) * block
             keys, values = k_ref[pl.ds(start, block), :], v_ref[pl.ds(start, block), :]
-            x = dot_t(turned.astype(keys.dtype), keys) / scale
+            x = dot(turned.astype(keys.dtype), keys, ((1,), (1,))) / scale
             x = jnp.where((part * block + key_ids < tokens)[None, :], x, -jnp.inf)  # the frame's padding
             new_top = jnp.maximum(top, jnp.max(x, axis=-1))  # every block holds a real key: finite
             fade = jnp.exp(top - new_top)
             p = jnp.exp(x - new_top[:, None])
-            acc = acc * fade[:, None] + jax.lax.dot_general(p.astype(values.dtype), values, (((1,), (0,)), ((), ())),
-                                                            preferred_element_type=jnp.float32)
+            acc = acc * fade[:, None] + dot(p.astype(values.dtype), values, ((1,), (0,)))
             return new_top, total * fade + jnp.sum(p, axis=-1), acc
 
         start = (jnp.full((block,), -jnp.inf, jnp.float32), jnp.zeros((block,), jnp.float32),
@@ -154,8 +154,10 @@ def sparse_forward(q, k, v, frame_maps, info: MapInfo, frame_mask, encoding: Enc
              pl.BlockSpec((None, None) + rows.shape[-2:],
                           lambda s, hh, g: (jax.lax.div(s, shared), per_frame(g), 0, 0)),
              table, table]
+    # float32 input keeps float32 products (a GPU would round them to TF32 by default); half precision as it is
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(q.dtype) == jnp.float32 else None
     kernel = functools.partial(sparse_kernel, num_maps=len(frame_maps), tokens=t, block=block,
-                               blocks_per_frame=blocks_per_frame, head_dim=d)
+                               blocks_per_frame=blocks_per_frame, head_dim=d, precision=precision)
     out = pl.pallas_call(kernel, grid=(count, h, f * blocks_per_frame), in_specs=specs, out_specs=query(dv_pad),
                          out_shape=jax.ShapeDtypeStruct((count, h, f * t_pad, dv_pad), v.dtype),
                          interpret=interpret, compiler_params=compiler_params("gpu"),
