@@ -50,3 +50,18 @@ def test_methods_benchmark_runs_tiny(capsys):
     assert set(rows) == {(a, m) for a in ("xla", "pallas") for m in ("direct", "longdiff", "nonesuch")}
     assert float(rows["xla", "direct"].split()[6]) == 1.0 and float(rows["pallas", "longdiff"].split()[5]) > 0
     assert "SKIP ValueError: unknown method 'nonesuch'" in rows["xla", "nonesuch"]
+
+
+def test_token_attention_benchmark_runs_tiny(capsys):
+    """benchmarks/token_attention.py in its tiny CPU mode: rows for the jnp path and the block-sparse kernel
+    (interpreted), the kernel's output within float32 rounding of the jnp path's."""
+    import token_attention
+
+    assert token_attention.main(["--latent", "6", "--rows", "2", "--cols", "3", "--heads", "2", "--dim", "24",
+                                 "--dtype", "float32", "--attention", "jnp,pallas", "--repeats", "1", "--methods",
+                                 "direct,freeloc"]) == 0
+    rows = {tuple(line.split()[2:4]): line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("     6")}
+    assert set(rows) == {(m, a) for m in ("direct", "freeloc") for a in ("jnp", "pallas")}
+    assert float(rows["direct", "jnp"][5]) == 1.0 and float(rows["freeloc", "pallas"][4]) > 0
+    assert all(float(row[7]) < 1e-5 for row in rows.values())
