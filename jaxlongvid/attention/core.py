@@ -108,13 +108,15 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
     maps, info = method_maps(method, frames, encoding.native_frames)
     token_mask = mask if t > 1 else None
     visible = frames if method.mask is None else method.mask.most_visible(frames, encoding.native_frames)
-    host_mask = host_frame_mask(method, frames)
+    host_mask = host_frame_mask(method, frames) if t > 1 else None
     out = run(q, k, v, maps, info, frame_mask, token_mask, visible, host_mask)
     if isinstance(method.merge, FreeLongBlend):
         local = combine_masks(masks.local_window(frames, method.merge.local_window, jnp), frame_mask)
         local_visible = min(visible, 2 * method.merge.local_window + 1)
-        host_local = masks.local_window(frames, method.merge.local_window, np)
-        host_local = host_local if host_mask is None else host_local & host_mask
+        host_local = None
+        if t > 1:  # FreeLong takes no IFS: its frame mask is static
+            host_local = masks.local_window(frames, method.merge.local_window, np)
+            host_local = host_local if host_mask is None else host_local & host_mask
         out = merges.freelong(out, run(q, k, v, maps, info, local, token_mask, local_visible, host_local),
                               method.merge, spatial_shape, t)
     return out
