@@ -338,9 +338,11 @@ def test_splash_attention_lowers_for_tpus():
     assert "tpu_custom_call" in jax.jit(forward).trace(shape, shape, shape).lower(lowering_platforms=("tpu",)).as_text()
 
 
-def test_token_kernel_plan_per_backend():
+def test_token_kernel_plan_per_backend(monkeypatch):
     """``plan.token_kernel``: "pallas" takes the block-sparse kernel on GPUs and CPUs, splash on TPUs where the
-    mask is static and RoPE absolute; "auto" keeps today's choice on GPUs (``SPARSE_AUTO_ON_GPU`` off)."""
+    mask is static and RoPE absolute; "auto" keeps today's choice on GPUs (``SPARSE_AUTO_ON_GPU`` off), and with
+    the knob on takes the kernel for methods that act only."""
+    from jaxlongvid.attention import plan as plans
     from jaxlongvid.attention.plan import SPARSE_AUTO_ON_GPU, token_kernel
 
     enc = frame_encoding(CONFIG)
@@ -351,6 +353,7 @@ def test_token_kernel_plan_per_backend():
     assert plan(direct, "pallas", "tpu") == plan(direct, "auto", "tpu") == "splash"
     assert plan(direct, "pallas", "tpu", static=False) == plan(vrpr, "pallas", "tpu") == "tokens"  # IFS; mapped
     assert plan(vrpr, "auto", "gpu") == ("sparse" if SPARSE_AUTO_ON_GPU else "tokens")
+    assert plan(direct, "auto", "gpu", frame_mask=False) == "tokens"  # cuDNN's one fused call, knob or not
     assert plan(vrpr, "cudnn", "gpu") == plan(direct, "xla", "cpu") == "frames"
     assert plan(direct, "cudnn", "gpu", frame_mask=False) == plan(vrpr, None, "gpu") == "tokens"
     assert plan(vrpr, "pallas", "gpu", token_mask=True) == "tokens"
@@ -358,6 +361,9 @@ def test_token_kernel_plan_per_backend():
     assert token_kernel(vrpr, t5, True, True, False, "pallas", "gpu") == "tokens"
     with pytest.raises(ValueError, match="implementation must be one of"):
         plan(vrpr, "flash", "gpu")
+    monkeypatch.setattr(plans, "SPARSE_AUTO_ON_GPU", True)
+    assert plan(vrpr, "auto", "gpu") == "sparse" and plan(direct, "auto", "gpu", frame_mask=False) == "tokens"
+    assert plan(direct, "auto", "gpu") == "sparse"  # a frame mask: the method acts
 
 
 # ---- the whole transformer ---------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def token_kernel(info: MapInfo, encoding: Encoding, frame_mask: bool, static_mas
 
     * "sparse": the block-sparse Pallas kernel (``kernels.sparse``: only the key frames each query frame keeps,
       mapped RoPE in the kernel) -- ``"pallas"`` on GPUs (interpreted on a CPU), and ``"auto"`` on GPUs where
-      ``SPARSE_AUTO_ON_GPU``;
+      ``SPARSE_AUTO_ON_GPU`` and the method maps positions or masks frames (else cuDNN stays);
     * "splash": splash attention with the frame mask as its block mask (``kernels.splash``) -- ``"pallas"`` and
       ``"auto"`` on TPUs where the mask is known before run time (``static_mask``: no IFS keyframes) and the one
       map is a multiple of ``j - i`` (an absolute rotation);
@@ -116,11 +116,11 @@ def token_kernel(info: MapInfo, encoding: Encoding, frame_mask: bool, static_mas
     if encoding.t5_buckets or encoding.rel_distance or token_mask:
         return "tokens"
     splash = backend == "tpu" and static_mask and info.linear and info.num_maps == 1
+    acts = not info.linear or info.num_maps > 1 or frame_mask  # the method maps positions or masks frames
     if implementation == "pallas":
         return "splash" if splash else "tokens" if backend == "tpu" else "sparse"
     if implementation == "auto":
-        return "splash" if splash else "sparse" if backend == "gpu" and SPARSE_AUTO_ON_GPU else "tokens"
-    acts = not info.linear or info.num_maps > 1 or frame_mask
+        return "splash" if splash else "sparse" if backend == "gpu" and SPARSE_AUTO_ON_GPU and acts else "tokens"
     return "frames" if implementation in ("xla", "cudnn") and acts else "tokens"
 
 
