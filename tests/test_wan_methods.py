@@ -222,12 +222,14 @@ def test_block_sparse_kernel_rows_that_see_no_key_and_unused_slots():
     q, k, v = (jnp.asarray(rng.standard_normal((2, f * t, 2, 24)), jnp.float32) for _ in range(3))
     positions = GroupShift()
     enc = frame_encoding(CONFIG)
-    got = sparse_forward(q, k, v, positions.maps(f, N0), info_of_positions(positions, f, N0), jnp.asarray(frame_mask),
-                         enc, t, int(frame_mask.sum(-1).max()), interpret=True)
+    info, bound = info_of_positions(positions, f, N0), int(frame_mask.sum(-1).max())
+    got = jax.jit(lambda q, k, v, m: sparse_forward(q, k, v, positions.maps(f, N0), info, m, enc, t, bound,
+                                                    interpret=True))(q, k, v, jnp.asarray(frame_mask))
     token_mask = jnp.asarray(np.repeat(np.repeat(frame_mask, t, 1), t, 2))
+    core = lambda q, k, v, m: temporal_attention(q, k, v, encoding=enc, method=Method("g", positions=positions),
+                                                 mask=m, tokens_per_frame=t)
     with jax.default_matmul_precision("highest"):
-        want = temporal_attention(q, k, v, encoding=enc, method=Method("g", positions=positions), mask=token_mask,
-                                  tokens_per_frame=t)
+        want = jax.jit(core)(q, k, v, token_mask)
     nan = np.isnan(np.asarray(got))
     np.testing.assert_array_equal(nan, np.isnan(np.asarray(want)))
     assert nan[0, 2 * t:3 * t].all() and nan.sum() == t * got.shape[-2] * got.shape[-1]
