@@ -17,8 +17,9 @@ The package reads top to bottom:
 * ``plan``: ``AttentionPlan`` -- RoPE formulation, map average, kernel, chunking -- decided once per call's
   (maps, shapes, backend, options), cached by value;
 * ``reference``: the plain jnp path (chunked over sequences); ``kernels``: ``fused``
-  (``jax.nn.dot_product_attention``: cuDNN on NVIDIA GPUs) and ``plane`` (the Pallas plane kernel: Triton on
-  GPUs, Mosaic on TPUs, interpreted on a CPU);
+  (``jax.nn.dot_product_attention``: cuDNN on NVIDIA GPUs), ``plane`` (the Pallas plane kernel: Triton on
+  GPUs, Mosaic on TPUs, interpreted on a CPU), and for token-level attention under frame masks ``sparse`` (the
+  block-sparse Pallas kernel: Triton on GPUs, interpreted on a CPU) and ``splash`` (splash attention on TPUs);
 * ``merges``: FreeNoise and FreeLong; ``core``: ``temporal_attention`` and the single-layer analysis functions;
   ``module``: the Flax ``TemporalAttention``.
 

@@ -59,7 +59,7 @@ from jaxlongvid.attention import Encoding, temporal_attention
 from jaxlongvid.configs import JsonConfig
 from jaxlongvid.keyframes import select_keyframes
 from jaxlongvid.methods import Method, MethodPlan, as_plan
-from jaxlongvid.models.layers import TimestepEmbedding, timestep_sinusoid
+from jaxlongvid.models.layers import TimestepEmbedding, plan_kernels, timestep_sinusoid
 
 TOKENS_SPEC = P(sharding.DATA, sharding.FRAMES)  # [B, S, C]: tokens are frame-major, so frames split S
 
@@ -217,6 +217,15 @@ def token_keyframes(features, grid: tuple[int, int, int], method: Method, native
     return jax.vmap(lambda one: select_keyframes(one, segments))(frames)
 
 
+def cross_implementation(choice: Optional[str], dtype, backend: Optional[str] = None) -> Optional[str]:
+    """Cross attention's ``jax.nn.dot_product_attention`` implementation under the model's
+    ``attention_implementation``: "pallas" names the self-attention kernel, so cross attention takes cuDNN on
+    GPUs in half precision and XLA elsewhere (``layers.plan_kernels``); other choices pass through."""
+    if choice != "pallas":
+        return choice
+    return plan_kernels(choice, backend or jax.default_backend(), dtype).spatial
+
+
 def cross_attention(q, k, v, implementation: Optional[str] = None) -> jnp.ndarray:
     """Tokens ``[B, S, heads, d]`` attending to the text ``[B, L, heads, d]`` (no mask: padded rows included)."""
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
@@ -299,21 +308,23 @@ class WanBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     implementation: Optional[str] = None
     method: Method = Method("direct")  # this block's self-attention method
+    cross_implementation: Optional[str] = None  # cross attention's (``cross_implementation``)
 
     @nn.compact
     def __call__(self, x, modulation, context, grid):
         cfg = self.config
         table = self.param("scale_shift_table", nn.initializers.normal(cfg.dim ** -0.5), (1, 6, cfg.dim))
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(table + modulation, 6, axis=1)  # [B, 1, dim]
-        attention = lambda name, **kw: WanAttention(cfg.num_heads, cfg.head_dim, cfg.eps, self.dtype,
-                                                    self.implementation, name=name, **kw)
+        attention = lambda name, implementation, **kw: WanAttention(cfg.num_heads, cfg.head_dim, cfg.eps,
+                                                                    self.dtype, implementation, name=name, **kw)
         h = (layer_norm(x, cfg.eps) * (1 + scale1) + shift1).astype(self.dtype)
-        self_attn = attention("attn1", method=self.method, encoding=frame_encoding(cfg))
+        self_attn = attention("attn1", self.implementation, method=self.method, encoding=frame_encoding(cfg))
         x = x + self_attn(h, grid=grid, features=x).astype(jnp.float32) * gate1
         h = x
         if cfg.cross_attn_norm:
             h = nn.LayerNorm(epsilon=cfg.eps, use_fast_variance=False, dtype=jnp.float32, name="norm2")(x)
-        x = x + attention("attn2")(h.astype(self.dtype), context=context).astype(jnp.float32)
+        x = x + attention("attn2", self.cross_implementation)(h.astype(self.dtype), context=context).astype(
+            jnp.float32)
         h = (layer_norm(x, cfg.eps) * (1 + scale2) + shift2).astype(self.dtype)
         x = x + FeedForward(cfg.ffn_dim, self.dtype, name="ffn")(h).astype(jnp.float32) * gate2
         return sharding.constrain(x, TOKENS_SPEC)
@@ -398,8 +409,9 @@ class WanTransformer(nn.Module):
 
         temb, modulation, context = WanConditionEmbedder(cfg, self.dtype, name="condition_embedder")(
             timesteps, context)
+        cross = cross_implementation(self.attention_implementation, self.dtype)
         for i in range(cfg.num_layers):
-            x = WanBlock(cfg, self.dtype, self.attention_implementation, methods[i], name=f"blocks_{i}")(
+            x = WanBlock(cfg, self.dtype, self.attention_implementation, methods[i], cross, name=f"blocks_{i}")(
                 x, modulation, context, grid)
 
         table = self.param("scale_shift_table", nn.initializers.normal(cfg.dim ** -0.5), (1, 2, cfg.dim))
