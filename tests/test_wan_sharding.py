@@ -159,3 +159,26 @@ def test_sampled_sharded_equals_unsharded(pipe, method, mesh_shape):
 def test_frames_not_divisible_by_the_mesh(pipe, no_tracing):
     with pytest.raises(ValueError, match=r"num_frames=6 is not divisible by the mesh's 'frames' axis \(4 devices\)"):
         jlv.sample(pipe, PROMPTS[0], num_frames=6, mesh=sharding.make_mesh(4, 2), progress=False)
+
+
+# ---- the multi-GPU script, tiny on the host devices ----------------------------------------------------------------
+def test_multi_gpu_check_wan_step_runs_tiny(capsys):
+    """benchmarks/multi_gpu_check.py --wan tiny: one guided DiT step on 1 device and on each layout of the 8
+    host devices, with the plan it ran, the all-to-alls it compiled and its difference to one device."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import multi_gpu_check
+
+    assert multi_gpu_check.main(["--wan", "tiny", "--frames", "29", "--height", "32", "--width", "32", "--dtype",
+                                 "float32", "--text-len", "4", "--repeats", "1", "--methods", "direct",
+                                 "--context-parallel", "auto"]) == 0
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| direct |")]
+    table = {(r[1], r[2]): r for r in rows}
+    assert set(table) == {("1 device", "auto"), ("frames=8", "auto"), ("frames=4 x data=2", "auto")}
+    assert table["frames=4 x data=2", "auto"][3] == "heads"
+    assert int(table["frames=4 x data=2", "auto"][8]) >= 4 * 2  # q, k, v and the output in each of 2 blocks
+    assert table["frames=8", "auto"][3] == "xla (4 heads do not split over the 8 devices of the 'frames' axis)"
+    assert all(float(r[9]) <= RTOL for r in rows) and float(table["1 device", "auto"][9]) == 0.0
