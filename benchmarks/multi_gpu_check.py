@@ -60,12 +60,13 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def layouts(n: int) -> dict:
-    """Name -> mesh: one device, frames over all ``n``, and frames over ``n / 2`` with data 2."""
+def layouts(n: int, pair: bool = True) -> dict:
+    """Name -> mesh: one device, frames over all ``n``, and (for a guidance ``pair``) frames over ``n / 2`` with
+    the pair over data 2."""
     out = {"1 device": make_mesh(1, 1, devices=jax.devices()[:1])}
     if n > 1:
         out[f"frames={n}"] = make_mesh(n, 1)
-    if n % 2 == 0 and n > 2:
+    if pair and n % 2 == 0 and n > 2:
         out[f"frames={n // 2} x data=2"] = make_mesh(n // 2, 2)
     return out
 
@@ -78,7 +79,7 @@ def sample_check(args) -> None:
     for method in args.methods.split(","):
         for precision in args.precisions.split(","):
             ref = None
-            for name, mesh in layouts(jax.device_count()).items():
+            for name, mesh in layouts(jax.device_count(), pipe.config.guidance_scale > 1.0).items():
                 run = lambda: jlv.sample(pipe, args.prompt, num_frames=args.frames, method=method, seed=0,
                                          num_inference_steps=args.steps, progress=False, precision=precision,
                                          mesh=mesh)
