@@ -308,7 +308,8 @@ def add_arguments(parser) -> None:
     """Options of ``jaxlongvid probe`` on an ``argparse`` (sub)parser."""
     parser.add_argument("--model", default="tiny", help="a pipeline directory, or 'tiny' for the bundled model")
     parser.add_argument("--prompt", action="append", required=True, help="a probe prompt (repeat for more)")
-    parser.add_argument("--long-frames", type=int, help="long length (default: 4x the model's native frames)")
+    parser.add_argument("--long-frames", type=int, help="long length in the denoiser's frames (latent frames for "
+                        "Wan; default: 4x its native frames)")
     parser.add_argument("--steps", type=int, default=4, help="probed sampler steps (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")

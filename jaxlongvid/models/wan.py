@@ -40,6 +40,15 @@ block or a ``MethodPlan`` over the block paths ``temporal_layer_names(config)`` 
 keyframes from each block's input (the residual stream before its norm), one latent frame = ``h w`` tokens.
 Merges act over latent frames: FreeNoise's windows are blocks of whole frames' tokens, FreeLong blends the global
 and local branches over (frames, h, w).
+
+Sharding (under the sampler's mesh, ``jaxlongvid.sharding``): latents in and out are split over ``data`` (batch)
+and ``frames`` (latent frames), and the token sequence ``[B, S, dim]`` stays split by blocks of whole frames
+after the patch embedding, after every block and before the unpatchify. Self-attention needs every key: how it
+gets them is planned once per call (``sharding.sequence_parallel``, the ``context_parallel`` field) and passed to
+every block -- an all-to-all over heads under ``shard_map`` where the frames axis divides the heads (12 heads of
+the 1.3B model: 2, 3, 4, 6 or 12 devices), the core running unchanged on all tokens of its heads, else the
+compiler's partitioning. Probing (``jaxlongvid.probing``) reads each block's ``attn1`` statistics, sown at token
+level while ``intermediates`` is mutable.
 """
 
 from __future__ import annotations
