@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 
 import jax
@@ -360,15 +361,13 @@ def test_wan_statistics_match_numpy(wan_pipe):
     and the full 3D-RoPE logits' norms with only the frame distance shifted."""
     model, params = build_denoiser(wan_pipe.config), wan_pipe.params["unet"]
     inputs = wan_input(N0, seed=1)
-    out, stats = probing.layer_statistics(model, params, inputs)
+    _, stats = probing.layer_statistics(model, params, inputs)
     names = wan.temporal_layer_names(WAN)
     assert list(stats) == list(names) == ["blocks_0/attn1", "blocks_1/attn1"]
     for name in names:
         assert stats[name][probing.ENTROPY].shape == (BATCH, WAN.num_heads, N0)
         assert stats[name][probing.LOGITS_SQ].shape == stats[name][probing.SHIFT_CHANGE_SQ].shape == (BATCH,
                                                                                                       WAN.num_heads)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(plain_apply(model, params, *inputs[:3])), rtol=1e-5,
-                               atol=1e-6)
     flat = traverse_util.flatten_dict(_wan_qk(model, params, *inputs[:3]), sep="/")
     grid = (N0, SIZE // 2, SIZE // 2)
     for name in names:
@@ -385,14 +384,20 @@ def test_wan_statistics_match_numpy(wan_pipe):
         np.testing.assert_allclose(stats[name][probing.SHIFT_CHANGE_SQ], np.square(shifted - ori).sum((2, 3)),
                                    rtol=1e-5)
         assert np.linalg.norm(shifted - ori) / np.linalg.norm(ori) > 0.05  # the shift moves these logits
-    long = probing.layer_statistics(model, params, wan_input(4 * N0, seed=2))[1]
-    assert all(set(s) == {probing.ENTROPY} and s[probing.ENTROPY].shape[-1] == 4 * N0 for s in long.values())
 
 
-def test_wan_probe_to_plan(wan_pipe):
-    """``probe`` on the Wan pipeline (flow-matching UniPC trajectory, guided) gives per-block scores, and the plan
-    from them routes the blocks and runs through the transformer."""
-    scores = probing.probe(wan_pipe, PROMPTS[:1], num_steps=2)
+def test_wan_probe_to_plan(wan_pipe, tmp_path, capsys):
+    """``jaxlongvid probe`` on a saved Wan pipeline (flow-matching UniPC trajectory, guided) gives per-block scores,
+    and the plan from them -- and from its JSON file -- routes the blocks and runs through the transformer."""
+    from jaxlongvid import cli
+    from jaxlongvid.methods import parse_method
+    from jaxlongvid.pipeline import save
+
+    out = tmp_path / "wan_probe.json"
+    assert cli.main(["probe", "--model", save(wan_pipe, str(tmp_path / "wan")), "--prompt", PROMPTS[0], "--steps",
+                     "2", "--out", str(out)]) == 0
+    assert "blocks_1/attn1" in capsys.readouterr().out
+    scores = json.loads(out.read_text())["scores"]  # probing.probe's (test_command_line_hook)
     names = list(wan.temporal_layer_names(WAN))
     assert list(scores["context"]) == names and list(scores["position"]) == names
     assert all(0 < s < math.log(4) for s in scores["context"].values()), scores  # 4x the keys: <= log 4 more
@@ -406,3 +411,5 @@ def test_wan_probe_to_plan(wan_pipe):
                                                 *x[:3]))
     planned, direct = run(plan), run("direct")
     assert np.all(np.isfinite(planned)) and np.max(np.abs(planned - direct)) > 1e-3
+    from_file = parse_method(str(out)).resolve(names)
+    assert [from_file.for_layer(n).name for n in names] == routes
