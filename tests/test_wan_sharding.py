@@ -2,8 +2,8 @@
 self-attention context-parallel (all-to-all over heads where the frames axis divides the heads, the compiler's
 partitioning otherwise), sampled sharded == unsharded.
 
-Tolerances: the attention under the all-to-all is the same per-head computation as without a mesh (compared to
-1e-6 of the output's scale); whole sampled latents, float32, max |sharded - unsharded| / max |unsharded| <= 1e-5
+Tolerances: the attention under the all-to-all is the same per-head computation as without a mesh (bit for bit,
+LongDiff's averaged maps within 1e-6 of the output's scale); whole sampled latents, float32, max |sharded - unsharded| / max |unsharded| <= 1e-5
 (measured about 2e-6: the rest of the network is partitioned by XLA, which changes reduction orders).
 """
 
@@ -108,7 +108,11 @@ def test_attention_over_heads_equals_unsharded(method):
     assert got.sharding.spec == P(sharding.DATA, sharding.FRAMES)
     assert {shard.data.shape for shard in got.addressable_shards} == {(1, s // 4, CONFIG.num_heads, CONFIG.head_dim)}
     assert program.count("all-to-all(") == 4  # q, k, v to heads; the output back to tokens
-    assert relative(got, want) <= 1e-6, relative(got, want)
+    err = relative(got, want)
+    print(f"{method.name}: max rel diff {err:.1e}")
+    # the same per-head computation: bit for bit, except LongDiff's plane / slot-average path, measured 2e-7 off
+    # with 1 head per device against 4 in one program (float32 rounding; where it enters was not traced)
+    assert err == 0.0 if method.name != "longdiff" else err <= 1e-6, err
     if method.name != "direct":  # the method acted
         assert relative(jax.jit(lambda *a: self_attention(*a[:3], GRID, Method("direct"), encoding))(q, k, v),
                         want) > 1e-3
