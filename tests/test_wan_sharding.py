@@ -2,9 +2,10 @@
 self-attention context-parallel (all-to-all over heads where the frames axis divides the heads, the compiler's
 partitioning otherwise), sampled sharded == unsharded.
 
-Tolerances: the attention under the all-to-all is the same per-head computation as without a mesh (bit for bit,
-LongDiff's averaged maps within 1e-6 of the output's scale); whole sampled latents, float32, max |sharded - unsharded| / max |unsharded| <= 1e-5
-(measured about 2e-6: the rest of the network is partitioned by XLA, which changes reduction orders).
+Tolerances: the attention under the all-to-all is the same per-head computation as without a mesh (bit for bit;
+LongDiff's averaged maps within 1e-6 of the output's scale); whole sampled latents, float32, max |sharded -
+unsharded| / max |unsharded| <= 1e-5 (measured about 2e-6: the rest of the network is partitioned by XLA, which
+changes reduction orders).
 """
 
 from __future__ import annotations
