@@ -71,7 +71,7 @@ def layouts(n: int, pair: bool = True) -> dict:
     return out
 
 
-# ---- sampling ---------------------------------------------------------------------------------------------------------
+# ---- sampling --------------------------------------------------------------------------------------------------------
 def sample_check(args) -> None:
     pipe = jlv.load(args.model)
     print("| method | precision | layout | first call s | second call s | max abs diff vs 1 device |")
@@ -93,7 +93,7 @@ def sample_check(args) -> None:
                     save_contact_sheet(video, f"{args.out}/{method}_{precision}_{args.frames}.png", every=8)
 
 
-# ---- one Wan DiT step -------------------------------------------------------------------------------------------------
+# ---- one Wan DiT step ------------------------------------------------------------------------------------------------
 def wan_step_fn(config: WanConfig, method, dtype, implementation, context_parallel: str):
     """The guided step, its latents split over frames and the pair over ``data`` under the active mesh."""
     model = WanTransformer(config, method=method, dtype=dtype, attention_implementation=implementation,
