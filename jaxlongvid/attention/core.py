@@ -20,7 +20,7 @@ from jaxlongvid.attention.kernels.fused import attend_fused, attend_fused_frames
 from jaxlongvid.attention.kernels.plane import pallas_forward
 from jaxlongvid.attention.kernels.sparse import sparse_forward
 from jaxlongvid.attention.kernels.splash import splash_forward
-from jaxlongvid.attention.maps import MapInfo, info_of_positions, token_maps
+from jaxlongvid.attention.maps import MapInfo, info_of_array, info_of_positions, token_maps
 from jaxlongvid.attention.plan import AttentionPlan, make_plan, map_average_of, rope_formulation, token_kernel
 from jaxlongvid.attention.reference import attend_jnp_chunked
 from jaxlongvid.methods import FreeLongBlend, FreeNoiseWindows, Method, MethodPlan, get_method
@@ -225,36 +225,45 @@ def attend_sparse(q, k, v, maps, info: MapInfo, frame_mask, encoding: Encoding, 
 
 
 # ---- single-layer analysis ---------------------------------------------------------------------------------------
-def one_layer(what: str, q, encoding, method, t5_table, rel_k, keyframes, mask):
+def one_layer(what: str, q, encoding, method, t5_table, rel_k, keyframes, mask, tokens_per_frame: int = 1):
     """Checks shared by the single-layer analysis functions; returns the method, the encoding at this length,
-    the full mask, maps and facts."""
+    the full mask, maps and facts (at token level, ``tokens_per_frame`` T > 1: the frame maps and mask expanded
+    to blocks of T tokens, ``mask`` then token-level)."""
     method = get_method(method)
     if not isinstance(method, Method) or method.merge is not None:
         raise ValueError(f"{what} needs one layer's Method without a merge")
     check_tables(encoding, q.shape[-2], q.shape[-1], t5_table, rel_k, rel_k)
-    n = q.shape[-3]
+    t = tokens_per_frame
+    if q.shape[-3] % t:
+        raise ValueError(f"{what}: tokens_per_frame={t} does not divide the {q.shape[-3]} tokens")
+    n = q.shape[-3] // t
     encoding = method.positions.encoding_at(encoding, n, encoding.native_frames)
-    return (method, encoding, method_mask(method, n, keyframes, mask),
-            *method_maps(method, n, encoding.native_frames))
+    maps, info = method_maps(method, n, encoding.native_frames)
+    if t == 1:
+        return method, encoding, method_mask(method, n, keyframes, mask), maps, info
+    frame_mask = method_mask(method, n, keyframes, None)
+    full = combine_masks(None if frame_mask is None else token_maps(frame_mask, t), mask)
+    return method, encoding, full, token_maps(maps, t), info.for_tokens(t)
 
 
 def attention_probabilities(q, k, *, encoding: Encoding = Encoding(), method="direct", t5_table=None,
-                            rel_k=None, keyframes=None, mask=None):
+                            rel_k=None, keyframes=None, mask=None, tokens_per_frame: int = 1):
     """The attention weights ``[..., heads, N, N]`` (float32) that ``temporal_attention`` applies to v, for
-    methods without a window/spectral merge. Used by tests (masked keys are exactly 0) and layer probing."""
+    methods without a window/spectral merge (``tokens_per_frame`` as there). Used by tests (masked keys are
+    exactly 0) and layer probing."""
     _, encoding, full_mask, maps, info = one_layer("attention_probabilities", q, encoding, method, t5_table,
-                                                   rel_k, keyframes, mask)
+                                                   rel_k, keyframes, mask, tokens_per_frame)
     rope = rope_formulation(info, encoding)
     return probabilities(q, k, maps, info, full_mask, encoding, t5_table, rel_k, rope,
                          map_average_of(info, "auto", rope))[0]
 
 
 def attention_logsumexp(q, k, *, encoding: Encoding = Encoding(), method="direct", t5_table=None, rel_k=None,
-                        keyframes=None, mask=None):
+                        keyframes=None, mask=None, tokens_per_frame: int = 1):
     """``logsumexp_j`` of the masked logits, ``[..., heads, N]`` float32 (-inf where a row sees no key), for a
     single-map method. With :func:`merge_passes` it combines attention computed over disjoint key sets."""
     method, encoding, full_mask, maps, info = one_layer("attention_logsumexp", q, encoding, method, t5_table,
-                                                        rel_k, keyframes, mask)
+                                                        rel_k, keyframes, mask, tokens_per_frame)
     if info.num_maps != 1:
         raise ValueError(f"method {method.name!r} averages {info.num_maps} maps: its passes cannot be merged by "
                          "log-sum-exp")
@@ -262,6 +271,56 @@ def attention_logsumexp(q, k, *, encoding: Encoding = Encoding(), method="direct
     if full_mask is not None:
         logits = jnp.where(full_mask[..., None, :, :], logits, -jnp.inf)
     return jax.nn.logsumexp(logits, axis=-1)
+
+
+def explicit_logits(q, k, maps: np.ndarray, encoding: Encoding, t5_table, rel_k, tokens_per_frame: int = 1) -> list:
+    """Logits under explicit (small, NumPy) frame maps ``[M, F, F]`` (the probe's shifted positions); at token
+    level (``tokens_per_frame`` T > 1) each map covers blocks of T tokens."""
+    info = info_of_array(maps)
+    rope = rope_formulation(info, encoding)
+    maps = jnp.asarray(maps)
+    if tokens_per_frame > 1:
+        maps, info = token_maps(maps, tokens_per_frame), info.for_tokens(tokens_per_frame)
+    return map_logits(q, k, maps, info, encoding, t5_table, rel_k, rope)
+
+
+ENTROPY = "attention_entropy"  # probe statistics (probe_statistics; read by jaxlongvid.probing)
+LOGITS_SQ = "logits_sq"
+SHIFT_CHANGE_SQ = "shift_change_sq"
+
+
+def probe_statistics(q, k, *, encoding: Encoding, method: Method, t5_table=None, rel_k=None, keyframes=None,
+                     tokens_per_frame: int = 1) -> dict:
+    """What FreeLOC's layer probing reads from one attention call on ``q, k [B, ..., N, heads, dim]`` (N = F T
+    tokens frame by frame; T = 1 for frame attention), as ``{name: array}``:
+
+    * ``attention_entropy`` ``[B, heads, F]``: entropy (nats) of each query's attention weights under
+      ``method``, averaged over the query frame's tokens and the leading dims after the batch (pixels); only for
+      methods without a merge;
+    * at F <= N0 only, ``logits_sq`` and ``shift_change_sq`` ``[B, heads]``: the squared Frobenius norm of the
+      logits under the model's own positions (no mask), and of their change when every relative frame distance
+      d becomes d + sign(d) * N0 (all beyond the trained +-(N0 - 1)).
+    """
+    t = tokens_per_frame
+    frames = q.shape[-3] // t
+    rest = tuple(range(1, q.ndim - 3))  # leading dims after the batch
+    stats = {}
+    if method.merge is None:
+        p = attention_probabilities(q, k, encoding=encoding, method=method, t5_table=t5_table, rel_k=rel_k,
+                                    keyframes=keyframes, tokens_per_frame=t)  # [B, ..., heads, N, N]
+        plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+        entropy = -jnp.sum(plogp, axis=-1)  # [B, ..., heads, N]
+        entropy = jnp.mean(entropy.reshape(entropy.shape[:-1] + (frames, t)), axis=-1)
+        stats[ENTROPY] = jnp.mean(entropy, axis=rest)
+    if frames <= encoding.native_frames:
+        d = np.arange(frames)[None, :] - np.arange(frames)[:, None]
+        ori = explicit_logits(q, k, d[None], encoding, t5_table, rel_k, t)[0]
+        change = explicit_logits(q, k, (d + np.sign(d) * encoding.native_frames)[None], encoding, t5_table, rel_k,
+                                 t)[0] - ori
+        norm_axes = rest + (q.ndim - 2, q.ndim - 1)  # logits: [B, ..., heads, N, N]
+        stats[LOGITS_SQ] = jnp.sum(jnp.square(ori), axis=norm_axes)
+        stats[SHIFT_CHANGE_SQ] = jnp.sum(jnp.square(change), axis=norm_axes)
+    return stats
 
 
 def merge_passes(outputs, lses):
