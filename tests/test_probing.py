@@ -88,10 +88,11 @@ def lavie():
 
 
 # ---- NumPy references -----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=0)
-def _projections(model, params, x, timesteps, context):
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _captured(model, params, x, timesteps, context, names):
+    """The outputs of the submodules named ``names`` (e.g. the q / k projections), by module path."""
     _, state = model.apply({"params": params}, x, timesteps, context,
-                           capture_intermediates=lambda mdl, method: mdl.name in ("to_q", "to_k"),
+                           capture_intermediates=lambda mdl, method: mdl.name in names,
                            mutable=["intermediates"])
     return state["intermediates"]
 
@@ -103,7 +104,7 @@ def plain_apply(model, params, x, timesteps, context):
 
 def captured_qk(model, params, inputs, layer):
     """The layer's q, k ``[B, hw, N, heads, dim]`` (float64) from its ``to_q`` / ``to_k`` outputs."""
-    flat = traverse_util.flatten_dict(_projections(model, params, *inputs[:3]), sep="/")
+    flat = traverse_util.flatten_dict(_captured(model, params, *inputs[:3], ("to_q", "to_k")), sep="/")
     heads = params_at(params, layer)["t5_bias"].shape[1]
     split = lambda y: np.asarray(y, np.float64).reshape(y.shape[:-1] + (heads, -1))
     return split(flat[f"{layer}/to_q/__call__"][0]), split(flat[f"{layer}/to_k/__call__"][0])
@@ -330,14 +331,6 @@ def wan_input(frames, seed=0):
     return probing.ProbeInput(x, jnp.asarray([800.0, 800.0]), jax.random.normal(keys[1], (BATCH, 8, WAN.text_dim)))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _wan_qk(model, params, x, timesteps, context):
-    _, state = model.apply({"params": params}, x, timesteps, context,
-                           capture_intermediates=lambda mdl, method: mdl.name in ("norm_q", "norm_k"),
-                           mutable=["intermediates"])
-    return state["intermediates"]
-
-
 def np_wan_logits(q, k, grid, frame_map):
     """float64 ``[B, heads, S, S]``: ``q_a . R(angle_ab) k_b / sqrt(d)`` with every channel pair of k_b turned by
     its own relative angle: frame pairs by ``frame_map[f_a, f_b] * freq``, height and width pairs by the row and
@@ -368,7 +361,7 @@ def test_wan_statistics_match_numpy(wan_pipe):
         assert stats[name][probing.ENTROPY].shape == (BATCH, WAN.num_heads, N0)
         assert stats[name][probing.LOGITS_SQ].shape == stats[name][probing.SHIFT_CHANGE_SQ].shape == (BATCH,
                                                                                                       WAN.num_heads)
-    flat = traverse_util.flatten_dict(_wan_qk(model, params, *inputs[:3]), sep="/")
+    flat = traverse_util.flatten_dict(_captured(model, params, *inputs[:3], ("norm_q", "norm_k")), sep="/")
     grid = (N0, SIZE // 2, SIZE // 2)
     for name in names:
         q, k = (np.asarray(flat[f"{name}/{n}/__call__"][0], np.float64).reshape(BATCH, -1, WAN.num_heads,
