@@ -40,6 +40,11 @@ block or a ``MethodPlan`` over the block paths ``temporal_layer_names(config)`` 
 keyframes from each block's input (the residual stream before its norm), one latent frame = ``h w`` tokens.
 Merges act over latent frames: FreeNoise's windows are blocks of whole frames' tokens, FreeLong blends the global
 and local branches over (frames, h, w).
+
+Nothing here assumes Wan's VAE or umT5: ``in_channels`` and ``text_dim`` are free, so the bundled tiny DiT
+(``jaxlongvid/tiny/train.py``, ``TinyConfig.dit``) runs in pixel space (3 channels) on the tiny CLIP-style text
+encoder's 64-wide context. :func:`original_init` draws weights as the original's ``init_weights`` does, for
+training from scratch.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from jaxlongvid import sharding
@@ -407,3 +413,47 @@ class WanTransformer(nn.Module):
         x = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(self.dtype)
         x = nn.Dense(math.prod(cfg.patch_size) * cfg.out_channels, dtype=self.dtype, name="proj_out")(x)
         return unpatchify(x.astype(jnp.float32), grid, cfg.patch_size, cfg.out_channels)
+
+
+# ---- training from scratch ----------------------------------------------------------------------------------------
+EMBEDDER_STD = 0.02  # the original's N(0, 0.02) for the Linears of the time and text embedders
+
+
+def original_init(params: dict, key) -> dict:
+    """Weights drawn as the original ``WanModel.init_weights`` draws them, for a parameter tree of
+    :class:`WanTransformer` (only its shapes are read), so that a model trained from scratch starts as Wan's own
+    training does:
+
+    * every Linear: Xavier-uniform kernel (``U(+-sqrt(6 / (fan_in + fan_out)))``), zero bias;
+    * the patch embedding: Xavier-uniform over its kernel flattened to ``[dim, prod(patch) in_channels]``, bias
+      as PyTorch's Conv3d draws it, ``U(+-1 / sqrt(fan_in))``;
+    * the Linears of the time and text embedders (``time_embedder``, ``text_embedder``): kernels N(0, 0.02);
+    * the output projection ``proj_out``: zero (the initial model predicts a zero velocity everywhere);
+    * the ``scale_shift_table``\\ s: N(0, 1 / dim); norm scales one, norm biases zero.
+    """
+    flat = traverse_util.flatten_dict(params)
+    # a layer's fan-in, from its kernel: Dense [in, out]; Conv [kt, kh, kw, in, out]
+    fan_ins = {path[:-1]: math.prod(np.shape(leaf)[:-1]) for path, leaf in flat.items() if path[-1] == "kernel"}
+    fresh = {path: initial_leaf(path, tuple(np.shape(leaf)), fan_ins.get(path[:-1], 0), jax.random.fold_in(key, i))
+             for i, (path, leaf) in enumerate(sorted(flat.items()))}
+    return traverse_util.unflatten_dict(fresh)
+
+
+def initial_leaf(path: tuple[str, ...], shape: tuple[int, ...], fan_in: int, key) -> jnp.ndarray:
+    """One leaf of :func:`original_init` from its path in the tree (``("blocks_0", "ffn", "fc1", "kernel")``) and
+    its layer's fan-in."""
+    layer, leaf = path[-2] if len(path) > 1 else "", path[-1]
+    if leaf == "scale_shift_table":
+        return jax.random.normal(key, shape) * shape[-1] ** -0.5
+    if leaf == "scale":  # RMSNorm and LayerNorm gains
+        return jnp.ones(shape)
+    if layer == "proj_out" or (leaf == "bias" and layer != "patch_embedding"):
+        return jnp.zeros(shape)
+    if leaf == "bias":  # the patch embedding's
+        return jax.random.uniform(key, shape, minval=-1.0, maxval=1.0) * fan_in ** -0.5
+    if leaf != "kernel":
+        raise ValueError(f"original_init: no rule for the parameter {'/'.join(path)} {shape}")
+    if any(name in ("time_embedder", "text_embedder") for name in path):
+        return jax.random.normal(key, shape) * EMBEDDER_STD
+    bound = math.sqrt(6.0 / (fan_in + shape[-1]))
+    return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
