@@ -621,7 +621,8 @@ class ClosedLoopFilter:
 
 
 def load(name_or_dir: str) -> Pipeline:
-    """Read a pipeline written by :func:`save` (or a bundled name, ``"tiny"`` / ``"tiny-dit"``). Parameters land on the default device.
+    """Read a pipeline written by :func:`save` (or a bundled name, ``"tiny"`` / ``"tiny-dit"``). Parameters land on
+    the default device.
 
     The restored weights are checked against the model's own parameter tree (:func:`expected_shapes`: every leaf
     present, nothing extra, every shape) and must be finite; any problem is one error naming the leaves."""

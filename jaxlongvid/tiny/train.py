@@ -57,7 +57,6 @@ import functools
 import itertools
 import json
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
@@ -328,9 +327,9 @@ def _batch_job(cfg: TinyConfig, step: int):
 
 
 def _prefetch(cfg: TinyConfig, start: int, workers: int, depth: int = 32):
-    """Batches for steps start, start+1, ... rendered in worker processes (spawned: the parent holds GPU state; NumPy rendering holds the GIL, so
-    threads do not keep a GPU busy), yielded in step order; ``workers`` 0 renders each in this process when it is
-    asked for. Closing the generator stops the workers."""
+    """Batches for steps start, start+1, ... rendered in worker processes (spawned: the parent holds GPU state;
+    NumPy rendering holds the GIL, so threads do not keep a GPU busy), yielded in step order; ``workers`` 0 renders
+    each in this process when it is asked for. Closing the generator stops the workers."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
