@@ -145,6 +145,27 @@ def test_small_dit_overfits_a_fixed_batch():
     assert 0 < moved(state["ema"]) < moved(state["params"])  # the EMA trails the weights
 
 
+def test_attention_option_reaches_the_denoiser():
+    """``--attention xla`` runs the DiT's self- and cross-attention through ``jax.nn.dot_product_attention`` (the
+    default is the core's jnp path) with the same loss; ``cudnn`` reaches the kernels too: refused on this CPU."""
+    args = train.build_parser().parse_args(["--model", "dit", "--attention", "cudnn"])
+    assert train.config_from_args(args).attention == "cudnn"
+    model = small(SMALL_CFG)
+    params = train.init_params(SMALL_CFG, model, jax.random.key(0))
+    head = params["unet"]["proj_out"]["kernel"]
+    params["unet"]["proj_out"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(3), head.shape)  # not zero
+    videos, tokens = train.batch_for_step(SMALL_CFG, train.tokenizer(), 0)
+
+    def loss(attention):
+        cfg = dataclasses.replace(SMALL_CFG, attention=attention)
+        return float(jax.jit(lambda p: train.training_loss(cfg, model, jnp.dtype("float32"), p, videos, tokens,
+                                                           jax.random.key(1)))(params))
+
+    np.testing.assert_allclose(loss("xla"), loss(None), rtol=1e-5)
+    with pytest.raises(RuntimeError, match="cuDNN"):
+        loss("cudnn")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Through the recipe's command-line path (``train.run``) with the small DiT: 2 steps then ``--resume`` to 4

@@ -43,10 +43,15 @@ criterion (``jaxlongvid/tiny/evaluate.py``)::
 
 Throughput is estimated, not measured: a training clip costs 47 GFLOPs forward and backward (XLA's count), the
 UNet's 67, and the UNet ran 12 steps/s at batch 64 on an H100 (51 TFLOP/s); at that rate the DiT makes about
-17 steps/s, some 7,000 steps in a 9-minute command after start-up and compilation. Its attention runs on the
-core's plain jnp path (``WanTransformer``'s default), whose [1024 x 1024] float32 logits per head are memory-bound
-work the FLOP count does not see, so 10-15 steps/s is as likely. Batches are not the limit: one of 64 clips takes
-0.1 s of one CPU core to render, and the recipe renders on up to 12 processes.
+17 steps/s, some 7,000 steps in a 9-minute command after start-up and compilation. By default its attention runs
+on the core's plain jnp path (``WanTransformer``'s default), whose [1024 x 1024] float32 logits per head are
+memory-bound work the FLOP count does not see, so 10-15 steps/s is as likely; ``--attention cudnn`` takes cuDNN's
+fused attention instead (not run on a GPU yet). Batches are not the limit: one of 64 clips takes 0.1 s of one CPU
+core to render, and the recipe renders on up to 12 processes. To choose, time 600 steps of each (the log prints
+the elapsed seconds every 100 steps)::
+
+    for a in "" "--attention cudnn"; do python -m jaxlongvid.tiny.train --model dit --workdir runs/probe$RANDOM \
+        --batch 64 --learning-rate 3e-4 --high-noise-fraction 0 --max-steps 600 $a; done
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +121,9 @@ class TinyConfig:
     temporal_conv: bool = True  # zero-padded temporal conv blocks after every ResNet (VideoCrafter2 style)
     high_noise_fraction: float = 0.05  # share of each batch whose timestep is drawn from [high_noise_from, T)
     high_noise_from: int = 900
+    # the denoiser's attention_implementation in training (None: the module's default; "cudnn": fused attention
+    # on NVIDIA GPUs in bfloat16, which the DiT's default plain jnp attention is not)
+    attention: Optional[str] = None
 
     def __post_init__(self):
         if self.denoiser not in DENOISERS:
@@ -288,7 +296,8 @@ def training_loss(cfg: TinyConfig, model: Denoiser, dtype, params, videos, token
     signal, sigma = (x[:, None, None, None, None] for x in noise_levels(scheduler, t))
     noisy = signal * videos + sigma * noise
     context = text_model.TextEncoder(cfg.text(), dtype).apply({"params": params["text"]}, tokens)
-    denoiser = module_class(model.config)(model.config, dtype=dtype)
+    kernels = {} if cfg.attention is None else {"attention_implementation": cfg.attention}
+    denoiser = module_class(model.config)(model.config, dtype=dtype, **kernels)
     pred = denoiser.apply({"params": params["unet"]}, noisy, t, context.astype(jnp.float32))
     target = training_target(scheduler.prediction_type, videos, noise, signal, sigma)
     return jnp.mean((pred.astype(jnp.float32) - target) ** 2)
@@ -415,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--widen-directions", type=float, default=0.0,
                     help="when starting from fresh or --init weights: move the token embeddings of right/left "
                          "and down/up apart by this much (the shipped weights: 8 at step 50,480; see the card)")
+    ap.add_argument("--attention", choices=("xla", "cudnn"), default=defaults.attention,
+                    help="attention kernels in training (default: the denoiser's own; cudnn: fused attention on "
+                         "NVIDIA GPUs in bfloat16)")
     ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                     help="data-rendering processes (0: render in this process)")
     return ap
@@ -422,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> TinyConfig:
     cfg = TinyConfig(denoiser=args.model, temporal_conv=args.temporal_conv, learning_rate=args.learning_rate,
-                     high_noise_fraction=args.high_noise_fraction, high_noise_from=args.high_noise_from)
+                     high_noise_fraction=args.high_noise_fraction, high_noise_from=args.high_noise_from,
+                     attention=args.attention)
     return cfg if args.batch is None else dataclasses.replace(cfg, batch=args.batch)
 
 
