@@ -25,20 +25,20 @@ Batches are drawn from a seed per step, so a resumed run sees the same data as a
 pipeline directory ``--init`` (EMA weights; the optimizer moments are not shipped, so they restart at zero).
 
 Training the tiny DiT (not done yet; the tiny UNet needed about 70k steps at batch 64 to reach issue 5's 90%).
-A first device command starts from scratch and exports its EMA weights; ``runs/`` is ignored by git, so later
-commands on the same warm machine continue the checkpoint with ``--resume``::
+A first device command starts from scratch; ``runs/`` is ignored by git, so the checkpoint and the exported EMA
+weights stay on a warm machine between commands, and later commands add ``--resume`` (``$OUT`` is emptied for each
+command, so copy the export there to bring it back)::
 
     python -m jaxlongvid.tiny.train --model dit --workdir runs/tiny-dit --batch 64 --learning-rate 3e-4 \
-        --high-noise-fraction 0 --max-minutes 8.5 --export $OUT/tiny-dit
-    python -m jaxlongvid.tiny.train --model dit --workdir runs/tiny-dit --batch 64 --learning-rate 3e-4 \
-        --high-noise-fraction 0 --max-minutes 8.5 --export $OUT/tiny-dit --resume
+        --high-noise-fraction 0 --max-minutes 8.5 --export runs/tiny-dit-export [--resume] \
+        && cp -r runs/tiny-dit-export runs/tiny-dit/loss.csv $OUT/
 
 On a fresh machine, carry the last export (about 21 MB) into the tree and start from it (fresh optimizer moments,
 the step count kept): ``--resume --init runs/tiny-dit-export --workdir runs/tiny-dit-2``. No high-noise share is
 added: Wan's shift 3 already puts a quarter of the steps at sigma >= 0.9. Evaluation with the tiny model's prompt
 criterion (``jaxlongvid/tiny/evaluate.py``)::
 
-    python -m jaxlongvid.tiny.evaluate --model $OUT/tiny-dit --prompts 50 --frames 16 --batch 50 \
+    python -m jaxlongvid.tiny.evaluate --model runs/tiny-dit-export --prompts 50 --frames 16 --batch 50 \
         --long-frames 0 --sheet-rows 0 --out $OUT/eval_dit [--guidance-sweep 1,2,4]
 
 Throughput is estimated, not measured: a training clip costs 47 GFLOPs forward and backward (XLA's count), the
