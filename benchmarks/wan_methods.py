@@ -16,6 +16,12 @@ bfloat16):
 
     python benchmarks/wan_methods.py
 
+The block-sparse Pallas kernel (``attention_implementation="pallas"``: ``attention.kernels.sparse``, only the key
+frames each query frame keeps, mapped frame RoPE inside the kernel) beside cuDNN, each method under both; ``x
+direct`` is against the first attention's ``direct`` at the same length:
+
+    python benchmarks/wan_methods.py --attention cudnn,pallas
+
 On a CPU, a tiny model in float32 (what the test runs; native length 2 latent frames so every method acts):
 
     python benchmarks/wan_methods.py --size tiny --height 32 --width 32 --frames 9 --dtype float32 --repeats 1
@@ -90,20 +96,21 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    parser.add_argument("--attention", default="auto", help="auto (cudnn on GPU, else xla), cudnn or xla")
+    parser.add_argument("--attention", default="auto",
+                        help="comma-separated: auto (cudnn on GPU, else xla), cudnn, xla, pallas (block-sparse kernel)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
     config = SIZES[args.size]
     dtype = jnp.dtype(args.dtype)
-    implementation = {"auto": "cudnn" if jax.default_backend() == "gpu" else None, "xla": None}.get(
-        args.attention, args.attention)
+    named = {"auto": "cudnn" if jax.default_backend() == "gpu" else None, "xla": None}
+    implementations = [named.get(a.strip(), a.strip()) for a in args.attention.split(",")]
     frame_counts = sorted(int(f) for f in args.frames.split(","))
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     print(f"Wan {args.size} (native {config.native_frames} latent frames), {args.height}x{args.width}, CFG pair, "
-          f"{args.dtype}, attention {implementation or 'xla'}, device {jax.devices()[0].device_kind}; "
+          f"{args.dtype}, device {jax.devices()[0].device_kind}; "
           f"memory GiB: process peak so far / compiled program's need")
-    print(f"{'frames':>6} {'latent':>6} {'tokens':>7} {'method':<10} {'s/step':>9} {'x direct':>8} "
+    print(f"{'frames':>6} {'latent':>6} {'tokens':>7} {'attention':<9} {'method':<10} {'s/step':>9} {'x direct':>8} "
           f"{'compile s':>9} {'peak':>6} {'need':>6}")
     params = None
     for frames in frame_counts:
@@ -116,20 +123,21 @@ def main(argv=None) -> int:
         x = jax.random.normal(keys[0], (1,) + tuple(grid) + (config.in_channels,), jnp.float32)
         context = jax.random.normal(keys[1], (2, args.text_len, config.text_dim), jnp.float32).astype(dtype)
         direct = None
-        for name in names:
-            head = f"{frames:>6} {grid[0]:>6} {tokens:>7} {name:<10}"
-            try:
-                row = run_row(step_fn(config, method_value(name, config), dtype, implementation), params, x,
-                              context, args.repeats)
-            except Exception as e:  # noqa: BLE001 -- one row's failure (OOM, a refused method) is reported
-                first = (str(e).strip().splitlines() or [""])[0][:160]
-                print(f"{head} SKIP {type(e).__name__}: {first}", flush=True)
-                continue
-            if name == "direct":
-                direct = row["seconds"]
-            ratio = f"{row['seconds'] / direct:8.2f}" if direct else f"{'-':>8}"
-            print(f"{head} {row['seconds']:9.4f} {ratio} {row['compile_s']:9.1f} {gib(row['peak']):>6} "
-                  f"{gib(row['need']):>6}", flush=True)
+        for which, implementation in enumerate(implementations):
+            for name in names:
+                head = f"{frames:>6} {grid[0]:>6} {tokens:>7} {implementation or 'xla':<9} {name:<10}"
+                try:
+                    row = run_row(step_fn(config, method_value(name, config), dtype, implementation), params, x,
+                                  context, args.repeats)
+                except Exception as e:  # noqa: BLE001 -- one row's failure (OOM, a refused method) is reported
+                    first = (str(e).strip().splitlines() or [""])[0][:160]
+                    print(f"{head} SKIP {type(e).__name__}: {first}", flush=True)
+                    continue
+                if name == "direct" and which == 0:
+                    direct = row["seconds"]
+                ratio = f"{row['seconds'] / direct:8.2f}" if direct else f"{'-':>8}"
+                print(f"{head} {row['seconds']:9.4f} {ratio} {row['compile_s']:9.1f} {gib(row['peak']):>6} "
+                      f"{gib(row['need']):>6}", flush=True)
     return 0
 
 

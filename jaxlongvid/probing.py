@@ -16,9 +16,14 @@ Two scores per temporal attention layer (METHODS.md section 2), both measured wi
   all probed steps together. Only the position encoding changes, so a model without temporal position
   encoding scores exactly 0.
 
-The statistics come from :class:`jaxlongvid.attention.TemporalAttention` itself, which sows them into the
-``intermediates`` collection when (and only when) that collection is mutable; no flag is threaded through the
-blocks. Layer names are the parameter paths of ``temporal_layer_names(config)``.
+The statistics come from the temporal attention layers themselves (:class:`jaxlongvid.attention.TemporalAttention`
+in the UNets, the self-attention ``attn1`` of each Wan DiT block), which sow them
+(:func:`jaxlongvid.attention.probe_statistics`) into the ``intermediates`` collection when (and only when) that
+collection is mutable; no flag is threaded through the blocks. On a DiT the attention is over tokens: each query
+token's entropy is over all key tokens, averaged over the tokens of its frame, and the logits are the full 3D-RoPE
+logits with only the frame distance shifted. Layer names are the parameter paths of the denoiser module's
+``temporal_layer_names(config)``, read from the Python module that defines the denoiser (every model family
+provides one), so nothing here knows a family.
 
 Inputs: :func:`probe` runs a short sampler trajectory (``num_steps`` steps of the pipeline's own scheduler,
 classifier-free guidance as the pipeline samples) once at the native length and once at the long length, and
@@ -36,6 +41,7 @@ position encoding) no layer is routed to VRPR alone.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 from typing import NamedTuple, Optional, Sequence, Union
@@ -46,11 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlongvid import schedulers
+from jaxlongvid.attention.core import ENTROPY, LOGITS_SQ, SHIFT_CHANGE_SQ  # the sown statistics' names
 from jaxlongvid.methods import Method, MethodPlan, as_plan, get_method
-
-ENTROPY = "attention_entropy"  # [B, heads, N] per layer (see TemporalAttention._sow_probe_statistics)
-LOGITS_SQ = "logits_sq"  # [B, heads], at N <= N0
-SHIFT_CHANGE_SQ = "shift_change_sq"  # [B, heads], at N <= N0
 
 
 class ProbeInput(NamedTuple):
@@ -64,9 +67,12 @@ class ProbeInput(NamedTuple):
 
 # ---- one denoiser call with the statistics sown -----------------------------------------------------------------
 def _layer_names(model) -> tuple[str, ...]:
-    from jaxlongvid.models.unet3d import temporal_layer_names
-
-    return temporal_layer_names(model.config)
+    """The denoiser's temporal layer paths: ``temporal_layer_names(config)`` of the module defining its class."""
+    family = importlib.import_module(type(model).__module__)
+    if not hasattr(family, "temporal_layer_names"):
+        raise ValueError(f"{type(model).__name__} ({family.__name__}) names no temporal layers "
+                         f"(a temporal_layer_names(config) function beside the module): cannot probe it")
+    return tuple(family.temporal_layer_names(model.config))
 
 
 def _layer_method(model, name: str) -> Method:
@@ -178,18 +184,19 @@ def _trajectory_statistics(pipe, model, noise, context, fps, num_steps: int, gui
     schedule = schedulers.make_schedule(config.scheduler, num_steps, config.eta)
     guided = guidance_scale > 1.0
     params = pipe.params["unet"]
-    x, prev_x0, stats = noise, None, []
+    carry, stats = schedulers.init_carry(schedule, noise), []
     for i in range(num_steps):
         row = schedulers.row_at(schedule, i)
+        x = carry[0]
         pair = jnp.concatenate([x, x]) if guided else x
-        ts = jnp.full((pair.shape[0],), int(row.timestep), jnp.int32)
+        ts = jnp.full((pair.shape[0],), row.timestep, row.timestep.dtype)  # int (DDPM family) or float (flow)
         out, s = layer_statistics(model, params, ProbeInput(pair, ts, context, fps))
         stats.append(s)
         if guided:
             uncond, cond = jnp.split(out.astype(jnp.float32), 2)
             out = uncond + guidance_scale * (cond - uncond)
         z = jax.random.normal(jax.random.fold_in(key, i), x.shape) if schedule.stochastic else None
-        x, prev_x0 = schedulers.step(config.scheduler, row, x, out, prev_x0, z)
+        carry = schedulers.advance(config.scheduler, row, carry, out, z)
     return stats
 
 
@@ -201,7 +208,8 @@ def probe(pipe, prompts: Union[str, Sequence[str]], *, long_frames: Optional[int
     Args:
       pipe: a :class:`~jaxlongvid.pipeline.Pipeline`.
       prompts: one prompt or a list (one video each).
-      long_frames: the long length (default ``4 * N0``); the native length is the model's N0.
+      long_frames: the long length in the denoiser's frames (latent frames for Wan; default ``4 * N0``); the
+        native length is the model's N0.
       num_steps: length of the sampler trajectory whose inputs are probed (every step is recorded).
       seed: the noise (``jax.random.key(seed)``).
       guidance_scale, height, width, fps: default to the pipeline's sampling settings.
@@ -300,7 +308,8 @@ def add_arguments(parser) -> None:
     """Options of ``jaxlongvid probe`` on an ``argparse`` (sub)parser."""
     parser.add_argument("--model", default="tiny", help="a pipeline directory, or 'tiny' for the bundled model")
     parser.add_argument("--prompt", action="append", required=True, help="a probe prompt (repeat for more)")
-    parser.add_argument("--long-frames", type=int, help="long length (default: 4x the model's native frames)")
+    parser.add_argument("--long-frames", type=int, help="long length in the denoiser's frames (latent frames for "
+                        "Wan; default: 4x its native frames)")
     parser.add_argument("--steps", type=int, default=4, help="probed sampler steps (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")

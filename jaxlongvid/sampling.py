@@ -13,8 +13,9 @@ The steps, each a jitted pure function of (static config, arrays):
 
 Sharding: with a mesh (``mesh=`` or ``devices=``), every step runs under ``jax.set_mesh(mesh)``. Latents are
 split over the ``frames`` axis, the guidance pair over ``data``; the model's own constraints keep activations
-frame-sharded and ``TemporalAttention`` reshards to pixels around attention. A frame count that does not split
-evenly is an error before anything is traced. Inputs become global arrays through
+frame-sharded and ``TemporalAttention`` reshards to pixels around attention; the Wan DiT keeps its tokens split
+by whole latent frames and runs self-attention context-parallel (``sharding.sequence_parallel``). A (latent)
+frame count that does not split evenly is an error before anything is traced. Inputs become global arrays through
 ``jax.make_array_from_callback`` and the result comes back with ``process_allgather``, so the same call works
 on several hosts after ``jax.distributed.initialize()`` (every process calls ``sample`` with the same
 arguments; the progress bar shows on process 0).
@@ -403,7 +404,7 @@ def sample(pipe: Pipeline, prompt: Union[str, Sequence[str]], num_frames: Option
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                             width=width, negative_prompt=negative_prompt, fps=fps, eta=eta, precision=precision)
     mesh = resolve_mesh(mesh, devices, request.guided, mesh_axes)
-    sharding.check_mesh(mesh, request.latent_frames, request.model_batch)
+    sharding.check_mesh(mesh, request.latent_frames, request.model_batch, request.num_frames)
     config = pipe.config
     schedule = schedulers.make_schedule(config.scheduler, request.num_inference_steps, request.eta)
     with precision_context(request.precision):  # traced (and cached) at this precision

@@ -8,6 +8,9 @@ identity, so the same model code runs unsharded.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +35,69 @@ def constrain(x: jax.Array, spec: P) -> jax.Array:
     if not names <= set(mesh.axis_names):
         return x
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+# ---- token-level self-attention on tokens split over frames (context parallelism) -----------------------------------
+# A DiT keeps its token sequence [B, S, C] split over the "frames" axis by blocks of whole frames (tokens are laid
+# out frame by frame). Self-attention needs every key for every query; two ways to give it that:
+#   "heads": an all-to-all over heads under shard_map (attend_over_heads): each device gets all S tokens of
+#            heads / n heads, the attention core runs on them unchanged (heads are independent, so every method
+#            -- maps, masks, merges -- works as it is), and a second all-to-all restores the token split. Needs
+#            the heads, the tokens and the batch to split evenly;
+#   "xla":   the compiler's automatic partitioning of the attention (in practice it gathers k and v on every
+#            device). Used where "heads" cannot split, with the reason recorded in the plan.
+# A ring (k, v passed round the devices with log-sum-exp merges) is not offered: LongDiff's average over several
+# maps has no single log-sum-exp per query, so it would not serve every method.
+CONTEXT_PARALLEL = ("auto", "heads", "xla")
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """How a token-level self-attention runs under the active mesh (:func:`sequence_parallel`, once per call)."""
+
+    kind: str = "none"  # none (no frames axis of > 1 device) | heads | xla (see the notes above)
+    devices: int = 1  # the frames axis' size
+    reason: str = ""  # why "xla" was taken where "auto" was asked for
+
+
+def sequence_parallel(heads: int, tokens: int, batch: int, choice: str = "auto") -> SequenceParallel:
+    """The plan of a self-attention over ``tokens`` tokens of ``heads`` heads and ``batch`` sequences, split over
+    the active mesh's ``frames`` axis (and the batch over ``data``). ``choice``: "auto" (heads where they split
+    evenly, else xla), "heads" (an error if they cannot) or "xla"."""
+    if choice not in CONTEXT_PARALLEL:
+        raise ValueError(f"context_parallel must be one of {CONTEXT_PARALLEL}, got {choice!r}")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or FRAMES not in mesh.axis_names or axis_size(mesh, FRAMES) == 1:
+        return SequenceParallel()
+    n, data = axis_size(mesh, FRAMES), axis_size(mesh, DATA)
+    problems = [f"{heads} heads do not split over the {n} devices of the {FRAMES!r} axis" if heads % n else "",
+                f"{tokens} tokens do not split over the {n} devices of the {FRAMES!r} axis" if tokens % n else "",
+                f"a batch of {batch} does not split over the {data} devices of the {DATA!r} axis"
+                if batch % data else "",
+                f"the mesh has no {DATA!r} axis" if DATA not in mesh.axis_names else ""]
+    reason = "; ".join(p for p in problems if p)
+    if choice == "heads" and reason:
+        raise ValueError(f"context_parallel='heads' cannot split this attention: {reason}")
+    if choice == "xla" or reason:
+        return SequenceParallel("xla", n, reason or "asked for")
+    return SequenceParallel("heads", n)
+
+
+def attend_over_heads(attend, q, k, v, *extras):
+    """``attend(q, k, v, *extras)`` computed on whole sequences for ``q, k, v [B, S, heads, d]`` split over
+    ``frames`` on S (and ``data`` on B), returning ``[B, S, heads, d']`` split the same way: under ``shard_map``
+    an all-to-all gives each device all S tokens of ``heads / n`` heads, ``attend`` runs on them unchanged and a
+    second all-to-all gives back the token split. ``extras``: per-sequence arrays ``[B, ...]`` (split over
+    ``data`` only), e.g. IFS keyframes. Takes the active mesh; plan with :func:`sequence_parallel` first."""
+    tokens = P(DATA, FRAMES)
+
+    def local(q, k, v, *extras):
+        to_heads = lambda x: jax.lax.all_to_all(x, FRAMES, split_axis=2, concat_axis=1, tiled=True)
+        out = attend(to_heads(q), to_heads(k), to_heads(v), *extras)
+        return jax.lax.all_to_all(out, FRAMES, split_axis=1, concat_axis=2, tiled=True)
+
+    return jax.shard_map(local, in_specs=(tokens,) * 3 + (P(DATA),) * len(extras), out_specs=tokens)(
+        q, k, v, *extras)
 
 
 # ---- the sampler's mesh and global arrays -----------------------------------------------------------------------
@@ -100,15 +166,20 @@ def normalise_mesh(mesh, axes: tuple = (FRAMES, DATA)):
     return jax.sharding.Mesh(devices.reshape(frames, data), (FRAMES, DATA), axis_types=(AxisType.Auto,) * 2)
 
 
-def check_mesh(mesh, num_frames: int, batch: int) -> None:
-    """Clear errors, before anything is traced, when the video does not split evenly over the (normalised) mesh."""
+def check_mesh(mesh, num_frames: int, batch: int, video_frames: Optional[int] = None) -> None:
+    """Clear errors, before anything is traced, when the video does not split evenly over the (normalised) mesh.
+
+    ``num_frames`` counts the frames the denoiser runs on; ``video_frames``, when the VAE codes several video
+    frames per latent frame (Wan), the user's count they come from (named in the message)."""
     if mesh is None:
         return
     frames = axis_size(mesh, FRAMES)
     if num_frames % frames:
-        raise ValueError(f"num_frames={num_frames} is not divisible by the mesh's {FRAMES!r} axis ({frames} "
+        latent = video_frames is not None and video_frames != num_frames
+        what = f"num_frames={video_frames} ({num_frames} latent frames)" if latent else f"num_frames={num_frames}"
+        raise ValueError(f"{what} is not divisible by the mesh's {FRAMES!r} axis ({frames} "
                          f"devices); frames are split evenly over devices (padding would change the attention), "
-                         f"so use a multiple of {frames} frames or another mesh")
+                         f"so use a multiple of {frames} {'latent ' if latent else ''}frames or another mesh")
     data = axis_size(mesh, DATA)
     if batch % data:
         raise ValueError(f"the model batch of {batch} (prompts x 2 with guidance) is not divisible by the mesh's "

@@ -316,6 +316,30 @@ def test_speed_ratio_of_slowed_clips():
             assert 45.0 < s["SR"] < 95.0 and s["DA"] > 99.9, (motion, s)  # wide law ranges: 50-91 measured
 
 
+@pytest.mark.parametrize("frames", [128, 256])
+def test_a_linear_mover_kept_whole_in_frame_is_slow_and_still(frames):
+    """What a model that never saw an object leave the frame can do with a linear law at 128 or 256 frames: at
+    best one crossing, wall to wall. That clip keeps the subject (SC > 99) and the direction (DA > 98) but runs
+    at about 1/5 (128) or 1/10 (256) of the law's slowest speed and scores DD = 0: the law's own clip wraps
+    round the frame 4-9 times. So SR within 20% and DD >= 90 on linear prompts need wrap-around (docs/motion.md)."""
+    rng = np.random.default_rng(frames)
+    for motion in vocab.LINEAR_MOTIONS:
+        shape = str(rng.choice(vocab.SHAPES))
+        obj = data.random_object(rng, "red", shape, motion, 16)
+        unit = np.asarray(obj.velocity) / np.linalg.norm(obj.velocity)
+        near, far = data.margins(shape, obj.extent)
+        axis = int(np.argmax(np.abs(unit)))
+        span = 1.0 - far[axis] - near[axis]  # the centre's travel with the shape whole in frame
+        start = np.asarray(obj.start, float)
+        start[axis] = near[axis] if unit[axis] > 0 else 1.0 - far[axis]
+        crossing = dataclasses.replace(obj, start=tuple(start), velocity=tuple(span / (frames - 1) * unit))
+        scene = data.Scene((crossing,), "gray")
+        s = metrics.all_metrics(data.render(scene, frames, 32), data.caption(scene))
+        most = 100.0 * span / (frames - 1) / data.LINEAR_SPEED[0]
+        assert s["SC"] > 99.0 and s["DA"] > 98.0 and s["DD"] == 0.0, (motion, s)  # DA >= 99.48 measured: sub-pixel steps
+        assert s["SR"] < 25.0 * 128 / frames and s["SR"] == pytest.approx(most, rel=0.05), (motion, s, most)
+
+
 def test_path_accuracy_sees_a_sideways_drift_and_a_wrong_law():
     """A left mover drifting down by 0.3 of the side over the clip, and a straight diagonal run prompted as
     circling, lose PA; a linear mover prompted as bouncing wraps out of the frame and loses PA."""

@@ -378,3 +378,22 @@ def test_bench_does_not_preallocate_the_gpu(monkeypatch):
     monkeypatch.setattr(runner, "run_from_args", lambda args: 0)
     assert cli.main(["bench", "shapes", "--out", "x"]) == 0
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+
+
+def test_table_splits_linear_and_in_frame_laws():
+    """Linear laws wrap round the frame in long ground truth, bouncing and circling stay in it: the table gives
+    each group its own rows (means over that group's videos only) after the table over every video."""
+    assert runner.law_group("a red circle moving left on a black background") == "linear"
+    assert runner.law_group("a blue square bouncing") == "in-frame"
+    assert runner.law_group("a green triangle circling on a striped background") == "in-frame"
+    prompts = ["a red circle moving left", "a red circle moving up", "a blue square bouncing"]
+    rows = [dict({m: 0.0 for m in metrics.METRICS}, method="m", frames=128, prompt=p, seed=0,
+                 SR=sr) for p, sr in zip(prompts, (20.0, 10.0, 90.0))]
+    table = runner.markdown_table(rows)
+    sr = metrics.METRICS.index("SR")
+    cell = lambda heading: table.split(heading)[1].split("| m | ")[1].split(" | ")[sr].split(" ±")[0]
+    assert cell("### 128 frames (") == "40.00"
+    assert cell("### 128 frames, in-frame laws (mean ± std over 1 videos") == "90.00"
+    assert cell("### 128 frames, linear laws (mean ± std over 2 videos") == "15.00"
+    one_group = runner.markdown_table(rows[:2])
+    assert "laws" not in one_group.split("Columns:")[0]

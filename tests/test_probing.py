@@ -1,15 +1,18 @@
 """FreeLOC layer probing on tiny random one-level UNet3Ds (LaVie-style: RoPE on 8 of 16 head dims + T5 bias;
 VideoCrafter1-style: relative K/V tables; VideoCrafter2-style: no temporal position encoding), native length 4
-frames, 8x8 pixels. Inputs share shapes (batch 2: one guided prompt) so each program compiles once.
+frames, 8x8 pixels, and on a tiny random Wan DiT (``tiny_wan.py``: token-level 3D-RoPE self-attention, native 4
+latent frames of 4 x 4 tokens). Inputs share shapes (batch 2: one guided prompt) so each program compiles once.
 
-References are float64 NumPy computed from the q and k that the layer's ``to_q`` / ``to_k`` produce (captured
-with Flax's ``capture_intermediates``, independently of the statistics the layer sows) and its T5 table.
+References are float64 NumPy computed from the q and k that the layer's ``to_q`` / ``to_k`` produce (Wan: its
+``norm_q`` / ``norm_k``; captured with Flax's ``capture_intermediates``, independently of the statistics the layer
+sows) and its T5 table.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 
 import jax
@@ -21,11 +24,13 @@ from flax import traverse_util
 from jaxlongvid import probing
 from jaxlongvid.methods import PRESETS, VRPR, Method, MethodPlan
 from jaxlongvid.models import text as text_lib
+from jaxlongvid.models import wan
 from jaxlongvid.models.tokenizers import WordTokenizer
 from jaxlongvid.models.unet3d import UNet3DConfig, init_shapes, temporal_layer_names
 from jaxlongvid.pipeline import Pipeline, PipelineConfig, build_denoiser
 from jaxlongvid.positions import t5_bucket
 from jaxlongvid.schedulers import SchedulerConfig
+from tiny_wan import CONFIG as WAN, tiny_wan_pipeline
 
 N0 = 4  # native frames of the test models
 SIZE = 8
@@ -311,3 +316,100 @@ def test_command_line_hook(lavie, tmp_path, capsys):
     assert written["routes"] == {n: plan.for_layer(n).name for n in names}
     printed = capsys.readouterr().out
     assert all(n in printed for n in names)
+
+
+# ---- the probe on a DiT: the Wan transformer's block self-attentions --------------------------------------------
+@pytest.fixture(scope="module")
+def wan_pipe():
+    return tiny_wan_pipeline()
+
+
+def wan_input(frames, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    x = jax.random.normal(keys[0], (BATCH, frames, SIZE, SIZE, 3))
+    return probing.ProbeInput(x, jnp.asarray([800.0, 800.0]), jax.random.normal(keys[1], (BATCH, 8, WAN.text_dim)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _wan_qk(model, params, x, timesteps, context):
+    _, state = model.apply({"params": params}, x, timesteps, context,
+                           capture_intermediates=lambda mdl, method: mdl.name in ("norm_q", "norm_k"),
+                           mutable=["intermediates"])
+    return state["intermediates"]
+
+
+def np_wan_logits(q, k, grid, frame_map):
+    """float64 ``[B, heads, S, S]``: ``q_a . R(angle_ab) k_b / sqrt(d)`` with every channel pair of k_b turned by
+    its own relative angle: frame pairs by ``frame_map[f_a, f_b] * freq``, height and width pairs by the row and
+    column differences (Wan's 3D RoPE written out per token pair)."""
+    fw, hw, ww = wan.rope_split(q.shape[-1])
+    fa, ya, xa = np.unravel_index(np.arange(int(np.prod(grid))), grid)
+    freqs = lambda width: 1.0 / 10000.0 ** (np.arange(0, width, 2, dtype=np.float64) / width)
+    angle = np.concatenate([np.asarray(frame_map, np.float64)[fa][:, fa][..., None] * freqs(fw),
+                            (ya[None, :] - ya[:, None])[..., None] * freqs(hw),
+                            (xa[None, :] - xa[:, None])[..., None] * freqs(ww)], -1)  # [S, S, d / 2]
+    cos, sin = np.cos(angle), np.sin(angle)
+    k0, k1 = k[..., 0::2], k[..., 1::2]  # [B, S, H, d / 2]
+    q0, q1 = q[..., 0::2], q[..., 1::2]
+    pair = lambda x, y, w: np.einsum("bahk,bjhk,ajk->bhaj", x, y, w)
+    logits = pair(q0, k0, cos) - pair(q0, k1, sin) + pair(q1, k0, sin) + pair(q1, k1, cos)
+    return logits / math.sqrt(q.shape[-1])
+
+
+def test_wan_statistics_match_numpy(wan_pipe):
+    """Each block's attn1 sows the token-level statistics: entropy per query token averaged over its frame's tokens,
+    and the full 3D-RoPE logits' norms with only the frame distance shifted."""
+    model, params = build_denoiser(wan_pipe.config), wan_pipe.params["unet"]
+    inputs = wan_input(N0, seed=1)
+    _, stats = probing.layer_statistics(model, params, inputs)
+    names = wan.temporal_layer_names(WAN)
+    assert list(stats) == list(names) == ["blocks_0/attn1", "blocks_1/attn1"]
+    for name in names:
+        assert stats[name][probing.ENTROPY].shape == (BATCH, WAN.num_heads, N0)
+        assert stats[name][probing.LOGITS_SQ].shape == stats[name][probing.SHIFT_CHANGE_SQ].shape == (BATCH,
+                                                                                                      WAN.num_heads)
+    flat = traverse_util.flatten_dict(_wan_qk(model, params, *inputs[:3]), sep="/")
+    grid = (N0, SIZE // 2, SIZE // 2)
+    for name in names:
+        q, k = (np.asarray(flat[f"{name}/{n}/__call__"][0], np.float64).reshape(BATCH, -1, WAN.num_heads,
+                                                                                 WAN.head_dim)
+                for n in ("norm_q", "norm_k"))
+        d = np.arange(N0)[None, :] - np.arange(N0)[:, None]
+        ori, shifted = np_wan_logits(q, k, grid, d), np_wan_logits(q, k, grid, d + np.sign(d) * N0)
+        p = np.exp(ori - ori.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        entropy = -(p * np.log(p)).sum(-1).reshape(BATCH, WAN.num_heads, N0, -1).mean(-1)  # [B, heads, frames]
+        np.testing.assert_allclose(stats[name][probing.ENTROPY], entropy, rtol=0, atol=2e-6)
+        np.testing.assert_allclose(stats[name][probing.LOGITS_SQ], np.square(ori).sum((2, 3)), rtol=1e-5)
+        np.testing.assert_allclose(stats[name][probing.SHIFT_CHANGE_SQ], np.square(shifted - ori).sum((2, 3)),
+                                   rtol=1e-5)
+        assert np.linalg.norm(shifted - ori) / np.linalg.norm(ori) > 0.05  # the shift moves these logits
+
+
+def test_wan_probe_to_plan(wan_pipe, tmp_path, capsys):
+    """``jaxlongvid probe`` on a saved Wan pipeline (flow-matching UniPC trajectory, guided) gives per-block scores,
+    and the plan from them -- and from its JSON file -- routes the blocks and runs through the transformer."""
+    from jaxlongvid import cli
+    from jaxlongvid.methods import parse_method
+    from jaxlongvid.pipeline import save
+
+    out = tmp_path / "wan_probe.json"
+    assert cli.main(["probe", "--model", save(wan_pipe, str(tmp_path / "wan")), "--prompt", PROMPTS[0], "--steps",
+                     "2", "--out", str(out)]) == 0
+    assert "blocks_1/attn1" in capsys.readouterr().out
+    scores = json.loads(out.read_text())["scores"]  # probing.probe's (test_command_line_hook)
+    names = list(wan.temporal_layer_names(WAN))
+    assert list(scores["context"]) == names and list(scores["position"]) == names
+    assert all(0 < s < math.log(4) for s in scores["context"].values()), scores  # 4x the keys: <= log 4 more
+    assert all(s > 0 for s in scores["position"].values()), scores
+    plan = probing.plan_from_scores(scores)  # median of two: the higher context score gets TSA + VRPR
+    routes = [plan.for_layer(n).name for n in names]
+    top = max(names, key=scores["context"].get)
+    assert routes[names.index(top)] == "freeloc" and routes.count("freeloc") == 1, routes
+    x = wan_input(4 * N0, seed=3)
+    run = lambda method: np.asarray(plain_apply(build_denoiser(wan_pipe.config, method), wan_pipe.params["unet"],
+                                                *x[:3]))
+    planned, direct = run(plan), run("direct")
+    assert np.all(np.isfinite(planned)) and np.max(np.abs(planned - direct)) > 1e-3
+    from_file = parse_method(str(out)).resolve(names)
+    assert [from_file.for_layer(n).name for n in names] == routes

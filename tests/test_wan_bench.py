@@ -38,13 +38,30 @@ def test_tiny_benchmark_runs_on_cpu():
 
 def test_methods_benchmark_runs_tiny(capsys):
     """benchmarks/wan_methods.py in its tiny CPU mode: a timed row for direct and a method that acts (3 latent
-    frames > the tiny native 2), and a failing row (an unknown method) reported as one SKIP line."""
+    frames > the tiny native 2) under XLA and the block-sparse kernel (interpreted), and a failing row (an unknown
+    method) reported as one SKIP line."""
     import wan_methods
 
     assert wan_methods.main(["--size", "tiny", "--height", "32", "--width", "32", "--frames", "9", "--dtype",
                              "float32", "--repeats", "1", "--text-len", "4", "--methods",
-                             "direct,longdiff,nonesuch"]) == 0
-    rows = {line.split()[3]: line for line in capsys.readouterr().out.splitlines() if line.startswith("     9")}
-    assert set(rows) == {"direct", "longdiff", "nonesuch"}
-    assert float(rows["direct"].split()[5]) == 1.0 and float(rows["longdiff"].split()[4]) > 0
-    assert "SKIP ValueError: unknown method 'nonesuch'" in rows["nonesuch"]
+                             "direct,longdiff,nonesuch", "--attention", "xla,pallas"]) == 0
+    rows = {tuple(line.split()[3:5]): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("     9")}
+    assert set(rows) == {(a, m) for a in ("xla", "pallas") for m in ("direct", "longdiff", "nonesuch")}
+    assert float(rows["xla", "direct"].split()[6]) == 1.0 and float(rows["pallas", "longdiff"].split()[5]) > 0
+    assert "SKIP ValueError: unknown method 'nonesuch'" in rows["xla", "nonesuch"]
+
+
+def test_token_attention_benchmark_runs_tiny(capsys):
+    """benchmarks/token_attention.py in its tiny CPU mode: rows for the jnp path and the block-sparse kernel
+    (interpreted), the kernel's output within float32 rounding of the jnp path's."""
+    import token_attention
+
+    assert token_attention.main(["--latent", "6", "--rows", "2", "--cols", "3", "--heads", "2", "--dim", "24",
+                                 "--dtype", "float32", "--attention", "jnp,pallas", "--repeats", "1", "--methods",
+                                 "direct,freeloc"]) == 0
+    rows = {tuple(line.split()[2:4]): line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("     6")}
+    assert set(rows) == {(m, a) for m in ("direct", "freeloc") for a in ("jnp", "pallas")}
+    assert float(rows["direct", "jnp"][5]) == 1.0 and float(rows["freeloc", "pallas"][4]) > 0
+    assert all(float(row[7]) < 1e-5 for row in rows.values())

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import reference
+from jaxlongvid.attention import Encoding, info_of_positions, temporal_attention
 from jaxlongvid.methods import (IFS, PLAN_PRESETS, PRESETS, VRPR, Clip, FreeLongBlend, FreeNoiseWindows, Group,
                                 GroupShift, Interpolate, Method, MethodPlan, RIFLEx, Tiered, Window,
                                 intrinsic_frequency, parse_method, vrpr_setting)
@@ -123,10 +124,11 @@ def random_qkv(seed: int, grid=GRID, batch: int = 2):
 
 
 # ---- token-level attention ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("implementation", [None, "xla"], ids=["jnp", "by-query-frame"])
+@pytest.mark.parametrize("implementation", [None, "xla", "pallas"], ids=["jnp", "by-query-frame", "block-sparse"])
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
 def test_token_attention_matches_reference(method, implementation):
-    """The jnp path over token maps, and the fused path one query frame at a time (``attend_fused_frames``)."""
+    """The jnp path over token maps, the fused path one query frame at a time (``attend_fused_frames``), and the
+    block-sparse Pallas kernel (``kernels.sparse``, interpreted)."""
     q, k, v = random_qkv(1)
     keyframes = None
     if method.needs_keyframes:
@@ -179,6 +181,193 @@ def test_token_keyframes_score_each_latent_frame_from_its_tokens():
         np.testing.assert_array_equal(got[b], np.asarray(select_keyframes(frames, 3)))
 
 
+# ---- the block-sparse kernel and splash attention -----------------------------------------------------------------
+ODD_GRID = (6, 3, 7)  # 21 tokens per frame: with 16-token blocks, two per frame, the second holding 5 real tokens
+
+
+def spatially_rotated(x, grid, encoding):
+    """x with its height and width channels rotated as ``wan.self_attention`` does before the core."""
+    fw = encoding.rope_dim
+    angles = wan.rope_angles(grid, x.shape[-1], encoding.rope_theta)[:, fw // 2:]
+    return jnp.concatenate([x[..., :fw], wan.apply_rope(x[..., fw:], angles)], axis=-1)
+
+
+@pytest.mark.parametrize("method", [TINY_FRESH, METHODS[4], METHODS[2]], ids=lambda m: m.name)
+def test_block_sparse_kernel_odd_tokens_several_blocks_per_frame(method, monkeypatch):
+    """21 tokens per frame in 16-token blocks (a frame's second block mostly padding), tiered and IFS (traced)
+    masks, GROUP+SHIFT's maps and fractional ones, against the float64 reference."""
+    from jaxlongvid.attention.kernels import sparse
+
+    monkeypatch.setattr(sparse, "BLOCK", 16)
+    assert sparse.block_of(21) == 16
+    q, k, v = random_qkv(3, ODD_GRID)
+    keyframes = jnp.asarray([[0, 5], [4, 1]])[:, :method.mask.segments(ODD_GRID[0], N0)] \
+        if method.needs_keyframes else None
+    out = jax.jit(lambda q, k, v, kf: self_attention(q, k, v, ODD_GRID, method, frame_encoding(CONFIG), kf,
+                                                     "pallas"))(q, k, v, keyframes)
+    err = relative_error(out, reference_attention(q, k, v, ODD_GRID, method, keyframes))
+    assert err < ATTENTION_RTOL, err
+
+
+def test_block_sparse_kernel_rows_that_see_no_key_and_unused_slots():
+    """A per-sequence frame mask with rows of every length up to the bound (unused list slots) and one query
+    frame that sees no key frame: its tokens are NaN, as on the jnp path, and every other token equals it."""
+    from jaxlongvid.attention.kernels.sparse import sparse_forward
+
+    f, t = 6, 5
+    rng = np.random.default_rng(4)
+    frame_mask = rng.random((2, f, f)) < 0.4
+    frame_mask[:, np.arange(f), np.arange(f)] = True
+    frame_mask[0, 2] = False  # batch 0, query frame 2: no key frame at all
+    q, k, v = (jnp.asarray(rng.standard_normal((2, f * t, 2, 24)), jnp.float32) for _ in range(3))
+    positions = GroupShift()
+    enc = frame_encoding(CONFIG)
+    info, bound = info_of_positions(positions, f, N0), int(frame_mask.sum(-1).max())
+    got = jax.jit(lambda q, k, v, m: sparse_forward(q, k, v, positions.maps(f, N0), info, m, enc, t, bound,
+                                                    interpret=True))(q, k, v, jnp.asarray(frame_mask))
+    token_mask = jnp.asarray(np.repeat(np.repeat(frame_mask, t, 1), t, 2))
+    core = lambda q, k, v, m: temporal_attention(q, k, v, encoding=enc, method=Method("g", positions=positions),
+                                                 mask=m, tokens_per_frame=t)
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(core)(q, k, v, token_mask)
+    nan = np.isnan(np.asarray(got))
+    np.testing.assert_array_equal(nan, np.isnan(np.asarray(want)))
+    assert nan[0, 2 * t:3 * t].all() and nan.sum() == t * got.shape[-2] * got.shape[-1]
+    assert relative_error(np.where(nan, 0.0, got), np.where(nan, 0.0, np.asarray(want, np.float64))) < 2e-6
+
+
+def test_block_sparse_kernel_gradient_is_the_fused_paths():
+    """Under grad the kernel's backward pass is the per-query-frame fused path's: equal to the jnp path's."""
+    method = METHODS[4]  # GROUP+SHIFT with IFS
+    q, k, v = random_qkv(6)
+    keyframes = jnp.asarray([[0, 4], [3, 8]])
+
+    def grads(implementation):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(self_attention(q, k, v, GRID, method, frame_encoding(CONFIG),
+                                                              keyframes, implementation)))
+        with jax.default_matmul_precision("highest"):
+            return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(grads("pallas"), grads(None)):
+        assert relative_error(got, np.asarray(want, np.float64)) < ATTENTION_RTOL
+
+
+def test_block_sparse_kernel_lowers_to_triton_for_gpus():
+    """No GPU here: the kernel lowers for CUDA through Triton at Wan's head (128 = 44 frame + 84 other dims) with
+    1,560 tokens per frame and an IFS mask, not that it runs."""
+    from jaxlongvid.attention.kernels.sparse import sparse_forward
+
+    method, f, t = PRESETS["longdiff"], 41, 1560
+    enc = Encoding(rope_dim=44, native_frames=21)
+    shape = jax.ShapeDtypeStruct((2, f * t, 12, 128), jnp.bfloat16)
+    forward = lambda q, k, v, kf: sparse_forward(
+        q, k, v, method.positions.maps(f, 21), info_of_positions(method.positions, f, 21),
+        method.mask.with_keyframes(f, kf), enc, t, method.mask.most_visible(f, 21), interpret=False)
+    lowered = jax.jit(forward).trace(shape, shape, shape, jax.ShapeDtypeStruct((2, 2), jnp.int32))
+    assert "__gpu$xla.gpu.triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
+SPLASH_GRID = (9, 4, 8)  # 288 tokens, padded to 384: 3 x 3 splash blocks of 128
+
+
+@pytest.mark.parametrize("method", [Method("tiered", mask=Tiered(((1, 1), (6, 3)), 0)),
+                                    Method("window", mask=Window(1)),
+                                    Method("riflex-window", positions=RIFLEx(), mask=Window(2))], ids=lambda m: m.name)
+def test_splash_attention_interpreted_matches_reference(method):
+    """Splash attention (interpreted) with the frame mask as its block-sparse mask and absolute frame RoPE."""
+    from jaxlongvid.attention.kernels.splash import splash_forward
+
+    q, k, v = random_qkv(7, SPLASH_GRID, batch=1)
+    f, t = SPLASH_GRID[0], SPLASH_GRID[1] * SPLASH_GRID[2]
+    enc = method.positions.encoding_at(frame_encoding(CONFIG), f, N0)
+    rotated = lambda x: spatially_rotated(x, SPLASH_GRID, enc)
+    out = jax.jit(lambda q, k, v: splash_forward(rotated(q), rotated(k), v, method.mask.static(f, np), 1.0, enc, t,
+                                                 interpret=True, block=128))(q, k, v)
+    err = relative_error(out, reference_attention(q, k, v, SPLASH_GRID, method))
+    assert err < ATTENTION_RTOL, err
+
+
+def test_splash_attention_gradient_equals_jnp_path():
+    """Splash's own backward kernels (interpreted) against the gradient of the jnp path over token maps."""
+    from jaxlongvid.attention.kernels.splash import splash_forward
+
+    method, grid = Method("window", mask=Window(2)), (9, 4, 4)
+    q, k, v = random_qkv(8, grid, batch=1)
+    f, t = grid[0], grid[1] * grid[2]
+    enc = frame_encoding(CONFIG)
+    splash = lambda q, k, v: splash_forward(q, k, v, method.mask.static(f, np), 1.0, enc, t, interpret=True,
+                                            block=128)
+    core = lambda q, k, v: temporal_attention(q, k, v, encoding=enc, method=method, tokens_per_frame=t)
+    grads = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2)))(q, k, v)
+    with jax.default_matmul_precision("highest"):
+        for got, want in zip(grads(splash), grads(core)):
+            assert relative_error(got, np.asarray(want, np.float64)) < 2e-6
+
+
+def test_splash_mask_is_the_frame_mask_in_token_blocks_and_skips_hidden_blocks():
+    """The frame mask as splash's mask: exactly the token blocks (padded keys hidden, padded query rows see the
+    real keys), and splash's block map marks a block empty exactly where no token pair in it is kept."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_masks
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_mask_info import process_mask
+
+    from jaxlongvid.attention.kernels.splash import FrameBlockMask, padded_length
+
+    f, t = 9, 32
+    frame_mask = reference_frame_mask(Method("w", mask=Window(1)), f, None)[0]
+    padded, block = padded_length(f * t, 128)
+    assert (padded, block) == (384, 128)
+    mask = FrameBlockMask(frame_mask, t, padded)
+    dense = np.ones((padded, padded), bool)
+    dense[:, f * t:] = False
+    dense[:f * t, :f * t] = np.repeat(np.repeat(frame_mask, t, 0), t, 1)
+    np.testing.assert_array_equal(mask[:, :], dense)
+    np.testing.assert_array_equal(mask[128:256, 0:128], dense[128:256, 0:128])
+    info, _ = process_mask(splash_masks.MultiHeadMask([mask]), (block, block))
+    blocks = dense.reshape(3, block, 3, block).transpose(0, 2, 1, 3)
+    kept = np.where(blocks.all((-1, -2)), 2, np.where(blocks.any((-1, -2)), 1, 0))  # full / partial / empty
+    np.testing.assert_array_equal(np.asarray(info.block_mask)[0], kept)
+    assert kept[0, 2] == 0 and kept[2, 0] == 1  # frames 0-3 see no token of frame 8; padded rows see them all
+
+
+def test_splash_attention_lowers_for_tpus():
+    """No TPU here: splash attention with a tiered frame mask over Wan's head lowers for TPUs, not that it runs."""
+    from jaxlongvid.attention.kernels.splash import splash_forward
+
+    f, t = 21, 64
+    enc = Encoding(rope_dim=44, native_frames=21)
+    shape = jax.ShapeDtypeStruct((2, f * t, 4, 128), jnp.bfloat16)
+    forward = lambda q, k, v: splash_forward(q, k, v, Tiered().static(f, np), 1.0, enc, t, interpret=False)
+    assert "tpu_custom_call" in jax.jit(forward).trace(shape, shape, shape).lower(lowering_platforms=("tpu",)).as_text()
+
+
+def test_token_kernel_plan_per_backend(monkeypatch):
+    """``plan.token_kernel``: "pallas" takes the block-sparse kernel on GPUs and CPUs, splash on TPUs where the
+    mask is static and RoPE absolute; "auto" keeps today's choice on GPUs (``SPARSE_AUTO_ON_GPU`` off), and with
+    the knob on takes the kernel for methods that act only."""
+    from jaxlongvid.attention import plan as plans
+    from jaxlongvid.attention.plan import SPARSE_AUTO_ON_GPU, token_kernel
+
+    enc = frame_encoding(CONFIG)
+    vrpr, direct = (info_of_positions(p, 9, N0) for p in (VRPR(2, 4, 2, 2), PRESETS["direct"].positions))
+    plan = lambda info, implementation, backend, static=True, frame_mask=True, token_mask=False: token_kernel(
+        info, enc, frame_mask, static, token_mask, implementation, backend)
+    assert plan(vrpr, "pallas", "gpu") == plan(vrpr, "pallas", "cpu") == plan(direct, "pallas", "gpu") == "sparse"
+    assert plan(direct, "pallas", "tpu") == plan(direct, "auto", "tpu") == "splash"
+    assert plan(direct, "pallas", "tpu", static=False) == plan(vrpr, "pallas", "tpu") == "tokens"  # IFS; mapped
+    assert plan(vrpr, "auto", "gpu") == ("sparse" if SPARSE_AUTO_ON_GPU else "tokens")
+    assert plan(direct, "auto", "gpu", frame_mask=False) == "tokens"  # cuDNN's one fused call, knob or not
+    assert plan(vrpr, "cudnn", "gpu") == plan(direct, "xla", "cpu") == "frames"
+    assert plan(direct, "cudnn", "gpu", frame_mask=False) == plan(vrpr, None, "gpu") == "tokens"
+    assert plan(vrpr, "pallas", "gpu", token_mask=True) == "tokens"
+    t5 = Encoding(rope_dim=8, t5_buckets=8, native_frames=N0)
+    assert token_kernel(vrpr, t5, True, True, False, "pallas", "gpu") == "tokens"
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        plan(vrpr, "flash", "gpu")
+    monkeypatch.setattr(plans, "SPARSE_AUTO_ON_GPU", True)
+    assert plan(vrpr, "auto", "gpu") == "sparse" and plan(direct, "auto", "gpu", frame_mask=False) == "tokens"
+    assert plan(direct, "auto", "gpu") == "sparse"  # a frame mask: the method acts
+
+
 # ---- the whole transformer ---------------------------------------------------------------------------------------
 def reference_self_attention(q, k, v, grid, method, encoding, keyframes=None, implementation=None):
     """``wan.self_attention`` replaced by the float64 reference (through a host callback)."""
@@ -223,11 +412,15 @@ def test_transformer_matches_reference_attention(method, monkeypatch):
     assert relative_error(run_model("direct"), ref) > 1e-3  # the method changed the output
 
 
-def test_transformer_by_query_frame_equals_jnp_path():
-    """The tiny model under a per-block plan with a fused implementation (one call per query frame) against the
-    jnp path over token maps."""
+@pytest.mark.parametrize("implementation", ["xla", "pallas"], ids=["by-query-frame", "block-sparse"])
+def test_transformer_fused_and_sparse_paths_equal_jnp_path(implementation):
+    """The tiny model under a per-block plan with a fused implementation (one call per query frame) or the
+    block-sparse kernel (cross attention then XLA on a CPU) against the jnp path over token maps."""
     ref = run_model(PLAN).astype(np.float64)
-    assert relative_error(run_model(PLAN, implementation="xla"), ref) < NETWORK_RTOL
+    assert relative_error(run_model(PLAN, implementation=implementation), ref) < NETWORK_RTOL
+    assert wan.cross_implementation(implementation, jnp.bfloat16, "gpu") == {"xla": "xla", "pallas": "cudnn"}[
+        implementation]
+    assert wan.cross_implementation("pallas", jnp.float32, "gpu") is None  # cuDNN takes half precision only
 
 
 def test_freeloc_plan_at_native_length_equals_direct_exactly():
@@ -293,7 +486,7 @@ def reference_freelong(q, k, v, grid, method: Method) -> np.ndarray:
                      for b in range(q.shape[0])]).reshape(v.shape)
 
 
-@pytest.mark.parametrize("implementation", [None, "xla"], ids=["jnp", "by-query-frame"])
+@pytest.mark.parametrize("implementation", [None, "xla", "pallas"], ids=["jnp", "by-query-frame", "block-sparse"])
 @pytest.mark.parametrize("method", [Method("freenoise", merge=FreeNoiseWindows(4, 2)),
                                     Method("freenoise-vrpr", positions=VRPR(1, 2, 1, 1), merge=FreeNoiseWindows(5, 3)),
                                     Method("freelong", merge=FreeLongBlend(local_window=2)),
@@ -302,7 +495,8 @@ def reference_freelong(q, k, v, grid, method: Method) -> np.ndarray:
 def test_merges_over_latent_frames_match_reference(method, implementation):
     q, k, v = random_qkv(9)
     with jax.default_matmul_precision("highest"):
-        out = self_attention(q, k, v, GRID, method, frame_encoding(CONFIG), None, implementation)
+        out = jax.jit(lambda q, k, v: self_attention(q, k, v, GRID, method, frame_encoding(CONFIG), None,
+                                                     implementation))(q, k, v)
     merge = reference_freenoise if isinstance(method.merge, FreeNoiseWindows) else reference_freelong
     err = relative_error(out, merge(q, k, v, GRID, method))
     assert err < ATTENTION_RTOL, (method.name, err)

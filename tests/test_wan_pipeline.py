@@ -194,6 +194,13 @@ def test_sharded_equals_unsharded(pipe):
     assert diff.max() <= 1 and np.mean(diff > 0) < 1e-2
 
 
+def test_latent_frames_not_divisible_by_the_mesh(pipe, no_tracing):
+    """The mesh splits latent frames: 17 video frames make 5, which 4 frame devices cannot split."""
+    with pytest.raises(ValueError, match=r"num_frames=17 \(5 latent frames\) is not divisible by the mesh's "
+                                         r"'frames' axis \(4 devices\).* multiple of 4 latent frames"):
+        jlv.sample(pipe, PROMPT, num_frames=17, mesh=sharding.make_mesh(4, 2), **SMALL)
+
+
 def partial_folder(wan_folder: Path, target: Path, parts) -> Path:
     target.mkdir()
     for part in parts:

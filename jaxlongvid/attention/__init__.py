@@ -17,8 +17,9 @@ The package reads top to bottom:
 * ``plan``: ``AttentionPlan`` -- RoPE formulation, map average, kernel, chunking -- decided once per call's
   (maps, shapes, backend, options), cached by value;
 * ``reference``: the plain jnp path (chunked over sequences); ``kernels``: ``fused``
-  (``jax.nn.dot_product_attention``: cuDNN on NVIDIA GPUs) and ``plane`` (the Pallas plane kernel: Triton on
-  GPUs, Mosaic on TPUs, interpreted on a CPU);
+  (``jax.nn.dot_product_attention``: cuDNN on NVIDIA GPUs), ``plane`` (the Pallas plane kernel: Triton on
+  GPUs, Mosaic on TPUs, interpreted on a CPU), and for token-level attention under frame masks ``sparse`` (the
+  block-sparse Pallas kernel: Triton on GPUs, interpreted on a CPU) and ``splash`` (splash attention on TPUs);
 * ``merges``: FreeNoise and FreeLong; ``core``: ``temporal_attention`` and the single-layer analysis functions;
   ``module``: the Flax ``TemporalAttention``.
 
@@ -30,7 +31,7 @@ get exactly zero probability.
 
 from jaxlongvid.attention.average import SLOT_GAP_LIMIT, slot_average
 from jaxlongvid.attention.core import (attend, attention_logsumexp, attention_probabilities, merge_passes,
-                                           temporal_attention)
+                                           probe_statistics, temporal_attention)
 from jaxlongvid.attention.encoding import Encoding, logits, rotate
 from jaxlongvid.attention.maps import (MapInfo, info_of_array, info_of_positions, map_slots, plane_cover,
                                            slot_maps)
@@ -40,5 +41,5 @@ from jaxlongvid.attention.plan import (AttentionPlan, make_plan, map_average_of,
 
 __all__ = ["SLOT_GAP_LIMIT", "AttentionPlan", "Encoding", "MapInfo", "TemporalAttention", "attend",
            "attention_logsumexp", "attention_probabilities", "info_of_array", "info_of_positions", "logits",
-           "make_plan", "map_average_of", "map_slots", "merge_passes", "plane_cover", "rope_formulation",
-           "rope_path", "rotate", "slot_average", "slot_maps", "temporal_attention"]
+           "make_plan", "map_average_of", "map_slots", "merge_passes", "plane_cover", "probe_statistics",
+           "rope_formulation", "rope_path", "rotate", "slot_average", "slot_maps", "temporal_attention"]

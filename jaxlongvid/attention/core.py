@@ -10,6 +10,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlongvid import masks
 from jaxlongvid.attention import merges
@@ -17,8 +18,10 @@ from jaxlongvid.attention.average import probabilities
 from jaxlongvid.attention.encoding import Encoding, check_tables, logits as map_logits
 from jaxlongvid.attention.kernels.fused import attend_fused, attend_fused_frames
 from jaxlongvid.attention.kernels.plane import pallas_forward
-from jaxlongvid.attention.maps import MapInfo, info_of_positions, token_maps
-from jaxlongvid.attention.plan import AttentionPlan, make_plan, map_average_of, rope_formulation
+from jaxlongvid.attention.kernels.sparse import sparse_forward
+from jaxlongvid.attention.kernels.splash import splash_forward
+from jaxlongvid.attention.maps import MapInfo, info_of_array, info_of_positions, token_maps
+from jaxlongvid.attention.plan import AttentionPlan, make_plan, map_average_of, rope_formulation, token_kernel
 from jaxlongvid.attention.reference import attend_jnp_chunked
 from jaxlongvid.methods import FreeLongBlend, FreeNoiseWindows, Method, MethodPlan, get_method
 
@@ -40,8 +43,9 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
       spatial_shape: ``(h, w)`` for FreeLong: the last leading dim must then be the flattened ``h * w`` (or, at
         token level, ``h * w`` = tokens_per_frame).
       implementation: None for the jnp path; ``"cudnn"`` (or ``"xla"``) for fused attention where the RoPE is
-        an absolute rotation; ``"pallas"`` for the plane kernel where it is mapped; ``"auto"``: per backend
-        (``plan.make_plan``).
+        an absolute rotation; ``"pallas"`` for the plane kernel where it is mapped (frames) or the block-sparse
+        kernel (tokens; splash attention on TPUs, ``plan.token_kernel``); ``"auto"``: per backend
+        (``plan.make_plan``, ``plan.token_kernel``).
       chunk_bytes: memory bound for the mapped-RoPE intermediate of the jnp path; None: 1 GiB on accelerators,
         16 MiB on a CPU.
       mapped_rope: how RoPE is computed under maps that are not a multiple of ``j - i``: "planes",
@@ -51,9 +55,10 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
       tokens_per_frame: T > 1 for token-level attention (video DiTs): the N = F T tokens are laid out frame by
         frame, the method's maps, mask and keyframes are over the F frames and apply to every token of a frame
         (``maps.token_maps``); ``mask`` is then token-level. With a fused ``implementation`` a method that maps
-        or masks runs one fused call per query frame (``kernels.fused.attend_fused_frames``). Merges act over
-        frames: FreeNoise windows of frames are blocks of tokens, FreeLong blends over (frames, h, w) with
-        ``spatial_shape = (h, w)``, ``h w = T``.
+        or masks runs one fused call per query frame (``kernels.fused.attend_fused_frames``); ``"pallas"`` runs
+        the block-sparse kernel (``kernels.sparse``), which visits only the key frames each query frame keeps.
+        Merges act over frames: FreeNoise windows of frames are blocks of tokens, FreeLong blends over (frames,
+        h, w) with ``spatial_shape = (h, w)``, ``h w = T``.
     Returns:
       ``[..., N, heads, dim]`` in v's dtype.
     """
@@ -75,15 +80,22 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
     options = dict(implementation=implementation, chunk_bytes=chunk_bytes, mapped_rope=mapped_rope,
                    map_average=map_average)
 
-    def run(q_, k_, v_, maps, info, frame_mask, token_mask=None, visible=None):
+    def run(q_, k_, v_, maps, info, frame_mask, token_mask=None, visible=None, host_mask=None):
         """One attention under frame ``maps`` / ``info`` and a frame mask (and, at token level, an extra token
-        mask); tokens take one fused call per query frame where ``by_query_frame`` (gathering at most
-        ``visible`` key frames per query frame; None: all), else the token maps."""
+        mask); tokens take the kernel ``plan.token_kernel`` picks (key frames gathered up to ``visible`` per query
+        frame, None: all; ``host_mask``: the frame mask as NumPy where it is known before run time)."""
         if t == 1:
             return attend(q_, k_, v_, maps, info, frame_mask, encoding, t5_table, rel_k, rel_v, **options)
-        if by_query_frame(info, frame_mask, token_mask, encoding, implementation):
-            visible = q_.shape[-3] // t if visible is None else visible
+        visible = q_.shape[-3] // t if visible is None else visible
+        kernel = token_kernel(info, encoding, frame_mask is not None, frame_mask is None or host_mask is not None,
+                              token_mask is not None, implementation)
+        if kernel == "frames":
             return attend_fused_frames(q_, k_, v_, maps, info, frame_mask, encoding, t, implementation, visible)
+        if kernel == "sparse":
+            return attend_sparse(q_, k_, v_, maps, info, frame_mask, encoding, t, visible)
+        if kernel == "splash":
+            return splash_forward(q_, k_, v_, host_mask, info.coefficients[0], encoding, t,
+                                  interpret=jax.default_backend() == "cpu")
         full = combine_masks(None if frame_mask is None else token_maps(frame_mask, t), token_mask)
         return attend(q_, k_, v_, token_maps(maps, t), info.for_tokens(t), full, encoding, t5_table, rel_k, rel_v,
                       **options)
@@ -96,23 +108,18 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
     maps, info = method_maps(method, frames, encoding.native_frames)
     token_mask = mask if t > 1 else None
     visible = frames if method.mask is None else method.mask.most_visible(frames, encoding.native_frames)
-    out = run(q, k, v, maps, info, frame_mask, token_mask, visible)
+    host_mask = host_frame_mask(method, frames) if t > 1 else None
+    out = run(q, k, v, maps, info, frame_mask, token_mask, visible, host_mask)
     if isinstance(method.merge, FreeLongBlend):
         local = combine_masks(masks.local_window(frames, method.merge.local_window, jnp), frame_mask)
         local_visible = min(visible, 2 * method.merge.local_window + 1)
-        out = merges.freelong(out, run(q, k, v, maps, info, local, token_mask, local_visible), method.merge,
-                              spatial_shape, t)
+        host_local = None
+        if t > 1:  # FreeLong takes no IFS: its frame mask is static
+            host_local = masks.local_window(frames, method.merge.local_window, np)
+            host_local = host_local if host_mask is None else host_local & host_mask
+        out = merges.freelong(out, run(q, k, v, maps, info, local, token_mask, local_visible, host_local),
+                              method.merge, spatial_shape, t)
     return out
-
-
-def by_query_frame(info: MapInfo, frame_mask, mask, encoding: Encoding, implementation) -> bool:
-    """Token-level attention runs one fused call per query frame (``attend_fused_frames``) where a fused
-    implementation ("xla", "cudnn") is asked for and the method maps positions or masks frames, so that nothing
-    [tokens x tokens] is formed outside the kernel; relative tables, T5 biases and an extra token mask take the
-    other paths."""
-    plain_encoding = not (encoding.t5_buckets or encoding.rel_distance)
-    acts = not info.linear or info.num_maps > 1 or frame_mask is not None
-    return implementation in ("xla", "cudnn") and plain_encoding and mask is None and acts
 
 
 def one_method(method) -> Method:
@@ -145,6 +152,14 @@ def method_mask(method: Method, n: int, keyframes, mask):
     if keyframes is not None:
         raise ValueError(f"keyframes were given but method {method.name!r} does not use IFS")
     return full
+
+
+def host_frame_mask(method: Method, n: int):
+    """The method's frame mask as NumPy ``[N, N]`` where it is known before run time and hides a key (no IFS),
+    else None (the splash kernel takes it as its block mask)."""
+    if method.mask is None or method.needs_keyframes or method.mask.hides_nothing(n):
+        return None
+    return np.asarray(method.mask.static(n, np))
 
 
 def attend(q, k, v, maps, info: MapInfo, mask, encoding: Encoding, t5_table, rel_k, rel_v, **options):
@@ -186,37 +201,69 @@ def attend_pallas(q, k, v, maps, info: MapInfo, mask, encoding: Encoding, t5_tab
     return run(q, k, v, t5_table, None if mask is None else jnp.asarray(mask), maps)
 
 
+def attend_sparse(q, k, v, maps, info: MapInfo, frame_mask, encoding: Encoding, tokens_per_frame: int, visible: int):
+    """The block-sparse kernel's forward pass (interpreted on a CPU) with the gradient of the per-query-frame
+    fused path (``attend_fused_frames`` through XLA, recomputed in the backward pass: it never forms
+    [tokens x tokens] either)."""
+    interpret = jax.default_backend() == "cpu"
+    t = tokens_per_frame
+
+    @jax.custom_vjp
+    def run(q, k, v, mask, maps):
+        return sparse_forward(q, k, v, maps, info, mask, encoding, t, visible, interpret)
+
+    def forward(q, k, v, mask, maps):
+        return run(q, k, v, mask, maps), (q, k, v, mask, maps)
+
+    def grads(saved, grad):
+        *arrays, mask, maps = saved
+        fused = lambda q, k, v: attend_fused_frames(q, k, v, maps, info, mask, encoding, t, "xla", visible)
+        return (*jax.vjp(fused, *arrays)[1](grad), None, None)
+
+    run.defvjp(forward, grads)
+    return run(q, k, v, None if frame_mask is None else jnp.asarray(frame_mask), maps)
+
+
 # ---- single-layer analysis ---------------------------------------------------------------------------------------
-def one_layer(what: str, q, encoding, method, t5_table, rel_k, keyframes, mask):
+def one_layer(what: str, q, encoding, method, t5_table, rel_k, keyframes, mask, tokens_per_frame: int = 1):
     """Checks shared by the single-layer analysis functions; returns the method, the encoding at this length,
-    the full mask, maps and facts."""
+    the full mask, maps and facts (at token level, ``tokens_per_frame`` T > 1: the frame maps and mask expanded
+    to blocks of T tokens, ``mask`` then token-level)."""
     method = get_method(method)
     if not isinstance(method, Method) or method.merge is not None:
         raise ValueError(f"{what} needs one layer's Method without a merge")
     check_tables(encoding, q.shape[-2], q.shape[-1], t5_table, rel_k, rel_k)
-    n = q.shape[-3]
+    t = tokens_per_frame
+    if q.shape[-3] % t:
+        raise ValueError(f"{what}: tokens_per_frame={t} does not divide the {q.shape[-3]} tokens")
+    n = q.shape[-3] // t
     encoding = method.positions.encoding_at(encoding, n, encoding.native_frames)
-    return (method, encoding, method_mask(method, n, keyframes, mask),
-            *method_maps(method, n, encoding.native_frames))
+    maps, info = method_maps(method, n, encoding.native_frames)
+    if t == 1:
+        return method, encoding, method_mask(method, n, keyframes, mask), maps, info
+    frame_mask = method_mask(method, n, keyframes, None)
+    full = combine_masks(None if frame_mask is None else token_maps(frame_mask, t), mask)
+    return method, encoding, full, token_maps(maps, t), info.for_tokens(t)
 
 
 def attention_probabilities(q, k, *, encoding: Encoding = Encoding(), method="direct", t5_table=None,
-                            rel_k=None, keyframes=None, mask=None):
+                            rel_k=None, keyframes=None, mask=None, tokens_per_frame: int = 1):
     """The attention weights ``[..., heads, N, N]`` (float32) that ``temporal_attention`` applies to v, for
-    methods without a window/spectral merge. Used by tests (masked keys are exactly 0) and layer probing."""
+    methods without a window/spectral merge (``tokens_per_frame`` as there). Used by tests (masked keys are
+    exactly 0) and layer probing."""
     _, encoding, full_mask, maps, info = one_layer("attention_probabilities", q, encoding, method, t5_table,
-                                                   rel_k, keyframes, mask)
+                                                   rel_k, keyframes, mask, tokens_per_frame)
     rope = rope_formulation(info, encoding)
     return probabilities(q, k, maps, info, full_mask, encoding, t5_table, rel_k, rope,
                          map_average_of(info, "auto", rope))[0]
 
 
 def attention_logsumexp(q, k, *, encoding: Encoding = Encoding(), method="direct", t5_table=None, rel_k=None,
-                        keyframes=None, mask=None):
+                        keyframes=None, mask=None, tokens_per_frame: int = 1):
     """``logsumexp_j`` of the masked logits, ``[..., heads, N]`` float32 (-inf where a row sees no key), for a
     single-map method. With :func:`merge_passes` it combines attention computed over disjoint key sets."""
     method, encoding, full_mask, maps, info = one_layer("attention_logsumexp", q, encoding, method, t5_table,
-                                                        rel_k, keyframes, mask)
+                                                        rel_k, keyframes, mask, tokens_per_frame)
     if info.num_maps != 1:
         raise ValueError(f"method {method.name!r} averages {info.num_maps} maps: its passes cannot be merged by "
                          "log-sum-exp")
@@ -224,6 +271,56 @@ def attention_logsumexp(q, k, *, encoding: Encoding = Encoding(), method="direct
     if full_mask is not None:
         logits = jnp.where(full_mask[..., None, :, :], logits, -jnp.inf)
     return jax.nn.logsumexp(logits, axis=-1)
+
+
+def explicit_logits(q, k, maps: np.ndarray, encoding: Encoding, t5_table, rel_k, tokens_per_frame: int = 1) -> list:
+    """Logits under explicit (small, NumPy) frame maps ``[M, F, F]`` (the probe's shifted positions); at token
+    level (``tokens_per_frame`` T > 1) each map covers blocks of T tokens."""
+    info = info_of_array(maps)
+    rope = rope_formulation(info, encoding)
+    maps = jnp.asarray(maps)
+    if tokens_per_frame > 1:
+        maps, info = token_maps(maps, tokens_per_frame), info.for_tokens(tokens_per_frame)
+    return map_logits(q, k, maps, info, encoding, t5_table, rel_k, rope)
+
+
+ENTROPY = "attention_entropy"  # probe statistics (probe_statistics; read by jaxlongvid.probing)
+LOGITS_SQ = "logits_sq"
+SHIFT_CHANGE_SQ = "shift_change_sq"
+
+
+def probe_statistics(q, k, *, encoding: Encoding, method: Method, t5_table=None, rel_k=None, keyframes=None,
+                     tokens_per_frame: int = 1) -> dict:
+    """What FreeLOC's layer probing reads from one attention call on ``q, k [B, ..., N, heads, dim]`` (N = F T
+    tokens frame by frame; T = 1 for frame attention), as ``{name: array}``:
+
+    * ``attention_entropy`` ``[B, heads, F]``: entropy (nats) of each query's attention weights under
+      ``method``, averaged over the query frame's tokens and the leading dims after the batch (pixels); only for
+      methods without a merge;
+    * at F <= N0 only, ``logits_sq`` and ``shift_change_sq`` ``[B, heads]``: the squared Frobenius norm of the
+      logits under the model's own positions (no mask), and of their change when every relative frame distance
+      d becomes d + sign(d) * N0 (all beyond the trained +-(N0 - 1)).
+    """
+    t = tokens_per_frame
+    frames = q.shape[-3] // t
+    rest = tuple(range(1, q.ndim - 3))  # leading dims after the batch
+    stats = {}
+    if method.merge is None:
+        p = attention_probabilities(q, k, encoding=encoding, method=method, t5_table=t5_table, rel_k=rel_k,
+                                    keyframes=keyframes, tokens_per_frame=t)  # [B, ..., heads, N, N]
+        plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+        entropy = -jnp.sum(plogp, axis=-1)  # [B, ..., heads, N]
+        entropy = jnp.mean(entropy.reshape(entropy.shape[:-1] + (frames, t)), axis=-1)
+        stats[ENTROPY] = jnp.mean(entropy, axis=rest)
+    if frames <= encoding.native_frames:
+        d = np.arange(frames)[None, :] - np.arange(frames)[:, None]
+        ori = explicit_logits(q, k, d[None], encoding, t5_table, rel_k, t)[0]
+        change = explicit_logits(q, k, (d + np.sign(d) * encoding.native_frames)[None], encoding, t5_table, rel_k,
+                                 t)[0] - ori
+        norm_axes = rest + (q.ndim - 2, q.ndim - 1)  # logits: [B, ..., heads, N, N]
+        stats[LOGITS_SQ] = jnp.sum(jnp.square(ori), axis=norm_axes)
+        stats[SHIFT_CHANGE_SQ] = jnp.sum(jnp.square(change), axis=norm_axes)
+    return stats
 
 
 def merge_passes(outputs, lses):

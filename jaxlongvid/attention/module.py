@@ -7,22 +7,13 @@ from typing import Optional, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxlongvid import sharding
-from jaxlongvid.attention.core import attention_probabilities, temporal_attention
-from jaxlongvid.attention.encoding import Encoding, logits as map_logits
-from jaxlongvid.attention.maps import info_of_array
-from jaxlongvid.attention.plan import rope_formulation
+from jaxlongvid.attention.core import probe_statistics, temporal_attention
+from jaxlongvid.attention.encoding import Encoding
 from jaxlongvid.keyframes import select_keyframes
 from jaxlongvid.methods import Method, MethodPlan
-
-
-def explicit_logits(q, k, maps: np.ndarray, encoding: Encoding, t5_table, rel_k) -> list:
-    """Logits under explicit (small, NumPy) maps ``[M, N, N]``: the probe's shifted positions."""
-    info = info_of_array(maps)
-    return map_logits(q, k, jnp.asarray(maps), info, encoding, t5_table, rel_k, rope_formulation(info, encoding))
 
 
 class TemporalAttention(nn.Module):
@@ -92,26 +83,9 @@ class TemporalAttention(nn.Module):
         return self.method
 
     def _sow_probe_statistics(self, method: Method, q, k, t5, rel_k, keyframes):
-        """Statistics that FreeLOC's layer probing reads, sown only while ``intermediates`` is mutable
-        (``apply(..., mutable=["intermediates"])``), so ordinary calls compute none of this:
-
-        * ``attention_entropy`` ``[B, heads, N]``: entropy (nats) of each query frame's attention weights under
-          this layer's method, averaged over pixels (methods without a merge);
-        * at N <= N0 only, ``logits_sq`` and ``shift_change_sq`` ``[B, heads]``: the squared Frobenius norm of
-          the logits under the model's own positions (no mask), and of their change when every relative
-          distance d becomes d + sign(d) * N0 (all beyond the trained +-(N0 - 1)).
-        """
-        enc = self.encoding
-        if method.merge is None:
-            p = attention_probabilities(q, k, encoding=enc, method=method, t5_table=t5, rel_k=rel_k,
-                                        keyframes=keyframes)  # [B, hw, heads, N, N]
-            plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
-            self.sow("intermediates", "attention_entropy", -jnp.mean(jnp.sum(plogp, axis=-1), axis=1))
-        n = q.shape[-3]
-        if n <= enc.native_frames:
-            d = np.arange(n)[None, :] - np.arange(n)[:, None]
-
-            ori = explicit_logits(q, k, d[None], enc, t5, rel_k)[0]
-            change = explicit_logits(q, k, (d + np.sign(d) * enc.native_frames)[None], enc, t5, rel_k)[0] - ori
-            self.sow("intermediates", "logits_sq", jnp.sum(jnp.square(ori), axis=(1, 3, 4)))
-            self.sow("intermediates", "shift_change_sq", jnp.sum(jnp.square(change), axis=(1, 3, 4)))
+        """FreeLOC's layer-probing statistics (``core.probe_statistics``), sown only while ``intermediates`` is
+        mutable (``apply(..., mutable=["intermediates"])``), so ordinary calls compute none of this."""
+        stats = probe_statistics(q, k, encoding=self.encoding, method=method, t5_table=t5, rel_k=rel_k,
+                                 keyframes=keyframes)
+        for name, value in stats.items():
+            self.sow("intermediates", name, value)

@@ -29,6 +29,11 @@ CPU_CHUNK_BYTES = 16 << 20
 # on an H200, docs/benchmarks.md). Each program holds its query block's map selection tables, which grow with
 # N x M (LongDiff: M ~ N / 15), so longer videos take the chunked jnp path until the kernel is measured there.
 PALLAS_AUTO_MAX_FRAMES = 256
+# Token-level attention (video DiTs): whether "auto" on GPUs takes the block-sparse Pallas kernel
+# (``kernels.sparse``). Off until a GPU benchmark shows it ahead of today's choice (``benchmarks/wan_methods.py
+# --attention pallas`` against ``--attention cudnn``); "pallas" takes it regardless.
+SPARSE_AUTO_ON_GPU = False
+TOKEN_KERNELS = ("tokens", "frames", "sparse", "splash")
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,34 @@ def map_average_of(info: MapInfo, choice: str = "auto", rope: str = "none") -> s
     if choice != "auto":
         return choice
     return "slots" if info.num_slots < info.num_maps else "per_map"
+
+
+def token_kernel(info: MapInfo, encoding: Encoding, frame_mask: bool, static_mask: bool, token_mask: bool,
+                 implementation: Optional[str], backend: Optional[str] = None) -> str:
+    """How token-level attention (T > 1 tokens per frame, frame maps ``info``) runs, one of ``TOKEN_KERNELS``:
+
+    * "sparse": the block-sparse Pallas kernel (``kernels.sparse``: only the key frames each query frame keeps,
+      mapped RoPE in the kernel) -- ``"pallas"`` on GPUs (interpreted on a CPU), and ``"auto"`` on GPUs where
+      ``SPARSE_AUTO_ON_GPU`` and the method maps positions or masks frames (else cuDNN stays);
+    * "splash": splash attention with the frame mask as its block mask (``kernels.splash``) -- ``"pallas"`` and
+      ``"auto"`` on TPUs where the mask is known before run time (``static_mask``: no IFS keyframes) and the one
+      map is a multiple of ``j - i`` (an absolute rotation);
+    * "frames": one fused call per query frame (``kernels.fused.attend_fused_frames``) -- ``"xla"`` / ``"cudnn"``
+      where the method maps positions or masks frames;
+    * "tokens": the frame maps and mask expanded to tokens and planned by :func:`make_plan` -- everything else,
+      and always with T5 biases, relative tables or an extra token mask (``token_mask``)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    backend = backend or jax.default_backend()
+    if encoding.t5_buckets or encoding.rel_distance or token_mask:
+        return "tokens"
+    splash = backend == "tpu" and static_mask and info.linear and info.num_maps == 1
+    acts = not info.linear or info.num_maps > 1 or frame_mask  # the method maps positions or masks frames
+    if implementation == "pallas":
+        return "splash" if splash else "tokens" if backend == "tpu" else "sparse"
+    if implementation == "auto":
+        return "splash" if splash else "sparse" if backend == "gpu" and SPARSE_AUTO_ON_GPU and acts else "tokens"
+    return "frames" if implementation in ("xla", "cudnn") and acts else "tokens"
 
 
 @functools.lru_cache(maxsize=512)

@@ -504,13 +504,33 @@ def summarise(rows) -> dict:
                   for m in metrics.METRICS} for key, group in groups.items()}
 
 
+def law_group(prompt: str) -> str:
+    """"linear" when an object of the prompt follows a law that wraps round the frame in a long ground-truth clip
+    (left, right, up, down), else "in-frame" (bouncing, circling, still): a long video can follow those at their
+    speed with the object whole (docs/motion.md, "What the linear laws ask for")."""
+    laws = {obj.motion for obj in data.parse_prompt(prompt).objects}
+    return "linear" if laws & set(vocab.LINEAR_MOTIONS) else "in-frame"
+
+
 def markdown_table(rows) -> str:
+    """One table per frame count over every video, then, where both law groups occur, one per group."""
+    lines = summary_tables(rows, "")
+    groups = {law_group(r["prompt"]) for r in rows}
+    if len(groups) > 1:
+        for group in ("in-frame", "linear"):
+            lines += summary_tables([r for r in rows if law_group(r["prompt"]) == group], f", {group} laws")
+    lines.append("Columns: " + ", ".join(f"{m} = {metrics.NAMES[m]}" for m in metrics.METRICS)
+                 + " (0-100, higher is better; definitions in `jaxlongvid.bench.metrics`).")
+    return "\n".join(lines) + "\n"
+
+
+def summary_tables(rows, what: str) -> list[str]:
     summary = summarise(rows)
     methods = list(dict.fromkeys(k[0] for k in summary))
     lines = []
     for frames in sorted({k[1] for k in summary}):
         count = max(v[metrics.METRICS[0]][2] for k, v in summary.items() if k[1] == frames)
-        lines += [f"### {frames} frames (mean ± std over {count} videos: prompts x seeds)", "",
+        lines += [f"### {frames} frames{what} (mean ± std over {count} videos: prompts x seeds)", "",
                   "| method | " + " | ".join(metrics.METRICS) + " |",
                   "|---|" + "---|" * len(metrics.METRICS)]
         for method in methods:
@@ -519,9 +539,7 @@ def markdown_table(rows) -> str:
                          (summary[(method, frames)][m] for m in metrics.METRICS)]
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Columns: " + ", ".join(f"{m} = {metrics.NAMES[m]}" for m in metrics.METRICS)
-                 + " (0-100, higher is better; definitions in `jaxlongvid.bench.metrics`).")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_report(rows, out_dir) -> None:

@@ -41,6 +41,15 @@ keyframes from each block's input (the residual stream before its norm), one lat
 Merges act over latent frames: FreeNoise's windows are blocks of whole frames' tokens, FreeLong blends the global
 and local branches over (frames, h, w).
 
+Sharding (under the sampler's mesh, ``jaxlongvid.sharding``): latents in and out are split over ``data`` (batch)
+and ``frames`` (latent frames), and the token sequence ``[B, S, dim]`` stays split by blocks of whole frames
+after the patch embedding, after every block and before the unpatchify. Self-attention needs every key: how it
+gets them is planned once per call (``sharding.sequence_parallel``, the ``context_parallel`` field) and passed to
+every block -- an all-to-all over heads under ``shard_map`` where the frames axis divides the heads (12 heads of
+the 1.3B model: 2, 3, 4, 6 or 12 devices), the core running unchanged on all tokens of its heads, else the
+compiler's partitioning. Probing (``jaxlongvid.probing``) reads each block's ``attn1`` statistics, sown at token
+level while ``intermediates`` is mutable.
+
 Nothing here assumes Wan's VAE or umT5: ``in_channels`` and ``text_dim`` are free, so the bundled tiny DiT
 (``jaxlongvid/tiny/train.py``, ``TinyConfig.dit``) runs in pixel space (3 channels) on the tiny CLIP-style text
 encoder's 64-wide context. :func:`original_init` draws weights as the original's ``init_weights`` does, for
@@ -61,12 +70,13 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from jaxlongvid import sharding
-from jaxlongvid.attention import Encoding, temporal_attention
+from jaxlongvid.attention import Encoding, probe_statistics, temporal_attention
 from jaxlongvid.configs import JsonConfig
 from jaxlongvid.keyframes import select_keyframes
 from jaxlongvid.methods import Method, MethodPlan, as_plan
-from jaxlongvid.models.layers import TimestepEmbedding, timestep_sinusoid
+from jaxlongvid.models.layers import TimestepEmbedding, plan_kernels, timestep_sinusoid
 
+LATENTS_SPEC = P(sharding.DATA, sharding.FRAMES)  # [B, F, H, W, C]: batch over data, latent frames over frames
 TOKENS_SPEC = P(sharding.DATA, sharding.FRAMES)  # [B, S, C]: tokens are frame-major, so frames split S
 
 
@@ -205,12 +215,17 @@ def self_attention(q, k, v, grid: tuple[int, int, int], method: Method, encoding
     (the encoding's ``rope_dim``) go to the core unrotated, which rotates them by the method's frame position
     maps (``module docstring``). ``keyframes``: IFS keyframes ``[B, n]`` over latent frames.
     """
+    return temporal_attention(spatial_rotation(q, grid, encoding), spatial_rotation(k, grid, encoding), v,
+                              encoding=encoding, method=method, keyframes=keyframes, spatial_shape=grid[1:],
+                              implementation=implementation, tokens_per_frame=grid[1] * grid[2])
+
+
+def spatial_rotation(x, grid: tuple[int, int, int], encoding: Encoding) -> jnp.ndarray:
+    """``x [B, S, heads, d]`` with its height and width channels rotated by the tokens' rows and columns (the
+    frame channels, the encoding's first ``rope_dim``, untouched: the core rotates them under the method)."""
     fw = encoding.rope_dim
-    angles = rope_angles(grid, q.shape[-1], encoding.rope_theta)[:, fw // 2:]  # height and width pairs
-    spatial = lambda x: jnp.concatenate([x[..., :fw], apply_rope(x[..., fw:], angles)], axis=-1)
-    return temporal_attention(spatial(q), spatial(k), v, encoding=encoding, method=method, keyframes=keyframes,
-                              spatial_shape=grid[1:], implementation=implementation,
-                              tokens_per_frame=grid[1] * grid[2])
+    angles = rope_angles(grid, x.shape[-1], encoding.rope_theta)[:, fw // 2:]  # height and width pairs
+    return jnp.concatenate([x[..., :fw], apply_rope(x[..., fw:], angles)], axis=-1)
 
 
 def token_keyframes(features, grid: tuple[int, int, int], method: Method, native_frames: int) -> jnp.ndarray:
@@ -221,6 +236,15 @@ def token_keyframes(features, grid: tuple[int, int, int], method: Method, native
     frames = jnp.transpose(features.reshape(b, f, h * w, c), (0, 1, 3, 2))  # [B, f, C, hw]
     segments = method.mask.segments(f, native_frames)
     return jax.vmap(lambda one: select_keyframes(one, segments))(frames)
+
+
+def cross_implementation(choice: Optional[str], dtype, backend: Optional[str] = None) -> Optional[str]:
+    """Cross attention's ``jax.nn.dot_product_attention`` implementation under the model's
+    ``attention_implementation``: "pallas" names the self-attention kernel, so cross attention takes cuDNN on
+    GPUs in half precision and XLA elsewhere (``layers.plan_kernels``); other choices pass through."""
+    if choice != "pallas":
+        return choice
+    return plan_kernels(choice, backend or jax.default_backend(), dtype).spatial
 
 
 def cross_attention(q, k, v, implementation: Optional[str] = None) -> jnp.ndarray:
@@ -254,7 +278,9 @@ class WanAttention(nn.Module):
     """Multi-head attention with biased projections and q / k RMS-normed across all heads (``attn1`` / ``attn2``).
 
     Self-attention (``grid`` given: the token grid ``(f, h, w)``): 3D RoPE under ``method`` (:func:`self_attention`),
-    ``features`` the block input that IFS scores; ``context``: cross-attention to the text.
+    ``features`` the block input that IFS scores, run as ``parallel`` says under a mesh (all-to-all over heads:
+    ``sharding.attend_over_heads``); while ``intermediates`` is mutable it sows the layer-probing statistics
+    (``attention.probe_statistics``, token level). ``context``: cross-attention to the text.
     """
 
     heads: int
@@ -264,6 +290,7 @@ class WanAttention(nn.Module):
     implementation: Optional[str] = None
     method: Method = Method("direct")
     encoding: Encoding = Encoding()
+    parallel: sharding.SequenceParallel = sharding.SequenceParallel()  # decided once by WanTransformer
 
     @nn.compact
     def __call__(self, x, context=None, grid=None, features=None):
@@ -279,7 +306,19 @@ class WanAttention(nn.Module):
             if self.method.needs_keyframes:
                 keyframes = token_keyframes(x if features is None else features, grid, self.method,
                                             self.encoding.native_frames)
-            out = self_attention(q, k, v, grid, self.method, self.encoding, keyframes, self.implementation)
+            if self.is_mutable_collection("intermediates"):  # layer probing only (jaxlongvid.probing)
+                stats = probe_statistics(spatial_rotation(q, grid, self.encoding),
+                                         spatial_rotation(k, grid, self.encoding), encoding=self.encoding,
+                                         method=self.method, keyframes=keyframes, tokens_per_frame=grid[1] * grid[2])
+                for name, value in stats.items():
+                    self.sow("intermediates", name, value)
+            extras = () if keyframes is None else (keyframes,)
+            attend = lambda q, k, v, *kf: self_attention(q, k, v, grid, self.method, self.encoding, *kf,
+                                                         implementation=self.implementation)
+            if self.parallel.kind == "heads":
+                out = sharding.attend_over_heads(attend, q, k, v, *extras)
+            else:
+                out = attend(q, k, v, *extras)
         else:
             out = cross_attention(q, k, v, self.implementation)
         out = out.reshape(out.shape[:-2] + (inner,))
@@ -305,21 +344,25 @@ class WanBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     implementation: Optional[str] = None
     method: Method = Method("direct")  # this block's self-attention method
+    cross_implementation: Optional[str] = None  # cross attention's (``cross_implementation``)
+    parallel: sharding.SequenceParallel = sharding.SequenceParallel()  # its context parallelism under a mesh
 
     @nn.compact
     def __call__(self, x, modulation, context, grid):
         cfg = self.config
         table = self.param("scale_shift_table", nn.initializers.normal(cfg.dim ** -0.5), (1, 6, cfg.dim))
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(table + modulation, 6, axis=1)  # [B, 1, dim]
-        attention = lambda name, **kw: WanAttention(cfg.num_heads, cfg.head_dim, cfg.eps, self.dtype,
-                                                    self.implementation, name=name, **kw)
+        attention = lambda name, implementation, **kw: WanAttention(cfg.num_heads, cfg.head_dim, cfg.eps,
+                                                                    self.dtype, implementation, name=name, **kw)
         h = (layer_norm(x, cfg.eps) * (1 + scale1) + shift1).astype(self.dtype)
-        self_attn = attention("attn1", method=self.method, encoding=frame_encoding(cfg))
+        self_attn = attention("attn1", self.implementation, method=self.method, encoding=frame_encoding(cfg),
+                              parallel=self.parallel)
         x = x + self_attn(h, grid=grid, features=x).astype(jnp.float32) * gate1
         h = x
         if cfg.cross_attn_norm:
             h = nn.LayerNorm(epsilon=cfg.eps, use_fast_variance=False, dtype=jnp.float32, name="norm2")(x)
-        x = x + attention("attn2")(h.astype(self.dtype), context=context).astype(jnp.float32)
+        x = x + attention("attn2", self.cross_implementation)(h.astype(self.dtype), context=context).astype(
+            jnp.float32)
         h = (layer_norm(x, cfg.eps) * (1 + scale2) + shift2).astype(self.dtype)
         x = x + FeedForward(cfg.ffn_dim, self.dtype, name="ffn")(h).astype(jnp.float32) * gate2
         return sharding.constrain(x, TOKENS_SPEC)
@@ -377,12 +420,15 @@ def unpatchify(tokens: jnp.ndarray, grid: tuple[int, int, int], patch: tuple[int
 
 
 class WanTransformer(nn.Module):
-    """The Wan DiT (module docstring). ``method``: a preset name, Method or MethodPlan (per block)."""
+    """The Wan DiT (module docstring). ``method``: a preset name, Method or MethodPlan (per block);
+    ``context_parallel``: how self-attention runs on tokens split over a mesh's frames axis ("auto", "heads",
+    "xla": ``sharding.sequence_parallel``)."""
 
     config: WanConfig
     method: Union[str, Method, MethodPlan] = "direct"
     dtype: jnp.dtype = jnp.float32
     attention_implementation: Optional[str] = None
+    context_parallel: str = "auto"
 
     @nn.compact
     def __call__(self, x, timesteps, context):
@@ -397,22 +443,26 @@ class WanTransformer(nn.Module):
         if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
             raise ValueError(f"WanTransformer: context must be [B, L, {cfg.text_dim}], got {context.shape}")
         grid = (f // pt, hh // ph, ww // pw)
-        x = sharding.constrain(x, P(sharding.DATA, sharding.FRAMES))
+        parallel = sharding.sequence_parallel(cfg.num_heads, math.prod(grid), b, self.context_parallel)
+        x = sharding.constrain(x, LATENTS_SPEC)
         x = nn.Conv(cfg.dim, cfg.patch_size, strides=cfg.patch_size, padding="VALID", dtype=self.dtype,
                     name="patch_embedding")(x.astype(self.dtype))
         x = sharding.constrain(x.reshape(b, -1, cfg.dim).astype(jnp.float32), TOKENS_SPEC)
 
         temb, modulation, context = WanConditionEmbedder(cfg, self.dtype, name="condition_embedder")(
             timesteps, context)
+        cross = cross_implementation(self.attention_implementation, self.dtype)
         for i in range(cfg.num_layers):
-            x = WanBlock(cfg, self.dtype, self.attention_implementation, methods[i], name=f"blocks_{i}")(
+            x = WanBlock(cfg, self.dtype, self.attention_implementation, methods[i], cross, parallel,
+                         name=f"blocks_{i}")(
                 x, modulation, context, grid)
 
         table = self.param("scale_shift_table", nn.initializers.normal(cfg.dim ** -0.5), (1, 2, cfg.dim))
         shift, scale = jnp.split(table + temb[:, None, :], 2, axis=1)
         x = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(self.dtype)
         x = nn.Dense(math.prod(cfg.patch_size) * cfg.out_channels, dtype=self.dtype, name="proj_out")(x)
-        return unpatchify(x.astype(jnp.float32), grid, cfg.patch_size, cfg.out_channels)
+        x = sharding.constrain(x.astype(jnp.float32), TOKENS_SPEC)
+        return sharding.constrain(unpatchify(x, grid, cfg.patch_size, cfg.out_channels), LATENTS_SPEC)
 
 
 # ---- training from scratch ----------------------------------------------------------------------------------------
