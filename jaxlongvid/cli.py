@@ -81,7 +81,8 @@ def _add_sample(sub) -> None:
                         "fields (e.g. longdiff:num_groups=8,window=4); or the JSON file of `jaxlongvid probe --out` "
                         "for its per-layer routing")
     p.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
-    p.add_argument("--model", default="tiny", help="a pipeline directory, or 'tiny' for the bundled model")
+    p.add_argument("--model", default="tiny",
+                   help="a pipeline directory, or a bundled model: 'tiny' (the UNet) or 'tiny-dit' (Wan's DiT)")
     p.add_argument("--steps", type=_positive_int, help="denoising steps")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1: off)")
     p.add_argument("--negative-prompt", help="negative prompt (default: the model's, usually empty)")
@@ -186,7 +187,7 @@ def _add_info(sub) -> None:
     p = sub.add_parser("info", help="show the installation, the devices and a model's configuration",
                        description="Show jaxlongvid's and JAX's versions, the devices, the methods, and with --model "
                                    "a pipeline's configuration and parameter counts.")
-    p.add_argument("--model", help="a pipeline directory, or 'tiny'")
+    p.add_argument("--model", help="a pipeline directory, or 'tiny' / 'tiny-dit'")
     p.set_defaults(func=run_info)
 
 
@@ -202,8 +203,9 @@ def run_info(args) -> int:
     print(f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}), "
           f"processes: {jax.process_count()}")
     print(f"methods: {', '.join([*PRESETS, *PLAN_PRESETS, *TIME_PRESETS])}, auto")
-    tiny = os.path.isfile(os.path.join(pipeline_lib.TINY_DIR, pipeline_lib.CONFIG_FILE))
-    print(f"bundled tiny model: {'yes' if tiny else 'not installed'}")
+    for name, (directory, _) in pipeline_lib.BUNDLED.items():
+        there = os.path.isfile(os.path.join(directory, pipeline_lib.CONFIG_FILE))
+        print(f"bundled {name} model: {'yes' if there else 'not installed'}")
     if args.model is None:
         return 0
     pipe = pipeline_lib.load(args.model)

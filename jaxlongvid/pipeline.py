@@ -52,6 +52,15 @@ PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 OPTIONAL_COMPONENTS = ("vae", "text")  # what a partial conversion may leave out (PipelineConfig.missing)
 TINY_DIR = os.path.join(os.path.dirname(__file__), "tiny", "weights")
+TINY_DIT_DIR = os.path.join(os.path.dirname(__file__), "tiny_dit", "weights")
+# bundled name -> (directory, what the error says when it is not there)
+BUNDLED = {
+    "tiny": (TINY_DIR, "the bundled tiny model is not in this installation ({dir} has no {file}); train it with "
+                       "`python -m jaxlongvid.tiny.train` or pass a pipeline directory"),
+    "tiny-dit": (TINY_DIT_DIR, "the bundled tiny DiT is not shipped yet ({dir} has no {file}); train it with "
+                               "`python -m jaxlongvid.tiny.train --model dit --export DIR` and pass DIR "
+                               "(or copy DIR to {dir})"),
+}
 
 # ---- registry of model config classes -------------------------------------------------------------------------
 # name -> "module:ConfigClass:ModuleClass". The denoiser module is built as ModuleClass(config, method=..., dtype=...)
@@ -465,21 +474,22 @@ def _sync(name: str) -> None:
 
 
 def resolve(name_or_dir: str) -> str:
-    """A pipeline directory for a path or a bundled name (``"tiny"``), with a clear error if it is missing.
+    """A pipeline directory for a path or a bundled name (:data:`BUNDLED`: ``"tiny"``, ``"tiny-dit"``), with a
+    clear error if it is missing.
 
     A directory left missing by an interrupted swap is restored from its previous version first."""
     path = os.fspath(name_or_dir)
-    if path == "tiny":
-        if not os.path.isfile(os.path.join(TINY_DIR, CONFIG_FILE)):
-            raise FileNotFoundError(
-                f"the bundled tiny model is not in this installation ({TINY_DIR} has no {CONFIG_FILE}); "
-                f"train it with `python -m jaxlongvid.tiny.train` or pass a pipeline directory")
-        return TINY_DIR
+    if path in BUNDLED:
+        directory, missing = BUNDLED[path]
+        if not os.path.isfile(os.path.join(directory, CONFIG_FILE)):
+            raise FileNotFoundError(missing.format(dir=directory, file=CONFIG_FILE))
+        return directory
     if not os.path.lexists(path) and files.leftovers(os.path.abspath(path), "old"):
         with files.directory_lock(os.path.abspath(path)):
             files.recover(os.path.abspath(path), is_pipeline_dir)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such pipeline directory (or use the bundled name 'tiny')")
+        raise FileNotFoundError(f"{path}: no such pipeline directory (or use a bundled name: "
+                                f"{', '.join(repr(name) for name in BUNDLED)})")
     if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
         raise FileNotFoundError(f"{path}: not a jaxlongvid pipeline (no {CONFIG_FILE}); convert a checkpoint "
                                 f"with `jaxlongvid convert ...` first")
@@ -611,7 +621,8 @@ class ClosedLoopFilter:
 
 
 def load(name_or_dir: str) -> Pipeline:
-    """Read a pipeline written by :func:`save` (or ``"tiny"``). Parameters land on the default device.
+    """Read a pipeline written by :func:`save` (or a bundled name, ``"tiny"`` / ``"tiny-dit"``). Parameters land on
+    the default device.
 
     The restored weights are checked against the model's own parameter tree (:func:`expected_shapes`: every leaf
     present, nothing extra, every shape) and must be finite; any problem is one error naming the leaves."""

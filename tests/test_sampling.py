@@ -454,7 +454,7 @@ def test_load_errors(tmp_path, monkeypatch):
         pipeline_lib.load(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="no pipeline.json"):
         pipeline_lib.load(str(tmp_path))
-    monkeypatch.setattr(pipeline_lib, "TINY_DIR", str(tmp_path / "tiny_weights"))
+    monkeypatch.setitem(pipeline_lib.BUNDLED, "tiny", (str(tmp_path / "tiny_weights"), pipeline_lib.BUNDLED["tiny"][1]))
     with pytest.raises(FileNotFoundError, match="bundled tiny model"):
         pipeline_lib.load("tiny")
     (tmp_path / "pipeline.json").write_text('{"format": "something-else"}')

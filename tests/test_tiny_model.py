@@ -29,7 +29,7 @@ def pipe():
 
 def test_bundled_weights_load_with_the_recipe_architecture(pipe):
     cfg = train.TinyConfig()
-    expected = jax.eval_shape(lambda: train.init_params(cfg, jax.random.key(0)))
+    expected = jax.eval_shape(lambda: train.init_params(cfg, cfg.model(), jax.random.key(0)))
     shipped = {"unet": pipe.params["unet"], "text": pipe.params["text"]}
     shapes = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), shipped)
     assert shapes == jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), expected)
@@ -150,17 +150,20 @@ def test_training_target_is_what_the_sampler_inverts(prediction):
     """The recipe's regression target, read back by the sampler's ``predict``, gives the clean clip and the noise."""
     from jaxlongvid import schedulers
 
-    config = train.TinyConfig().scheduler().replace(prediction_type=prediction, clip_sample=False)
+    config = train.TinyConfig().model().scheduler.replace(prediction_type=prediction, clip_sample=False)
     row = schedulers.row_at(schedulers.make_schedule(config, 25), 3)
     rng = np.random.default_rng(0)
     clean, noise = rng.uniform(-1, 1, (2, 4, 8, 8, 3)), rng.standard_normal((2, 4, 8, 8, 3))
-    alpha_bar = float(row.sqrt_alpha) ** 2
-    noisy = np.sqrt(alpha_bar) * clean + np.sqrt(1 - alpha_bar) * noise
-    target = train.training_target(prediction, clean, noise, alpha_bar)
+    signal, sigma = train.noise_levels(config, np.full((2,), row.timestep))
+    np.testing.assert_allclose(np.asarray(signal), row.sqrt_alpha, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(sigma), row.sqrt_one_minus_alpha, rtol=1e-6)
+    signal, sigma = (np.asarray(x)[:, None, None, None, None] for x in (signal, sigma))
+    noisy = signal * clean + sigma * noise
+    target = train.training_target(prediction, clean, noise, signal, sigma)
     x0, eps = schedulers.predict(config, row, noisy.astype(np.float32), np.asarray(target, np.float32))
     np.testing.assert_allclose(np.asarray(x0), clean, atol=2e-5)
     np.testing.assert_allclose(np.asarray(eps), noise, atol=2e-5)
-    assert train.TinyConfig().scheduler().prediction_type == "v_prediction"
+    assert train.TinyConfig().model().scheduler.prediction_type == "v_prediction"
 
 
 def test_grow_params_adds_identity_temporal_convs():

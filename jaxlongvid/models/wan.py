@@ -49,6 +49,11 @@ every block -- an all-to-all over heads under ``shard_map`` where the frames axi
 the 1.3B model: 2, 3, 4, 6 or 12 devices), the core running unchanged on all tokens of its heads, else the
 compiler's partitioning. Probing (``jaxlongvid.probing``) reads each block's ``attn1`` statistics, sown at token
 level while ``intermediates`` is mutable.
+
+Nothing here assumes Wan's VAE or umT5: ``in_channels`` and ``text_dim`` are free, so the bundled tiny DiT
+(``jaxlongvid/tiny/train.py``, ``TinyConfig.dit``) runs in pixel space (3 channels) on the tiny CLIP-style text
+encoder's 64-wide context. :func:`original_init` draws weights as the original's ``init_weights`` does, for
+training from scratch.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from jaxlongvid import sharding
@@ -457,3 +463,47 @@ class WanTransformer(nn.Module):
         x = nn.Dense(math.prod(cfg.patch_size) * cfg.out_channels, dtype=self.dtype, name="proj_out")(x)
         x = sharding.constrain(x.astype(jnp.float32), TOKENS_SPEC)
         return sharding.constrain(unpatchify(x, grid, cfg.patch_size, cfg.out_channels), LATENTS_SPEC)
+
+
+# ---- training from scratch ----------------------------------------------------------------------------------------
+EMBEDDER_STD = 0.02  # the original's N(0, 0.02) for the Linears of the time and text embedders
+
+
+def original_init(params: dict, key) -> dict:
+    """Weights drawn as the original ``WanModel.init_weights`` draws them, for a parameter tree of
+    :class:`WanTransformer` (only its shapes are read), so that a model trained from scratch starts as Wan's own
+    training does:
+
+    * every Linear: Xavier-uniform kernel (``U(+-sqrt(6 / (fan_in + fan_out)))``), zero bias;
+    * the patch embedding: Xavier-uniform over its kernel flattened to ``[dim, prod(patch) in_channels]``, bias
+      as PyTorch's Conv3d draws it, ``U(+-1 / sqrt(fan_in))``;
+    * the Linears of the time and text embedders (``time_embedder``, ``text_embedder``): kernels N(0, 0.02);
+    * the output projection ``proj_out``: zero (the initial model predicts a zero velocity everywhere);
+    * the ``scale_shift_table``\\ s: N(0, 1 / dim); norm scales one, norm biases zero.
+    """
+    flat = traverse_util.flatten_dict(params)
+    # a layer's fan-in, from its kernel: Dense [in, out]; Conv [kt, kh, kw, in, out]
+    fan_ins = {path[:-1]: math.prod(np.shape(leaf)[:-1]) for path, leaf in flat.items() if path[-1] == "kernel"}
+    fresh = {path: initial_leaf(path, tuple(np.shape(leaf)), fan_ins.get(path[:-1], 0), jax.random.fold_in(key, i))
+             for i, (path, leaf) in enumerate(sorted(flat.items()))}
+    return traverse_util.unflatten_dict(fresh)
+
+
+def initial_leaf(path: tuple[str, ...], shape: tuple[int, ...], fan_in: int, key) -> jnp.ndarray:
+    """One leaf of :func:`original_init` from its path in the tree (``("blocks_0", "ffn", "fc1", "kernel")``) and
+    its layer's fan-in."""
+    layer, leaf = path[-2] if len(path) > 1 else "", path[-1]
+    if leaf == "scale_shift_table":
+        return jax.random.normal(key, shape) * shape[-1] ** -0.5
+    if leaf == "scale":  # RMSNorm and LayerNorm gains
+        return jnp.ones(shape)
+    if layer == "proj_out" or (leaf == "bias" and layer != "patch_embedding"):
+        return jnp.zeros(shape)
+    if leaf == "bias":  # the patch embedding's
+        return jax.random.uniform(key, shape, minval=-1.0, maxval=1.0) * fan_in ** -0.5
+    if leaf != "kernel":
+        raise ValueError(f"original_init: no rule for the parameter {'/'.join(path)} {shape}")
+    if any(name in ("time_embedder", "text_embedder") for name in path):
+        return jax.random.normal(key, shape) * EMBEDDER_STD
+    bound = math.sqrt(6.0 / (fan_in + shape[-1]))
+    return jax.random.uniform(key, shape, minval=-bound, maxval=bound)

@@ -214,7 +214,7 @@ def _floats(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m jaxlongvid.tiny.evaluate",
                                  description="Evaluate the tiny model against issue 5's criterion.")
-    ap.add_argument("--model", default="tiny", help="pipeline directory or 'tiny' (default)")
+    ap.add_argument("--model", default="tiny", help="pipeline directory, 'tiny' (default) or 'tiny-dit'")
     ap.add_argument("--prompts", type=int, default=50, help="number of benchmark prompts (default 50)")
     ap.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt list (runner.prompts)")
     ap.add_argument("--frames", type=int, default=16, help="frames per clip (default 16, the native length)")
