@@ -342,8 +342,9 @@ def test_splash_attention_lowers_for_tpus():
 
 def test_token_kernel_plan_per_backend(monkeypatch):
     """``plan.token_kernel``: "pallas" takes the block-sparse kernel on GPUs and CPUs, splash on TPUs where the
-    mask is static and RoPE absolute; "auto" keeps today's choice on GPUs (``SPARSE_AUTO_ON_GPU`` off), and with
-    the knob on takes the kernel for methods that act only."""
+    mask is static and RoPE absolute; "auto" on GPUs takes one fused call per query frame for methods that act
+    (``SPARSE_AUTO_ON_GPU`` off) or, with the knob on, the block-sparse kernel; ``fused_implementation`` resolves
+    "auto" for the per-frame path."""
     from jaxlongvid.attention import plan as plans
     from jaxlongvid.attention.plan import SPARSE_AUTO_ON_GPU, token_kernel
 
@@ -354,7 +355,9 @@ def test_token_kernel_plan_per_backend(monkeypatch):
     assert plan(vrpr, "pallas", "gpu") == plan(vrpr, "pallas", "cpu") == plan(direct, "pallas", "gpu") == "sparse"
     assert plan(direct, "pallas", "tpu") == plan(direct, "auto", "tpu") == "splash"
     assert plan(direct, "pallas", "tpu", static=False) == plan(vrpr, "pallas", "tpu") == "tokens"  # IFS; mapped
-    assert plan(vrpr, "auto", "gpu") == ("sparse" if SPARSE_AUTO_ON_GPU else "tokens")
+    # "auto" on GPUs never expands a method's maps to tokens (at Wan's 4x: [126k x 126k] per map)
+    assert plan(vrpr, "auto", "gpu") == plan(direct, "auto", "gpu") == ("sparse" if SPARSE_AUTO_ON_GPU else "frames")
+    assert plan(vrpr, "auto", "cpu") == "tokens"  # the jnp path, chunked on CPUs
     assert plan(direct, "auto", "gpu", frame_mask=False) == "tokens"  # cuDNN's one fused call, knob or not
     assert plan(vrpr, "cudnn", "gpu") == plan(direct, "xla", "cpu") == "frames"
     assert plan(direct, "cudnn", "gpu", frame_mask=False) == plan(vrpr, None, "gpu") == "tokens"
@@ -363,6 +366,10 @@ def test_token_kernel_plan_per_backend(monkeypatch):
     assert token_kernel(vrpr, t5, True, True, False, "pallas", "gpu") == "tokens"
     with pytest.raises(ValueError, match="implementation must be one of"):
         plan(vrpr, "flash", "gpu")
+    fused = plans.fused_implementation
+    assert fused("auto", "bfloat16", 128, "gpu") == fused("cudnn", "float32", 128, "cpu") == "cudnn"
+    assert fused("auto", "float32", 128, "gpu") == fused("auto", "bfloat16", 12, "gpu") == "xla"
+    assert fused("auto", "bfloat16", 128, "cpu") == fused("xla", "bfloat16", 128, "gpu") == "xla"
     monkeypatch.setattr(plans, "SPARSE_AUTO_ON_GPU", True)
     assert plan(vrpr, "auto", "gpu") == "sparse" and plan(direct, "auto", "gpu", frame_mask=False) == "tokens"
     assert plan(direct, "auto", "gpu") == "sparse"  # a frame mask: the method acts
@@ -421,6 +428,9 @@ def test_transformer_fused_and_sparse_paths_equal_jnp_path(implementation):
     assert wan.cross_implementation(implementation, jnp.bfloat16, "gpu") == {"xla": "xla", "pallas": "cudnn"}[
         implementation]
     assert wan.cross_implementation("pallas", jnp.float32, "gpu") is None  # cuDNN takes half precision only
+    assert wan.cross_implementation("auto", jnp.bfloat16, "gpu") == "cudnn"  # the model's default
+    assert wan.cross_implementation("auto", jnp.bfloat16, "cpu") is None
+    assert wan.WanTransformer(CONFIG).attention_implementation == "auto"  # pipelines build it with the default
 
 
 def test_freeloc_plan_at_native_length_equals_direct_exactly():

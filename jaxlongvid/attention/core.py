@@ -21,7 +21,8 @@ from jaxlongvid.attention.kernels.plane import pallas_forward
 from jaxlongvid.attention.kernels.sparse import sparse_forward
 from jaxlongvid.attention.kernels.splash import splash_forward
 from jaxlongvid.attention.maps import MapInfo, info_of_array, info_of_positions, token_maps
-from jaxlongvid.attention.plan import AttentionPlan, make_plan, map_average_of, rope_formulation, token_kernel
+from jaxlongvid.attention.plan import (AttentionPlan, fused_implementation, make_plan, map_average_of,
+                                      rope_formulation, token_kernel)
 from jaxlongvid.attention.reference import attend_jnp_chunked
 from jaxlongvid.methods import FreeLongBlend, FreeNoiseWindows, Method, MethodPlan, get_method
 
@@ -90,7 +91,8 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
         kernel = token_kernel(info, encoding, frame_mask is not None, frame_mask is None or host_mask is not None,
                               token_mask is not None, implementation)
         if kernel == "frames":
-            return attend_fused_frames(q_, k_, v_, maps, info, frame_mask, encoding, t, implementation, visible)
+            fused = fused_implementation(implementation, jnp.dtype(q_.dtype).name, q_.shape[-1])
+            return attend_fused_frames(q_, k_, v_, maps, info, frame_mask, encoding, t, fused, visible)
         if kernel == "sparse":
             return attend_sparse(q_, k_, v_, maps, info, frame_mask, encoding, t, visible)
         if kernel == "splash":

@@ -120,8 +120,24 @@ def token_kernel(info: MapInfo, encoding: Encoding, frame_mask: bool, static_mas
     if implementation == "pallas":
         return "splash" if splash else "tokens" if backend == "tpu" else "sparse"
     if implementation == "auto":
-        return "splash" if splash else "sparse" if backend == "gpu" and SPARSE_AUTO_ON_GPU and acts else "tokens"
+        if splash:
+            return "splash"
+        if backend == "gpu" and acts:  # never the token maps: at Wan's 4x they are [126k x 126k] per map
+            return "sparse" if SPARSE_AUTO_ON_GPU else "frames"
+        return "tokens"
     return "frames" if implementation in ("xla", "cudnn") and acts else "tokens"
+
+
+def fused_implementation(implementation: Optional[str], dtype: str, head_dim: int,
+                         backend: Optional[str] = None) -> str:
+    """The ``jax.nn.dot_product_attention`` implementation of the "frames" token kernel: "auto" takes cuDNN
+    where it takes the input (a GPU, bfloat16 / float16, head dim a multiple of 8), else XLA; "xla" and
+    "cudnn" stay."""
+    if implementation != "auto":
+        return implementation
+    backend = backend or jax.default_backend()
+    cudnn = backend == "gpu" and dtype in ("bfloat16", "float16") and head_dim % 8 == 0
+    return "cudnn" if cudnn else "xla"
 
 
 @functools.lru_cache(maxsize=512)

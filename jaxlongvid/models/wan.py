@@ -240,9 +240,9 @@ def token_keyframes(features, grid: tuple[int, int, int], method: Method, native
 
 def cross_implementation(choice: Optional[str], dtype, backend: Optional[str] = None) -> Optional[str]:
     """Cross attention's ``jax.nn.dot_product_attention`` implementation under the model's
-    ``attention_implementation``: "pallas" names the self-attention kernel, so cross attention takes cuDNN on
+    ``attention_implementation``: "auto" and "pallas" (which names the self-attention kernel) take cuDNN on
     GPUs in half precision and XLA elsewhere (``layers.plan_kernels``); other choices pass through."""
-    if choice != "pallas":
+    if choice not in ("auto", "pallas"):
         return choice
     return plan_kernels(choice, backend or jax.default_backend(), dtype).spatial
 
@@ -427,7 +427,7 @@ class WanTransformer(nn.Module):
     config: WanConfig
     method: Union[str, Method, MethodPlan] = "direct"
     dtype: jnp.dtype = jnp.float32
-    attention_implementation: Optional[str] = None
+    attention_implementation: Optional[str] = "auto"  # None (jnp) | auto | xla | cudnn | pallas, as the UNets'
     context_parallel: str = "auto"
 
     @nn.compact
