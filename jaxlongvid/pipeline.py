@@ -120,8 +120,9 @@ def module_class(config) -> type:
 
 
 def component_functions(config):
-    """The Python module holding a text encoder's or VAE's functions (``encode`` / ``decode``,
-    ``param_shapes``): the one defining the Flax module class its config is registered with."""
+    """The Python module holding a component's functions (a text encoder's or VAE's ``encode`` / ``decode``,
+    ``param_shapes``; a denoiser's ``attention_bytes`` / ``activation_bytes`` for ``jaxlongvid.memory``): the one
+    defining the Flax module class its config is registered with."""
     return importlib.import_module(module_class(config).__module__)
 
 

@@ -356,3 +356,31 @@ def init_shapes(config: UNet3DConfig, frames: int = 2) -> Any:
 
 def count_parameters(params) -> int:
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+# ---- memory estimate (jaxlongvid.memory) ----------------------------------------------------------------------
+ACTIVATION_COPIES = 32  # live copies of the widest feature map (calibrated: see jaxlongvid.memory)
+
+
+def attention_levels(config: UNet3DConfig) -> list[tuple[int, int]]:
+    """``(downsampling of the feature map, heads)`` of each level that has temporal attention."""
+    found = [(2 ** i, h) for i, (on, h) in enumerate(zip(config.attention_levels, config.attention_heads)) if on]
+    if config.temporal_in:
+        found.append((1, config.temporal_in_heads))
+    return found or [(1, 1)]
+
+
+def attention_bytes(config: UNet3DConfig, frames: int, keys: int, maps: int, h: int, w: int, batch: int, *,
+                    backend: str, dtype: str, implementation: str) -> int:
+    """Bytes of the largest temporal attention's float32 logits, exponentials and probabilities: ``batch`` x
+    ``h x w`` latent pixels at that level x heads x ``frames`` queries x ``keys`` key frames x ``maps`` position
+    maps per query, three times. The frame-level jnp path on every backend (``backend``, ``dtype`` and
+    ``implementation`` are not read: the constants were calibrated with it)."""
+    return max(3 * batch * (h // s) * (w // s) * heads * frames * keys * 4 * maps
+               for s, heads in attention_levels(config))
+
+
+def activation_bytes(config: UNet3DConfig, frames: int, h: int, w: int, batch: int) -> int:
+    """Bytes of ``ACTIVATION_COPIES`` float32 copies of the widest feature map, ``[batch, frames, h, w,
+    block_channels[0]]``."""
+    return ACTIVATION_COPIES * batch * frames * h * w * config.block_channels[0] * 4

@@ -74,7 +74,7 @@ from jaxlongvid.attention import Encoding, probe_statistics, temporal_attention
 from jaxlongvid.configs import JsonConfig
 from jaxlongvid.keyframes import select_keyframes
 from jaxlongvid.methods import Method, MethodPlan, as_plan
-from jaxlongvid.models.layers import TimestepEmbedding, plan_kernels, timestep_sinusoid
+from jaxlongvid.models.layers import HALF_DTYPES, TimestepEmbedding, plan_kernels, timestep_sinusoid
 
 LATENTS_SPEC = P(sharding.DATA, sharding.FRAMES)  # [B, F, H, W, C]: batch over data, latent frames over frames
 TOKENS_SPEC = P(sharding.DATA, sharding.FRAMES)  # [B, S, C]: tokens are frame-major, so frames split S
@@ -463,6 +463,43 @@ class WanTransformer(nn.Module):
         x = nn.Dense(math.prod(cfg.patch_size) * cfg.out_channels, dtype=self.dtype, name="proj_out")(x)
         x = sharding.constrain(x.astype(jnp.float32), TOKENS_SPEC)
         return sharding.constrain(unpatchify(x, grid, cfg.patch_size, cfg.out_channels), LATENTS_SPEC)
+
+
+# ---- memory estimate (jaxlongvid.memory) ----------------------------------------------------------------------
+LOGIT_COPIES = 4  # float32 [queries x keys] arrays live at self-attention's peak where logits are formed
+STREAM_COPIES = 8  # float32 [tokens, dim] arrays live in a block: residual, norm, q, k, v, attention, cross, spare
+FFN_COPIES = 2  # float32 [tokens, ffn_dim] arrays: the hidden layer before and after its GELU
+
+
+def token_grid(config: WanConfig, frames: int, h: int, w: int) -> tuple[int, int]:
+    """``(frames of tokens, tokens per frame)`` of ``frames`` latent frames of ``h x w`` latents (a partial
+    patch counted whole)."""
+    pf, ph, pw = config.patch_size
+    return -(-frames // pf), -(-h // ph) * -(-w // pw)
+
+
+def attention_bytes(config: WanConfig, frames: int, keys: int, maps: int, h: int, w: int, batch: int, *,
+                    backend: str, dtype: str, implementation: str) -> int:
+    """Bytes of self-attention's float32 logits where its kernel forms them: ``LOGIT_COPIES`` x ``batch`` x heads
+    x S query tokens x the ``keys`` key frames' tokens x ``maps`` position maps per query. Formed by the jnp path
+    over token maps (CPUs; TPUs; GPUs in float32 or under 'xla' -- where that runs one fused XLA call per query
+    frame it forms only that frame's rows, so this errs high). On a GPU with cuDNN's input (half precision, head
+    dim a multiple of 8) under 'auto', 'cudnn' or 'pallas', every path (cuDNN over all tokens, one cuDNN call
+    per query frame, the block-sparse kernel) keeps the logits on chip: 0."""
+    on_chip = backend == "gpu" and jnp.dtype(dtype) in HALF_DTYPES and config.head_dim % 8 == 0 \
+        and implementation != "xla"
+    if on_chip:
+        return 0
+    f, t = token_grid(config, frames, h, w)
+    key_tokens = token_grid(config, keys, h, w)[0] * t
+    return LOGIT_COPIES * batch * config.num_heads * f * t * key_tokens * maps * 4
+
+
+def activation_bytes(config: WanConfig, frames: int, h: int, w: int, batch: int) -> int:
+    """Bytes of a block's live float32 activations over all S tokens: ``STREAM_COPIES`` of width ``dim`` and
+    ``FFN_COPIES`` of width ``ffn_dim``."""
+    f, t = token_grid(config, frames, h, w)
+    return batch * f * t * (STREAM_COPIES * config.dim + FFN_COPIES * config.ffn_dim) * 4
 
 
 # ---- training from scratch ----------------------------------------------------------------------------------------
