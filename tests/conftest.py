@@ -1,4 +1,13 @@
-"""Test configuration: eight host CPU devices (for the sharding tests) and float32 everywhere."""
+"""Test configuration: eight host CPU devices (for the sharding tests), float32 everywhere, and programs compiled
+for compile time.
+
+Most tests run tiny models once, so compiling is most of the suite's time: XLA compiles with most optimisations
+off (``jax_disable_most_optimizations``: LLVM at -O0; measured on tests/test_wan_methods.py, 2 shared cores:
+compile 42 -> 23 s, the file 51 -> 32 s). Every tolerance is unchanged (XLA CPU keeps fast math off at every
+level; products and convolutions are library calls). Tests whose time is running a program many times (the
+notebook's 64-frame samples: 96 -> 139 s unoptimised; the README snippet's 25 steps) take the
+``optimized_compiles`` fixture. The setting is made here, not through the environment, so the commands the tests
+start as subprocesses compile as a user's do."""
 import os
 import sys
 import types
@@ -10,6 +19,15 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture
+def optimized_compiles():
+    """XLA's optimisations back on for one test (programs it compiles run at full speed)."""
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ def run_notebook(path: pathlib.Path) -> dict:
     return namespace
 
 
-def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+def test_quickstart_notebook_runs(tmp_path, monkeypatch, optimized_compiles):  # its samples run long
     monkeypatch.chdir(tmp_path)
     ns = run_notebook(NOTEBOOKS / "quickstart.ipynb")
     assert ns["short"].shape == (16, 32, 32, 3) and ns["short"].dtype == np.uint8

@@ -154,7 +154,7 @@ def test_probe_command_verbatim(tmp_path):
     assert all(name in result.stdout for name in report["routes"])  # one printed line per layer
 
 
-def test_python_snippet(tmp_path, monkeypatch):
+def test_python_snippet(tmp_path, monkeypatch, optimized_compiles):  # 25 steps at 32 frames run long
     """The README's Python block, with num_frames 128 -> 32 (see the module notes); its comment's claims hold."""
     (snippet,) = code_blocks("python")
     assert snippet.count("num_frames=128") == 1
