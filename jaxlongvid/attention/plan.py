@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlongvid.attention.encoding import Encoding
@@ -128,6 +129,12 @@ def token_kernel(info: MapInfo, encoding: Encoding, frame_mask: bool, static_mas
     return "frames" if implementation in ("xla", "cudnn") and acts else "tokens"
 
 
+def cudnn_takes(dtype, head_dim: int) -> bool:
+    """Whether cuDNN's flash attention takes inputs of ``dtype`` (bfloat16 / float16) and ``head_dim`` (a
+    multiple of 8)."""
+    return jnp.dtype(dtype).name in ("bfloat16", "float16") and head_dim % 8 == 0
+
+
 def fused_implementation(implementation: Optional[str], dtype: str, head_dim: int,
                          backend: Optional[str] = None) -> str:
     """The ``jax.nn.dot_product_attention`` implementation of the "frames" token kernel: "auto" takes cuDNN
@@ -136,8 +143,7 @@ def fused_implementation(implementation: Optional[str], dtype: str, head_dim: in
     if implementation != "auto":
         return implementation
     backend = backend or jax.default_backend()
-    cudnn = backend == "gpu" and dtype in ("bfloat16", "float16") and head_dim % 8 == 0
-    return "cudnn" if cudnn else "xla"
+    return "cudnn" if backend == "gpu" and cudnn_takes(dtype, head_dim) else "xla"
 
 
 @functools.lru_cache(maxsize=512)
@@ -167,7 +173,7 @@ def make_plan(info: MapInfo, encoding: Encoding, sequences: int, heads: int, hea
     if implementation == "auto":
         implementation = None
         if backend == "gpu":
-            cudnn_input = dtype in ("bfloat16", "float16") and head_dim % 8 == 0
+            cudnn_input = cudnn_takes(dtype, head_dim)
             kernel_fits = info.num_frames <= PALLAS_AUTO_MAX_FRAMES
             implementation = ("pallas" if kernel_fits else None) if mapped else "cudnn" if cudnn_input else None
         elif backend == "tpu":

@@ -71,10 +71,11 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlongvid import sharding
 from jaxlongvid.attention import Encoding, probe_statistics, temporal_attention
+from jaxlongvid.attention.plan import cudnn_takes
 from jaxlongvid.configs import JsonConfig
 from jaxlongvid.keyframes import select_keyframes
 from jaxlongvid.methods import Method, MethodPlan, as_plan
-from jaxlongvid.models.layers import HALF_DTYPES, TimestepEmbedding, plan_kernels, timestep_sinusoid
+from jaxlongvid.models.layers import TimestepEmbedding, plan_kernels, timestep_sinusoid
 
 LATENTS_SPEC = P(sharding.DATA, sharding.FRAMES)  # [B, F, H, W, C]: batch over data, latent frames over frames
 TOKENS_SPEC = P(sharding.DATA, sharding.FRAMES)  # [B, S, C]: tokens are frame-major, so frames split S
@@ -486,7 +487,7 @@ def attention_bytes(config: WanConfig, frames: int, keys: int, maps: int, h: int
     frame it forms only that frame's rows, so this errs high). On a GPU with cuDNN's input (half precision, head
     dim a multiple of 8) under 'auto', 'cudnn' or 'pallas', every path (cuDNN over all tokens, one cuDNN call
     per query frame, the block-sparse kernel) keeps the logits on chip: 0."""
-    on_chip = backend == "gpu" and jnp.dtype(dtype) in HALF_DTYPES and config.head_dim % 8 == 0 \
+    on_chip = backend == "gpu" and cudnn_takes(dtype, config.head_dim) \
         and implementation != "xla"
     if on_chip:
         return 0
