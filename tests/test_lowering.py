@@ -37,3 +37,20 @@ def test_every_method_core_at_512_frames_captures_no_large_constant():
                                                        keyframes=kf, spatial_shape=(2, 2))
         sizes = constant_sizes(jax.jit(fn).lower(shape, shape, shape, t5, kf).as_text())
         assert max(sizes, default=0) < MB, (name, max(sizes))
+
+
+def test_wan_step_at_many_tokens_captures_no_token_sized_constant():
+    """The DiT's 3D RoPE tables (height, width and the methods' frame positions) are broadcast from per-axis tables
+    inside the program: no constant holds even one float32 per token (they were [tokens, d / 2] per layer)."""
+    from jaxlongvid.models.wan import WanConfig, WanTransformer
+
+    config = WanConfig(num_heads=2, head_dim=24, ffn_dim=32, num_layers=2, text_dim=8, native_frames=4)
+    grid = (17, 32, 32)  # 17 x 16 x 16 = 4,352 tokens after the (1, 2, 2) patch
+    tokens = grid[0] * (grid[1] // 2) * (grid[2] // 2)
+    x = jax.ShapeDtypeStruct((1,) + grid + (config.in_channels,), jnp.float32)
+    t, context = jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1, 3, 8), jnp.float32)
+    for name in ("direct", "longdiff", "freeloc"):
+        model = WanTransformer(config, method=name)
+        params = jax.eval_shape(model.init, jax.random.key(0), x, t, context)
+        sizes = constant_sizes(jax.jit(model.apply).lower(params, x, t, context).as_text())
+        assert max(sizes, default=0) < 4 * tokens, (name, max(sizes))

@@ -18,7 +18,7 @@ import pytest
 
 from convert.readers import CheckpointError
 from convert.wan import convert_transformer, init_shapes
-from jaxlongvid.models.wan import WanConfig, WanTransformer, apply_rope, rope_angles, rope_split
+from jaxlongvid.models.wan import WanConfig, WanTransformer, apply_rope, rope_rotation, rope_split
 
 torch = pytest.importorskip("torch")
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -64,7 +64,7 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def test_rope_angles_match_numpy_reference():
+def test_rope_rotation_matches_numpy_reference():
     # float64 reference written from the definition: each axis part rotates pair k by pos * theta^(-2k/part)
     grid, d = (3, 2, 5), 20
     t_dim, h_dim, w_dim = rope_split(d)
@@ -77,9 +77,13 @@ def test_rope_angles_match_numpy_reference():
                 for pos, part in ((f, t_dim), (h, h_dim), (w, w_dim)):
                     row += [pos * 10000.0 ** (-2 * k / part) for k in range(part // 2)]
                 ref[f, h, w] = row
-    np.testing.assert_allclose(rope_angles(grid, d), ref.reshape(-1, d // 2), rtol=1e-15, atol=0)
     x = np.random.default_rng(0).standard_normal((1, 30, 2, d)).astype(np.float32)
-    got = np.asarray(apply_rope(jnp.asarray(x), rope_angles(grid, d)))
+    cos, sin = rope_rotation(grid, d)  # per-axis tables broadcast in the program: the same float32 values
+    np.testing.assert_array_equal(cos, np.cos(ref).reshape(-1, d // 2).astype(np.float32))
+    np.testing.assert_array_equal(sin, np.sin(ref).reshape(-1, d // 2).astype(np.float32))
+    hw_cos, _ = rope_rotation(grid, d, axes=(1, 2))
+    np.testing.assert_array_equal(hw_cos, np.asarray(cos)[:, t_dim // 2:])
+    got = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
     z = x.astype(np.float64).reshape(1, 30, 2, d // 2, 2)
     zc = (z[..., 0] + 1j * z[..., 1]) * np.exp(1j * ref.reshape(1, 30, 1, d // 2))
     want = np.stack([zc.real, zc.imag], -1).reshape(x.shape)

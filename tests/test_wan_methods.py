@@ -185,13 +185,6 @@ def test_token_keyframes_score_each_latent_frame_from_its_tokens():
 ODD_GRID = (6, 3, 7)  # 21 tokens per frame: with 16-token blocks, two per frame, the second holding 5 real tokens
 
 
-def spatially_rotated(x, grid, encoding):
-    """x with its height and width channels rotated as ``wan.self_attention`` does before the core."""
-    fw = encoding.rope_dim
-    angles = wan.rope_angles(grid, x.shape[-1], encoding.rope_theta)[:, fw // 2:]
-    return jnp.concatenate([x[..., :fw], wan.apply_rope(x[..., fw:], angles)], axis=-1)
-
-
 @pytest.mark.parametrize("method", [TINY_FRESH, METHODS[4], METHODS[2]], ids=lambda m: m.name)
 def test_block_sparse_kernel_odd_tokens_several_blocks_per_frame(method, monkeypatch):
     """21 tokens per frame in 16-token blocks (a frame's second block mostly padding), tiered and IFS (traced)
@@ -257,6 +250,8 @@ def test_block_sparse_kernel_lowers_to_triton_for_gpus():
     1,560 tokens per frame and an IFS mask, not that it runs."""
     from jaxlongvid.attention.kernels.sparse import sparse_forward
 
+    if jax.default_backend() == "gpu":  # cross-lowering asks Pallas for an abstract GPU there (seen on an H100)
+        pytest.skip("on a GPU the block-sparse tests above run the kernel through Triton")
     method, f, t = PRESETS["longdiff"], 41, 1560
     enc = Encoding(rope_dim=44, native_frames=21)
     shape = jax.ShapeDtypeStruct((2, f * t, 12, 128), jnp.bfloat16)
@@ -280,7 +275,7 @@ def test_splash_attention_interpreted_matches_reference(method):
     q, k, v = random_qkv(7, SPLASH_GRID, batch=1)
     f, t = SPLASH_GRID[0], SPLASH_GRID[1] * SPLASH_GRID[2]
     enc = method.positions.encoding_at(frame_encoding(CONFIG), f, N0)
-    rotated = lambda x: spatially_rotated(x, SPLASH_GRID, enc)
+    rotated = lambda x: wan.spatial_rotation(x, SPLASH_GRID, enc)
     out = jax.jit(lambda q, k, v: splash_forward(rotated(q), rotated(k), v, method.mask.static(f, np), 1.0, enc, t,
                                                  interpret=True, block=128))(q, k, v)
     err = relative_error(out, reference_attention(q, k, v, SPLASH_GRID, method))

@@ -22,8 +22,9 @@ The computation, as in the original ``wan/modules/model.py`` (and diffusers' ``W
 3D RoPE (the original's ``rope_params`` / ``rope_apply``): the head dim d splits into a frame part of
 ``d - 4 (d // 6)`` channels and height and width parts of ``2 (d // 6)`` each (128 -> 44 / 42 / 42); each part
 rotates adjacent channel pairs ``(2k, 2k+1)`` by ``position * theta^(-2k / part)`` with its own axis's token index.
-The angle tables are computed in float64 on the host for exactly the grid at hand (so any frame count works;
-the originals precompute ``rope_max_seq_len`` = 1024 positions and stop there) and rounded once to float32.
+The angle tables are computed in float64 on the host per axis for exactly the grid at hand (so any frame count
+works; the originals precompute ``rope_max_seq_len`` = 1024 positions and stop there), rounded once to float32 and
+broadcast to the tokens inside the program.
 
 Numerics: LayerNorms, RMSNorms, the modulation and the residual stream run in float32 whatever the compute
 ``dtype``; matrix products run in ``dtype``. Parameter names follow diffusers (``attn1/to_q``, ``ffn/net_0/proj``,
@@ -174,26 +175,35 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> np.ndarray:
-    """float64 ``[f h w, head_dim // 2]``: the rotation angle of each channel pair of each token.
+def rope_rotation(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0,
+                  axes: tuple[int, ...] = (0, 1, 2)) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """float32 ``(cos, sin)``, each ``[f h w, pairs]``, of the chosen ``axes``' parts of the 3D RoPE.
 
     Pair k of an axis part of width ``c`` turns by ``position * theta ** (-2k / c)``, position being the token's
-    index along that axis (frame, row, column); the parts are concatenated frame, height, width.
+    index along that axis (frame, row, column); the parts are concatenated in axis order.
+
+    Each axis's table (``[n, width / 2]``, float64 on the host, rounded once) is a small constant; the per-token
+    tables are broadcast from them inside the program, so a long video's program does not carry ``[tokens, d]``
+    constants (at 321 frames of 480x832 those were 42 MB per call, 2.5 GB over the 1.3B model).
     """
-    parts = []
-    for axis, (n, width) in enumerate(zip(grid, rope_split(head_dim))):
+    cos, sin = [], []
+    for axis in axes:
+        n, width = grid[axis], rope_split(head_dim)[axis]
         freqs = 1.0 / theta ** (np.arange(0, width, 2, dtype=np.float64) / width)
-        angle = np.arange(n, dtype=np.float64)[:, None] * freqs[None, :]  # [n, width / 2]
         shape = [1, 1, 1, width // 2]
         shape[axis] = n
-        parts.append(np.broadcast_to(angle.reshape(shape), tuple(grid) + (width // 2,)))
-    return np.concatenate(parts, axis=-1).reshape(-1, head_dim // 2)
+        angle = (np.arange(n, dtype=np.float64)[:, None] * freqs[None, :]).reshape(shape)
+        full = tuple(grid) + (width // 2,)
+        cos.append(jnp.broadcast_to(jnp.asarray(np.cos(angle), jnp.float32), full))
+        sin.append(jnp.broadcast_to(jnp.asarray(np.sin(angle), jnp.float32), full))
+    pairs = sum(c.shape[-1] for c in cos)
+    return jnp.concatenate(cos, axis=-1).reshape(-1, pairs), jnp.concatenate(sin, axis=-1).reshape(-1, pairs)
 
 
-def apply_rope(x: jnp.ndarray, angles: np.ndarray) -> jnp.ndarray:
-    """Rotate channel pairs ``(2k, 2k+1)`` of ``x [B, S, heads, d]`` by ``angles [S, d / 2]`` (float32 math)."""
-    cos = jnp.asarray(np.cos(angles), jnp.float32)[:, None, :]
-    sin = jnp.asarray(np.sin(angles), jnp.float32)[:, None, :]
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotate channel pairs ``(2k, 2k+1)`` of ``x [B, S, heads, d]`` by the angles of ``cos, sin [S, d / 2]``
+    (float32 math)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
     pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     out = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
@@ -225,8 +235,8 @@ def spatial_rotation(x, grid: tuple[int, int, int], encoding: Encoding) -> jnp.n
     """``x [B, S, heads, d]`` with its height and width channels rotated by the tokens' rows and columns (the
     frame channels, the encoding's first ``rope_dim``, untouched: the core rotates them under the method)."""
     fw = encoding.rope_dim
-    angles = rope_angles(grid, x.shape[-1], encoding.rope_theta)[:, fw // 2:]  # height and width pairs
-    return jnp.concatenate([x[..., :fw], apply_rope(x[..., fw:], angles)], axis=-1)
+    cos, sin = rope_rotation(grid, x.shape[-1], encoding.rope_theta, axes=(1, 2))  # height and width pairs
+    return jnp.concatenate([x[..., :fw], apply_rope(x[..., fw:], cos, sin)], axis=-1)
 
 
 def token_keyframes(features, grid: tuple[int, int, int], method: Method, native_frames: int) -> jnp.ndarray:
