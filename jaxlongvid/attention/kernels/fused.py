@@ -52,8 +52,9 @@ def attend_fused_frames(q, k, v, frame_maps, info: MapInfo, frame_mask, encoding
     ``[M, F, F]`` and a frame mask ``[..., F, F]`` (or None), one fused attention per query frame and map: the
     query frame's T tokens against the keys of the frames it sees, the RoPE dims of key frame j rotated by
     ``P[m, i, j]`` and the query's left unrotated (``q . R(theta P) k``). With a mask, each query frame gathers
-    the key frames its mask row keeps (at most ``visible``, a static bound; unused slots are masked), so hidden
-    frames cost nothing. The token-level maps, mask and logits are never formed outside the kernel; the M outputs
+    the key frames its mask row keeps (at most ``visible``, a static bound; unused slots come last and are cut
+    off by a key length), so hidden frames cost nothing. The token-level maps, mask and logits are never formed
+    outside the kernel; the M outputs
     are averaged (= the average of the probabilities). Integer maps read cos / sin from float64 per-value tables,
     fractional ones take float32 angles (as ``per_frequency``). Returns ``[..., N, H, Dv]`` in v's dtype."""
     lead, (n, heads, dim) = q.shape[:-3], q.shape[-3:]
@@ -94,15 +95,15 @@ def attend_fused_frames(q, k, v, frame_maps, info: MapInfo, frame_mask, encoding
         else:  # the key frames this row keeps, in order; slots past their count are masked
             row = masks[:, i, :]  # [B, F]
             seen = jax.vmap(lambda x: jnp.nonzero(x, size=visible, fill_value=0)[0])(row)  # [B, K]
-            valid = jnp.arange(visible) < jnp.sum(row, axis=-1, keepdims=True)  # [B, K]
             gather = lambda x: jnp.take_along_axis(by_frame(x), seen[:, :, None, None, None], axis=1).reshape(
                 b, visible * t, heads, x.shape[-1])
             keys, values = gather(kf), gather(vf)
-            m = jnp.broadcast_to(jnp.repeat(valid, t, axis=-1)[:, None, None, :], (b, 1, t, visible * t))
+            m = (jnp.sum(row, axis=-1) * t).astype(jnp.int32)  # [B]: the kept frames' tokens come first
             positions = lambda pmap: jnp.repeat(pmap[i][seen], t, axis=-1)  # [B, K T]
         out = 0.0
-        for pmap in frame_maps:
-            out = out + jax.nn.dot_product_attention(query, turn(keys, positions(pmap)), values, mask=m,
+        for pmap in frame_maps:  # kept keys as a length, not a mask: cuDNN's padding mask, no [T, K T] tensor
+            out = out + jax.nn.dot_product_attention(query, turn(keys, positions(pmap)), values,
+                                                     key_value_seq_lengths=m,
                                                      implementation=implementation).astype(jnp.float32)
         return (out / len(frame_maps)).astype(v.dtype)
 
