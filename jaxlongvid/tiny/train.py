@@ -26,32 +26,26 @@ pipeline directory ``--init`` (EMA weights; the optimizer moments are not shippe
 
 Training the tiny DiT (not done yet; the tiny UNet needed about 70k steps at batch 64 to reach issue 5's 90%).
 A first device command starts from scratch; ``runs/`` is ignored by git, so the checkpoint and the exported EMA
-weights stay on a warm machine between commands, and later commands add ``--resume`` (``$OUT`` is emptied for each
-command, so copy the export there to bring it back)::
+weights stay on a warm machine between commands, and later commands add ``--resume``::
 
     python -m jaxlongvid.tiny.train --model dit --workdir runs/tiny-dit --batch 64 --learning-rate 3e-4 \
         --high-noise-fraction 0 --max-minutes 8.5 --export runs/tiny-dit-export [--resume] \
-        && cp -r runs/tiny-dit-export runs/tiny-dit/loss.csv $OUT/
+        && cp runs/tiny-dit/loss.csv $OUT/ && tar cf - -C runs tiny-dit-export | gzip -1 | split -b 4m - $OUT/export.
 
-On a fresh machine, carry the last export (about 21 MB) into the tree and start from it (fresh optimizer moments,
-the step count kept): ``--resume --init runs/tiny-dit-export --workdir runs/tiny-dit-2``. No high-noise share is
-added: Wan's shift 3 already puts a quarter of the steps at sigma >= 0.9. Evaluation with the tiny model's prompt
-criterion (``jaxlongvid/tiny/evaluate.py``)::
+(The device returns neither the orbax folder's nested directories nor one 19 MB file: hence the 4 MB pieces;
+``cat export.* | tar xzf -`` here.) On a fresh machine, carry the last export (about 21 MB) into the tree and start
+from it (fresh optimizer moments, the step count kept): ``--resume --init runs/tiny-dit-export --workdir
+runs/tiny-dit-2``. No high-noise share is added: Wan's shift 3 already puts a quarter of the steps at sigma >= 0.9.
+Evaluation with the tiny model's prompt criterion (``jaxlongvid/tiny/evaluate.py``)::
 
     python -m jaxlongvid.tiny.evaluate --model runs/tiny-dit-export --prompts 50 --frames 16 --batch 50 \
         --long-frames 0 --sheet-rows 0 --out $OUT/eval_dit [--guidance-sweep 1,2,4]
 
-Throughput is estimated, not measured: a training clip costs 47 GFLOPs forward and backward (XLA's count), the
-UNet's 67, and the UNet ran 12 steps/s at batch 64 on an H100 (51 TFLOP/s); at that rate the DiT makes about
-17 steps/s, some 7,000 steps in a 9-minute command after start-up and compilation. By default its attention runs
-on the core's plain jnp path (``WanTransformer``'s default), whose [1024 x 1024] float32 logits per head are
-memory-bound work the FLOP count does not see, so 10-15 steps/s is as likely; ``--attention cudnn`` takes cuDNN's
-fused attention instead (not run on a GPU yet). Batches are not the limit: one of 64 clips takes 0.1 s of one CPU
-core to render, and the recipe renders on up to 12 processes. To choose, time 600 steps of each (the log prints
-the elapsed seconds every 100 steps)::
-
-    for a in "" "--attention cudnn"; do python -m jaxlongvid.tiny.train --model dit --workdir runs/probe$RANDOM \
-        --batch 64 --learning-rate 3e-4 --high-noise-fraction 0 --max-steps 600 $a; done
+Measured on one H100, 2026-12-06 (``docs/tiny_dit_training_loss.csv``): the first command above (default jnp
+attention) ran 8,234 steps in 7.64 minutes, about 18 steps/s after compilation; the loss fell from 1.38 (step 100)
+to 0.155 (1k), 0.082 (4k) and 0.066 (8k), still falling. Those weights, evaluated on a CPU (50 prompts, prompt seed
+0, 16 frames, guidance 1): the prompted colour in 98% of frames, the shape in 22%, the prompted motion in 18% of
+clips, the criterion 0% -- blobs of the right colour that jump between positions; far from shippable, and not kept.
 """
 
 from __future__ import annotations
