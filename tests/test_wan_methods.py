@@ -140,6 +140,25 @@ def test_token_attention_matches_reference(method, implementation):
     assert err < ATTENTION_RTOL, (method.name, err)
 
 
+@pytest.mark.parametrize("budget", ["one frame", "a remainder"])
+def test_query_frames_in_groups_equal_one_step_over_all(monkeypatch, budget):
+    """``attend_fused_frames`` with a byte budget of one query frame per step, and of groups that leave a remainder
+    of the 9 frames, gives what one step over all frames gives."""
+    from jaxlongvid.attention.kernels import fused
+
+    q, k, v = random_qkv(5)
+    method = PRESETS["freeloc"]  # a mask: the gathered path
+    run = lambda: np.asarray(self_attention(q, k, v, GRID, method, frame_encoding(CONFIG), None, "xla"))
+    whole = run()
+    groups, lax_map = [], jax.lax.map
+    monkeypatch.setattr(jax.lax, "map", lambda f, xs, batch_size: groups.append(batch_size) or lax_map(
+        f, xs, batch_size=batch_size))
+    monkeypatch.setattr(fused, "FRAMES_CALL_BYTES", 0 if budget == "one frame" else 120_000)
+    grouped = run()
+    assert len(groups) == 1 and (groups[0] == 1 if budget == "one frame" else GRID[0] % groups[0] != 0), groups
+    np.testing.assert_allclose(grouped, whole, rtol=0, atol=1e-6 * np.abs(whole).max())
+
+
 def test_methods_inside_their_dense_range_equal_direct_exactly():
     """Tiers whose dense tier covers every distance, and RIFLEx at the native length, are direct bit for bit;
     VRPR under a window inside its dense range |d| < W1 (all visible distances unchanged) equals direct + window."""

@@ -15,6 +15,12 @@ import numpy as np
 from jaxlongvid.attention.encoding import Encoding, rel_key_logits, rotate, t5_bias
 from jaxlongvid.attention.maps import MapInfo
 
+# Bytes of gathered, turned keys and values that one step of ``attend_fused_frames`` may hold: it runs as many query
+# frames per fused call as fit, because one frame's call is too small a grid to fill a GPU (T / 128 query blocks per
+# head). Sized for an 80 GB card: on an H100 at Wan's 81 latent frames, LongDiff's attention took 1.30x direct with
+# 4 GiB, 1.19x with 12 GiB, 1.42x one frame per call (docs/benchmarks.md).
+FRAMES_CALL_BYTES = 12 << 30
+
 
 def attend_fused(q, k, v, maps, info: MapInfo, mask, encoding: Encoding, t5_table, rel_k, implementation: str):
     """[..., N, H, D] -> [..., N, H, Dv] in v's dtype; ``mask`` [..., N, N] bool or None."""
@@ -53,7 +59,8 @@ def attend_fused_frames(q, k, v, frame_maps, info: MapInfo, frame_mask, encoding
     query frame's T tokens against the keys of the frames it sees, the RoPE dims of key frame j rotated by
     ``P[m, i, j]`` and the query's left unrotated (``q . R(theta P) k``). With a mask, each query frame gathers
     the key frames its mask row keeps (at most ``visible``, a static bound; unused slots come last and are cut
-    off by a key length), so hidden frames cost nothing. The token-level maps, mask and logits are never formed
+    off by a key length), so hidden frames cost nothing. Query frames run in groups, as many per step as
+    ``FRAMES_CALL_BYTES`` of gathered keys and values allow. The token-level maps, mask and logits are never formed
     outside the kernel; the M outputs
     are averaged (= the average of the probabilities). Integer maps read cos / sin from float64 per-value tables,
     fractional ones take float32 angles (as ``per_frequency``). Returns ``[..., N, H, Dv]`` in v's dtype."""
@@ -107,5 +114,7 @@ def attend_fused_frames(q, k, v, frame_maps, info: MapInfo, frame_mask, encoding
                                                      implementation=implementation).astype(jnp.float32)
         return (out / len(frame_maps)).astype(v.dtype)
 
-    outs = jax.lax.map(one_frame, (jnp.arange(f), queries))  # [F, B, T, H, Dv]
+    per_frame = b * visible * t * heads * (dim + v.shape[-1]) * jnp.dtype(k.dtype).itemsize
+    group = max(1, min(f, FRAMES_CALL_BYTES // per_frame))
+    outs = jax.lax.map(one_frame, (jnp.arange(f), queries), batch_size=group)  # [F, B, T, H, Dv]
     return jnp.moveaxis(outs, 0, 1).reshape(lead + (n, heads) + v.shape[-1:])
