@@ -12,6 +12,12 @@ H100 / H200 (21 / 41 / 81 latent frames = 81 / 161 / 321 video frames):
 
     python benchmarks/token_attention.py --latent 21,41,81 --attention cudnn,pallas
 
+``--frames-call-gib`` sets how many gathered keys and values one step of the per-frame path may hold
+(``kernels.fused.FRAMES_CALL_BYTES``; 0: one query frame per call), to time the grouping:
+
+    python benchmarks/token_attention.py --latent 81 --attention cudnn --methods direct,freeloc,longdiff \\
+        --frames-call-gib 4
+
 On a CPU, tiny and in float32 (the kernel interpreted; what the test runs):
 
     python benchmarks/token_attention.py --latent 6 --rows 2 --cols 3 --heads 2 --dim 24 --dtype float32 \\
@@ -28,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlongvid.attention import Encoding, temporal_attention
+from jaxlongvid.attention.kernels import fused
 from jaxlongvid.bench.timing import time_compiled
 from jaxlongvid.methods import get_method
 from jaxlongvid.models.wan import rope_split
@@ -64,7 +71,11 @@ def main(argv=None) -> int:
     parser.add_argument("--attention", default="cudnn,pallas", help="comma separated: cudnn, pallas, xla, jnp")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--frames-call-gib", type=float, default=None,
+                        help="bytes (GiB) of keys and values per step of the per-frame path (default: the module's)")
     args = parser.parse_args(argv)
+    if args.frames_call_gib is not None:
+        fused.FRAMES_CALL_BYTES = int(args.frames_call_gib * (1 << 30))
 
     dtype = jnp.dtype(args.dtype)
     t = args.rows * args.cols
@@ -72,7 +83,8 @@ def main(argv=None) -> int:
     implementations = [a.strip() for a in args.attention.split(",")]
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     print(f"Wan self-attention, {args.heads} heads x {args.dim}, {t} tokens per latent frame, 2 sequences, "
-          f"{args.dtype}, device {jax.devices()[0].device_kind}; gap: max |out - first attention's| / max |first|")
+          f"{args.dtype}, {fused.FRAMES_CALL_BYTES / (1 << 30):g} GiB per per-frame step, "
+          f"device {jax.devices()[0].device_kind}; gap: max |out - first attention's| / max |first|")
     print(f"{'latent':>6} {'tokens':>7} {'method':<14} {'attention':<9} {'ms':>9} {'x direct':>8} {'compile s':>9} "
           f"{'gap':>8}")
     for frames in sorted(int(f) for f in args.latent.split(",")):
