@@ -487,7 +487,7 @@ class TimePlan:
 # Methods scheduled over denoising time, by name like the presets. "keepmotion": LongDiff's grouped positions and
 # IFS for the first quarter of the steps (high noise: the global layout, one subject), then FreeNoise's exact local
 # positions and window fusion (low noise: motion at the trained speed), from FreeNoise's rescheduled initial noise.
-# The choice of the switch point: docs/motion.md.
+# Measured on ShapesBench it keeps LongDiff's slow motion and ranks below it (docs/motion.md, section 5).
 TIME_PRESETS: dict[str, TimePlan] = {
     t.name: t
     for t in (
