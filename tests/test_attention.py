@@ -19,8 +19,8 @@ from jaxlongvid.attention import (SLOT_GAP_LIMIT, Encoding, TemporalAttention, a
                                   attention_probabilities, info_of_array, info_of_positions, logits, map_slots,
                                   merge_passes, plane_cover, rope_path, slot_average, slot_maps, temporal_attention)
 from jaxlongvid.attention.maps import plane_index
-from jaxlongvid.methods import (IFS, PRESETS, VRPR, FreeLongBlend, FreeNoiseWindows, GroupShift, Method, RIFLEx,
-                                Tiered, Window)
+from jaxlongvid.methods import (IFS, PRESETS, VRPR, FreeLongBlend, FreeNoiseWindows, GroupShift, Identity, Method,
+                                RIFLEx, Tiered, Window)
 from jaxlongvid.positions import t5_bucket
 
 RTOL = 2e-5
@@ -93,7 +93,8 @@ def _reference(method, enc, q, k, v, tables, keyframes):
     out = reference.attention(q, k, v, maps, mask, **kw)
     if isinstance(method.merge, FreeLongBlend):
         local = masks.local_window(n, method.merge.local_window)
-        loc = reference.attention(q, k, v, maps, local if mask is None else local & mask, **kw)
+        exact = Identity().maps(n, 16, np)  # the local branch reads exact distances
+        loc = reference.attention(q, k, v, exact, local if mask is None else local & mask, **kw)
         # spatial_shape (1, seqs): the sequence axis is the width of a one-row image
         g_vid = out.transpose(1, 0, 2, 3).reshape(n, 1, q.shape[0], -1)
         l_vid = loc.transpose(1, 0, 2, 3).reshape(n, 1, q.shape[0], -1)

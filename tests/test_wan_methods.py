@@ -18,7 +18,7 @@ import pytest
 import reference
 from jaxlongvid.attention import Encoding, info_of_positions, temporal_attention
 from jaxlongvid.methods import (IFS, PLAN_PRESETS, PRESETS, VRPR, Clip, FreeLongBlend, FreeNoiseWindows, Group,
-                                GroupShift, Interpolate, Method, MethodPlan, RIFLEx, Tiered, Window,
+                                GroupShift, Identity, Interpolate, Method, MethodPlan, RIFLEx, Tiered, Window,
                                 intrinsic_frequency, parse_method, vrpr_setting)
 from jaxlongvid.keyframes import select_keyframes
 from jaxlongvid.models import wan
@@ -495,7 +495,8 @@ def reference_freenoise(q, k, v, grid, method: Method) -> np.ndarray:
 
 def reference_freelong(q, k, v, grid, method: Method) -> np.ndarray:
     """FreeLong over latent frames: global attention and local attention (each frame sees 2 r + 1 consecutive
-    frames, shifted inward at the ends), blended per channel over (frames, h, w) by the Gaussian low-pass."""
+    frames, shifted inward at the ends, at exact distances), blended per channel over (frames, h, w) by the
+    Gaussian low-pass."""
     f, h, w = grid
     r = method.merge.local_window
     width = min(2 * r + 1, f)
@@ -504,7 +505,7 @@ def reference_freelong(q, k, v, grid, method: Method) -> np.ndarray:
         start = min(max(i - r, 0), f - width)
         local[i, start:start + width] = True
     glob = reference_attention(q, k, v, grid, method)
-    loc = reference_attention(q, k, v, grid, method, extra_frame_mask=local)
+    loc = reference_attention(q, k, v, grid, method.replace(positions=Identity()), extra_frame_mask=local)
     video = lambda x, b: x[b].reshape(f, h, w, -1)
     return np.stack([reference.freelong_blend(video(glob, b), video(loc, b), method.merge.d_t, method.merge.d_s)
                      for b in range(q.shape[0])]).reshape(v.shape)

@@ -119,7 +119,8 @@ def temporal_attention(q, k, v, *, encoding: Encoding = Encoding(), method="dire
         if t > 1:  # FreeLong takes no IFS: its frame mask is static
             host_local = masks.local_window(frames, method.merge.local_window, np)
             host_local = host_local if host_mask is None else host_local & host_mask
-        out = merges.freelong(out, run(q, k, v, maps, info, local, token_mask, local_visible, host_local),
+        exact, exact_info = method_maps(Method(), frames, encoding.native_frames)  # inside the trained window
+        out = merges.freelong(out, run(q, k, v, exact, exact_info, local, token_mask, local_visible, host_local),
                               method.merge, spatial_shape, t)
     return out
 
