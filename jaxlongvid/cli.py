@@ -75,8 +75,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--frames", type=_positive_int, help="number of frames (default: the model's)")
     p.add_argument("--method", default="auto",
                    help="long-video method: auto, direct, freenoise, freelong, longdiff, freeloc, sliding-window, "
-                        "longdiff-no-pm, longdiff-no-ifs, clip, interpolate, group-only, freelong-groupshift, "
-                        "keepmotion (default: auto, the recommended method for the model and length: direct up to "
+                        "longdiff-no-pm, longdiff-no-ifs, clip, interpolate, group-only, keepmotion "
+                        "(default: auto, the recommended method for the model and length: direct up to "
                         "the model's native frame count, see jaxlongvid.sampling.AUTO_TABLE past it); "
                         "NAME:FIELD=VALUE,... to change part fields (e.g. longdiff:num_groups=8,window=4); or the "
                         "JSON file of `jaxlongvid probe --out` for its per-layer routing")

@@ -316,7 +316,7 @@ class FreeLongBlend:
     """FreeLong: low frequencies (Gaussian low-pass, stop frequencies ``d_t`` over frames and ``d_s`` over
     height and width) of global attention, high ones of local attention in windows of ``2 local_window + 1``.
     The method's positions map the global branch only; the local branch stays inside the trained window and
-    reads exact distances (so ``freelong-groupshift`` blends LongDiff's layout with the local motion)."""
+    reads exact distances (so ``freelong:positions=group_shift`` blends LongDiff's layout with exact local motion)."""
 
     local_window: int = 8
     d_t: float = 0.25
@@ -404,7 +404,6 @@ PRESETS: dict[str, Method] = {
         Method("group-only", positions=Group(), mask=IFS()),
         Method("freeloc", positions=VRPR(), mask=Tiered()),
         Method("riflex", positions=RIFLEx()),
-        Method("freelong-groupshift", positions=GroupShift(), merge=FreeLongBlend()),
     )
 }
 
