@@ -151,6 +151,7 @@ def test_every_method_no_encoding(name):
     Method("odd-tiers", positions=VRPR(5, 9, 3, 5), mask=Tiered(((3, 1), (11, 3)), sink_frames=2)),
     Method("odd-freenoise", merge=FreeNoiseWindows(7, 3)),
     Method("odd-freelong", merge=FreeLongBlend(3, d_t=0.4, d_s=0.3)),
+    Method("grouped-freelong", positions=GroupShift(), merge=FreeLongBlend()),  # the local branch stays exact
 ])
 @pytest.mark.parametrize("n", [17, 64])
 def test_odd_settings(method, n):
