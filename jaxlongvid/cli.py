@@ -75,11 +75,11 @@ def _add_sample(sub) -> None:
     p.add_argument("--frames", type=_positive_int, help="number of frames (default: the model's)")
     p.add_argument("--method", default="auto",
                    help="long-video method: auto, direct, freenoise, freelong, longdiff, freeloc, sliding-window, "
-                        "longdiff-no-pm, longdiff-no-ifs, clip, interpolate, group-only, keepmotion "
-                        "(default: auto, the recommended method for the model and length: direct up to "
-                        "the model's native frame count, see jaxlongvid.sampling.AUTO_TABLE past it); "
-                        "NAME:FIELD=VALUE,... to change part fields (e.g. longdiff:num_groups=8,window=4); or the "
-                        "JSON file of `jaxlongvid probe --out` for its per-layer routing")
+                        "longdiff-no-pm, longdiff-no-ifs, clip, interpolate, group-only, keepmotion (default: auto, "
+                        "the recommended method for the model and length: direct up to the model's native frame "
+                        "count, see jaxlongvid.sampling.AUTO_TABLE past it); NAME:FIELD=VALUE,... to change part "
+                        "fields (e.g. longdiff:num_groups=8,window=4); or the JSON file of `jaxlongvid probe --out` "
+                        "for its per-layer routing")
     p.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
     p.add_argument("--model", default="tiny",
                    help="a pipeline directory, or a bundled model: 'tiny' (the UNet) or 'tiny-dit' (Wan's DiT)")
