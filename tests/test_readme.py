@@ -54,6 +54,7 @@ WAN_81 = ('jaxlongvid sample --model wan-jax --prompt "a corgi running on the be
           '--out corgi.mp4')
 WAN_LONG = ('jaxlongvid sample --model wan-jax --prompt "a corgi running on the beach" --frames 333 --method direct '
             '--devices 8 --out corgi_long.mp4')
+TEST = "python -m pytest -q -n 2 --dist loadfile tests"  # two workers, a test file's tests on one
 BENCH = ("jaxlongvid bench shapes --frames 64,128 --methods direct,freenoise,freelong,longdiff,freeloc "
          "--prompts 8 --seeds 2 --out bench/")
 
@@ -63,7 +64,7 @@ COMMANDS = {
     DEMO: (RUN, "test_first_command_verbatim"),
     'pip install "torch==2.13.0"': (CI, 'pip install "torch==2.13.0"'),
     'pip install -e ".[test,convert]"': (CI, 'pip install -e ".[test,convert]"'),
-    "python -m pytest -q tests": (CI, "python -m pytest -q tests"),
+    TEST: (CI, TEST),
     CONVERT_LAVIE: (PARSED, "test_convert_pipelines.py::test_lavie_with_sd_components_samples"),
     CONVERT_VC: (PARSED, "test_convert_pipelines.py::test_videocrafter_unet_only, "
                          "test_videocrafter_cli_vocab_all_components"),
@@ -118,7 +119,7 @@ def test_ci_runs_the_install_and_test_commands():
     for command, (how, ci_command) in COMMANDS.items():
         if how == CI:
             assert ci_command in ci, f"{command!r}: .ci/run has no {ci_command!r} (it has {ci})"
-    assert ci[-1] == "python -m pytest -q tests"  # the README's test command, verbatim and last
+    assert ci[-1] == TEST  # the README's test command, verbatim and last
 
 
 # ---- run verbatim ----------------------------------------------------------------------------------------------
