@@ -1,15 +1,16 @@
 """Long-video methods on the Wan2.1 DiT: one classifier-free-guidance step per method and length.
 
 The step is the denoiser on the guidance pair (batch 2, 512 text tokens) and the guidance combination, with random
-weights (speed does not depend on them), as ``benchmarks/wan_step.py`` times it, here under each method: seconds
-per step (median), the ratio to ``direct`` at the same length, compile seconds, the process's peak bytes in use so
-far (``memory_stats``; it never goes down, so lengths run in increasing order) and the compiled program's own need
-(arguments + outputs + temporaries, ``memory_analysis``). ``freeloc`` is FreeLOC's published layer assignment
-(``freeloc-wan``: tiered sparse attention + VRPR on 17 blocks, VRPR on 13) on a 30-block model, the ``freeloc``
-Method on every block otherwise. On a GPU the attention implementation is cuDNN: ``direct`` and ``riflex`` are one
-fused call per layer, methods that map positions or mask frames one fused call per query latent frame over the key
-frames it keeps (``attention.kernels.fused.attend_fused_frames``), merges a call per window / branch. A row that
-fails (out of memory, a bad method name) prints one ``SKIP`` line with the first line of the error.
+weights (speed does not depend on them), as ``benchmarks/wan_step.py`` times it, here under each method: seconds per
+step (median), the ratio to ``direct`` at the same length, compile seconds, the process's peak bytes in use so far
+(``memory_stats``; it never goes down, so lengths run in increasing order) and the compiled program's own need
+(arguments + outputs + temporaries, ``memory_analysis``). A method is any name ``get_method`` takes: ``freeloc-wan``
+is FreeLOC's published layer assignment for the 30-block 1.3B model (tiered sparse attention + VRPR on 17 blocks,
+VRPR alone on 13), ``freeloc`` the tiered Method on every block. On a GPU the attention implementation is cuDNN:
+``direct`` and ``riflex`` are one fused call per layer, methods that map positions or mask frames one fused call per
+group of query latent frames over the key frames each keeps (``attention.kernels.fused.attend_fused_frames``),
+merges a call per window / branch. A row that fails (out of memory, a bad method name) prints one ``SKIP`` line with
+the first line of the error.
 
 On one H100 / H200 (the issue's setting: 1.3B, 480x832, 81 / 161 / 321 frames = 21 / 41 / 81 latent frames,
 bfloat16):
@@ -40,19 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wan_step import latent_grid  # noqa: E402
 
 from jaxlongvid.bench.timing import time_compiled  # noqa: E402
-from jaxlongvid.methods import PLAN_PRESETS, get_method  # noqa: E402
+from jaxlongvid.methods import get_method  # noqa: E402
 from jaxlongvid.models.wan import WanConfig, WanTransformer  # noqa: E402
 
 SIZES = {"1.3b": WanConfig.wan_1_3b(),
          "tiny": WanConfig(num_heads=3, head_dim=32, ffn_dim=64, num_layers=2, text_dim=64, native_frames=2)}
-METHODS = ("direct", "freeloc", "longdiff", "riflex", "freenoise", "freelong")
-
-
-def method_value(name: str, config: WanConfig):
-    """The method a row runs: FreeLOC's Wan plan on a 30-block model for ``freeloc``, else the preset."""
-    if name == "freeloc" and config.num_layers == 30:
-        return PLAN_PRESETS["freeloc-wan"]
-    return get_method(name)
+METHODS = ("direct", "freeloc-wan", "freeloc", "longdiff", "riflex", "freenoise", "freelong")
 
 
 def random_params(config: WanConfig, dtype, grid, text_len: int):
@@ -110,7 +104,7 @@ def main(argv=None) -> int:
     print(f"Wan {args.size} (native {config.native_frames} latent frames), {args.height}x{args.width}, CFG pair, "
           f"{args.dtype}, device {jax.devices()[0].device_kind}; "
           f"memory GiB: process peak so far / compiled program's need")
-    print(f"{'frames':>6} {'latent':>6} {'tokens':>7} {'attention':<9} {'method':<10} {'s/step':>9} {'x direct':>8} "
+    print(f"{'frames':>6} {'latent':>6} {'tokens':>7} {'attention':<9} {'method':<12} {'s/step':>9} {'x direct':>8} "
           f"{'compile s':>9} {'peak':>6} {'need':>6}")
     params = None
     for frames in frame_counts:
@@ -125,9 +119,9 @@ def main(argv=None) -> int:
         direct = None
         for which, implementation in enumerate(implementations):
             for name in names:
-                head = f"{frames:>6} {grid[0]:>6} {tokens:>7} {implementation or 'xla':<9} {name:<10}"
+                head = f"{frames:>6} {grid[0]:>6} {tokens:>7} {implementation or 'xla':<9} {name:<12}"
                 try:
-                    row = run_row(step_fn(config, method_value(name, config), dtype, implementation), params, x,
+                    row = run_row(step_fn(config, get_method(name), dtype, implementation), params, x,
                                   context, args.repeats)
                 except Exception as e:  # noqa: BLE001 -- one row's failure (OOM, a refused method) is reported
                     first = (str(e).strip().splitlines() or [""])[0][:160]
