@@ -15,7 +15,7 @@ them, and frames over half with the guidance pair over ``data`` -- with the self
 ``sharding.sequence_parallel`` plans it (``auto``: all-to-all over heads where the frames axis divides the heads)
 and with the compiler's own partitioning (``xla``) for comparison:
 
-    python benchmarks/multi_gpu_check.py --wan 1.3b --frames 157 --methods direct,freeloc
+    python benchmarks/multi_gpu_check.py --wan 1.3b --frames 157 --methods direct,freeloc-wan
 
 157 video frames are 40 latent frames, which 2, 4 and 8 devices split (Wan's ``1 + 4k`` counts give ``k + 1``
 latent frames: 81 -> 21 and 321 -> 81 split over none of them; 317 -> 80 does). It prints per row the plan
@@ -41,12 +41,13 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wan_methods import method_value, random_params  # noqa: E402
+from wan_methods import random_params  # noqa: E402
 from wan_step import latent_grid  # noqa: E402
 
 import jaxlongvid as jlv  # noqa: E402
 from jaxlongvid import sharding  # noqa: E402
 from jaxlongvid.bench.timing import time_compiled  # noqa: E402
+from jaxlongvid.methods import get_method  # noqa: E402
 from jaxlongvid.models.wan import WanConfig, WanTransformer  # noqa: E402
 from jaxlongvid.sharding import make_mesh  # noqa: E402
 
@@ -148,7 +149,7 @@ def wan_check(args) -> None:
           "| all-to-alls | max rel diff vs 1 device |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.methods.split(","):
-        rows = wan_rows(config, grid, method_value(name, config), args, dtype, implementation)
+        rows = wan_rows(config, grid, get_method(name), args, dtype, implementation)
         ref = np.asarray(rows[0]["output"], np.float64)
         for row in rows:
             head = f"| {name} | {row['layout']} | {row['choice']} |"
