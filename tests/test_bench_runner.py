@@ -380,6 +380,22 @@ def test_bench_does_not_preallocate_the_gpu(monkeypatch):
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
 
 
+def test_motions_option_draws_prompts_of_those_laws_only(tmp_path):
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    sampler = FakeSampler()
+    args = parser.parse_args(["--frames", "8", "--methods", "direct", "--prompts", "4", "--seeds", "1", "--workers",
+                              "1", "--motions", "bouncing, circling", "--no-reference", "--out", str(tmp_path)])
+    assert runner.run_from_args(args, sample_fn=sampler) == 0
+    texts = [p for c in sampler.calls for p in c["prompts"]]
+    assert texts == runner.prompts(4, 0, ("bouncing", "circling")) and len(set(texts)) == 4
+    assert {runner.law_group(p) for p in texts} == {"in-frame"}
+    assert all(("bouncing" in p) != ("circling" in p) for p in texts)
+    args.motions = "bouncing,flying"
+    with pytest.raises(ValueError, match="unknown motion 'flying'"):
+        runner.run_from_args(args, sample_fn=sampler)
+
+
 def test_table_splits_linear_and_in_frame_laws():
     """Linear laws wrap round the frame in long ground truth, bouncing and circling stay in it: the table gives
     each group its own rows (means over that group's videos only) after the table over every video."""

@@ -460,6 +460,9 @@ def add_arguments(parser) -> None:
                              "such a variant is named longdiff[num_groups=8,window=4] in the results")
     parser.add_argument("--prompts", type=int, default=8, help="number of benchmark prompts (see prompts())")
     parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt list")
+    parser.add_argument("--motions", default=",".join(vocab.MOVING_MOTIONS),
+                        help=f"comma-separated motions the prompts draw from, of {', '.join(vocab.MOTIONS)} "
+                             "(default: every moving one; bouncing,circling: the laws that stay in frame)")
     parser.add_argument("--seeds", type=int, default=2, help="sampling seeds per prompt: 0 .. S-1")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
@@ -483,9 +486,10 @@ def add_arguments(parser) -> None:
 def run_from_args(args, sample_fn=None) -> int:
     """Run the benchmark from parsed :func:`add_arguments` options; returns an exit code."""
     extra = {name: getattr(args, name) for name in ("devices", "precision") if getattr(args, name) is not None}
+    motions = [m.strip() for m in args.motions.split(",") if m.strip()]
     run_shapes_bench(args.model, parse_methods(args.methods), [int(f) for f in args.frames.split(",") if f],
-                     prompts(args.prompts, args.prompt_seed), range(args.seeds), args.out, steps=args.steps,
-                     guidance=args.guidance, reference=not args.no_reference, batch=args.batch,
+                     prompts(args.prompts, args.prompt_seed, motions), range(args.seeds), args.out,
+                     steps=args.steps, guidance=args.guidance, reference=not args.no_reference, batch=args.batch,
                      workers=args.workers, time_budget=args.time_budget, save_videos=args.save_videos,
                      sample_fn=sample_fn, **extra)
     print(f"wrote {os.path.join(args.out, 'results.csv')}, table.md and plots")
