@@ -17,9 +17,10 @@ from jaxlongvid.positions import _check_int
 
 
 def pseudo_video(features: jnp.ndarray) -> jnp.ndarray:
-    """``[N, C, hw]`` features -> ``[N, 3, hw]`` (channel max, mean, min) rescaled to [0, 255], float32."""
+    """``[N, hw, C]`` features (channels last, as the models hold them) -> ``[N, 3, hw]`` (channel max, mean,
+    min) rescaled to [0, 255], float32."""
     f = jnp.asarray(features, jnp.float32)
-    v = jnp.stack([f.max(axis=1), f.mean(axis=1), f.min(axis=1)], axis=1)
+    v = jnp.stack([f.max(axis=-1), f.mean(axis=-1), f.min(axis=-1)], axis=1)
     lo, hi = v.min(), v.max()
     return (v - lo) * (255.0 / jnp.maximum(hi - lo, 1e-12))
 
@@ -66,11 +67,11 @@ def frame_scores(features: jnp.ndarray) -> jnp.ndarray:
 def select_keyframes(features: jnp.ndarray, num_segments: int) -> jnp.ndarray:
     """Keyframe index (int32 ``[num_segments]``) = highest-scoring frame of each segment.
 
-    ``features`` is one batch element's ``[N, C, hw]``; jit- and vmap-friendly (shapes are static).
+    ``features`` is one batch element's ``[N, hw, C]``; jit- and vmap-friendly (shapes are static).
     """
     features = jnp.asarray(features)
     if features.ndim != 3:
-        raise ValueError(f"features must have shape [N, C, hw], got {features.shape}")
+        raise ValueError(f"features must have shape [N, hw, C], got {features.shape}")
     seg = jnp.asarray(segment_ids(features.shape[0], num_segments))
     scores = frame_scores(features)
     member = seg[None, :] == jnp.arange(num_segments)[:, None]  # [n, N]

@@ -149,14 +149,15 @@ def test_context_windows():
 def test_keyframes_match_reference(n, segments):
     rng = np.random.default_rng(n)
     feats = rng.standard_normal((n, 6, 20)).astype(np.float32) * rng.uniform(0.2, 3, (n, 1, 1))
-    got = np.asarray(jax.jit(keyframes.select_keyframes, static_argnums=1)(feats, segments))
+    channels_last = feats.transpose(0, 2, 1)  # [N, hw, C]
+    got = np.asarray(jax.jit(keyframes.select_keyframes, static_argnums=1)(channels_last, segments))
     np.testing.assert_array_equal(got, reference.keyframes(feats, segments))
     assert got.dtype == np.int32 and got.shape == (segments,)
 
 
 def test_keyframes_pick_the_informative_frame():
-    feats = np.zeros((32, 4, 16), np.float32)
-    feats[20] = np.random.default_rng(0).standard_normal((4, 16))  # one textured frame in segment 1
+    feats = np.zeros((32, 16, 4), np.float32)
+    feats[20] = np.random.default_rng(0).standard_normal((16, 4))  # one textured frame in segment 1
     got = np.asarray(keyframes.select_keyframes(feats, 2))
     assert got[1] in (20, 21)  # itself (entropy) or its successor (largest difference back to flat)
     with pytest.raises(ValueError, match="num_segments"):

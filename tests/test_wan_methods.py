@@ -196,7 +196,7 @@ def test_token_keyframes_score_each_latent_frame_from_its_tokens():
     got = np.asarray(jax.jit(token_keyframes, static_argnums=(1, 2, 3))(features, GRID, method, N0))
     t = GRID[1] * GRID[2]
     for b in range(2):
-        frames = np.stack([np.asarray(features[b, f * t:(f + 1) * t]).T for f in range(GRID[0])])  # [f, C, hw]
+        frames = np.stack([np.asarray(features[b, f * t:(f + 1) * t]) for f in range(GRID[0])])  # [f, hw, C]
         np.testing.assert_array_equal(got[b], np.asarray(select_keyframes(frames, 3)))
 
 

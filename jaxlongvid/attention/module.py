@@ -64,7 +64,7 @@ class TemporalAttention(nn.Module):
         method = self.layer_method()
         if method.needs_keyframes:
             f = x if features is None else features
-            f = jnp.transpose(f, (0, 1, 4, 2, 3)).reshape(b, n, f.shape[-1], h * w)  # [B, N, C, hw]
+            f = f.reshape(b, n, h * w, f.shape[-1])  # [B, N, hw, C]
             segments = method.mask.segments(n, enc.native_frames)
             keyframes = jax.vmap(lambda one: select_keyframes(one, segments))(f)[:, None, :]  # [B, 1, n]
         if self.is_mutable_collection("intermediates"):  # layer probing only (jaxlongvid.probing)

@@ -241,10 +241,10 @@ def spatial_rotation(x, grid: tuple[int, int, int], encoding: Encoding) -> jnp.n
 
 def token_keyframes(features, grid: tuple[int, int, int], method: Method, native_frames: int) -> jnp.ndarray:
     """IFS keyframes ``[B, n]`` scored from tokens ``[B, f h w, C]``: each latent frame's ``h w`` tokens are its
-    pixels (``keyframes.select_keyframes`` on ``[f, C, h w]`` per batch element)."""
+    pixels (``keyframes.select_keyframes`` on ``[f, h w, C]`` per batch element)."""
     b, _, c = features.shape
     f, h, w = grid
-    frames = jnp.transpose(features.reshape(b, f, h * w, c), (0, 1, 3, 2))  # [B, f, C, hw]
+    frames = features.reshape(b, f, h * w, c)
     segments = method.mask.segments(f, native_frames)
     return jax.vmap(lambda one: select_keyframes(one, segments))(frames)
 
