@@ -198,6 +198,26 @@ def test_small_dit_resumes_exactly(runs):
     assert logged[0] == "step,loss,seconds" and [int(line.split(",")[0]) for line in logged[1:]] == [1, 2, 3, 4]
 
 
+def test_text_encoder_can_start_from_the_shipped_tiny_model(tmp_path):
+    """``--text-from tiny``: the shipped UNet's trained text encoder (same tokenizer and width), the denoiser
+    fresh; 0 steps, so the export holds the starting weights."""
+    model = small(SMALL_CFG)
+    args = train.build_parser().parse_args(["--model", "dit", "--workdir", str(tmp_path / "w"), "--max-steps", "0",
+                                            "--workers", "0", "--text-from", "tiny", "--export",
+                                            str(tmp_path / "export")])
+    train.run(args, SMALL_CFG, model)
+    got = jaxlongvid.load(str(tmp_path / "export")).params
+    for a, b in zip(jax.tree.leaves(got["text"]), jax.tree.leaves(jaxlongvid.load("tiny").params["text"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fresh = train.init_params(SMALL_CFG, model, jax.random.key(SMALL_CFG.seed))["unet"]
+    for a, b in zip(jax.tree.leaves(got["unet"]), jax.tree.leaves(fresh)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="--text-from applies when starting from fresh weights"):
+        train.run(train.build_parser().parse_args(["--model", "dit", "--workdir", str(tmp_path / "v"), "--resume",
+                                                   "--text-from", "tiny"]), SMALL_CFG, model)
+    assert not (tmp_path / "v").exists()
+
+
 @pytest.fixture(scope="module")
 def exported(runs):
     root, model = runs
