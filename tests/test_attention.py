@@ -198,7 +198,6 @@ def test_chunked_mapped_rope_equals_unchunked(mapped_rope):
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
-
 def test_chunked_path_takes_each_sequences_own_mask():
     # IFS keyframes differ per batch entry and broadcast over the pixels: [B, 1, n] against q [B, hw, N, H, D]
     enc, dim = ENCODINGS["rope_t5"]
@@ -230,6 +229,7 @@ def test_chunked_path_holds_no_mask_per_sequence():
     compiled = jax.jit(attend).lower(arg, arg, arg, jax.ShapeDtypeStruct((8, heads), jnp.float32),
                                      jax.ShapeDtypeStruct((b, 1, 16), jnp.int32)).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < b * hw * n * n
+
 
 # ---- mapped RoPE: plane-cover, per-value and per-frequency formulations -------------------------------------------
 MAPPED = ["longdiff", "clip", "group-only", "freeloc"]
