@@ -241,6 +241,28 @@ def test_export_loads_and_samples_long_videos_with_the_flow_sampler(exported):
     assert not np.array_equal(other, video)
 
 
+def test_training_continues_on_a_new_machine_from_an_export(exported, tmp_path):
+    """How the DiT's training spans device sessions: ``--resume --init EXPORT`` in an empty workdir starts from
+    the exported EMA weights (text encoder included) at the export's step count, with fresh optimizer moments."""
+    path, model = exported
+    args = train.build_parser().parse_args(["--model", "dit", "--workdir", str(tmp_path / "w"), "--max-steps", "5",
+                                            "--workers", "0", "--resume", "--init", path, "--log-every", "1"])
+    assert train.run(args, SMALL_CFG, model)["steps"] == 5  # one step after the export's 4
+    template = train.initial_state(SMALL_CFG, train.init_params(SMALL_CFG, model, jax.random.key(0)))
+    state = train.restore_state(train.checkpointer(tmp_path / "w"), template)
+    start = jaxlongvid.load(path).params
+    logged = (tmp_path / "w" / "loss.csv").read_text().splitlines()
+    assert int(state["step"]) == 5 and [line.split(",")[0] for line in logged[1:]] == ["5"]
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(start))]
+    assert len(moved) == len(jax.tree.leaves(start)) and all(moved)  # one AdamW step moves every leaf
+    # the EMA after one step is 0.999 of the export's weights plus 0.001 of the new ones
+    for ema, new, old in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(state["params"]),
+                             jax.tree.leaves(start)):
+        np.testing.assert_allclose(np.asarray(ema), SMALL_CFG.ema_decay * np.asarray(old)
+                                   + (1 - SMALL_CFG.ema_decay) * np.asarray(new), rtol=1e-5, atol=1e-7)
+
+
 def test_tiny_dit_names_the_bundled_directory_or_says_it_is_not_shipped(exported, tmp_path, monkeypatch, capsys):
     path, _ = exported
     bundled = tmp_path / "tiny_dit" / "weights"
