@@ -411,10 +411,11 @@ PRESETS: dict[str, Method] = {
 @dataclass(frozen=True)
 class MethodPlan:
     """Per-layer routing: ``layers`` pairs a temporal layer's path (``temporal_layer_names``) or forward index
-    with its Method; every other layer runs ``default``."""
+    with its Method; every other layer runs ``default``. ``name`` labels it in results (empty: ``plan[DEFAULT]``)."""
 
     default: Method = field(default_factory=Method)
     layers: tuple[tuple[Union[int, str], Method], ...] = ()
+    name: str = ""
 
     def resolve(self, names: tuple[str, ...]) -> "MethodPlan":
         """The plan keyed by paths only: index keys become ``names[index]``; unknown keys are refused."""
@@ -428,7 +429,7 @@ class MethodPlan:
             elif key not in names:
                 raise ValueError(f"MethodPlan names unknown temporal layer {key!r}; see temporal_layer_names")
             layers.append((key, method))
-        return MethodPlan(self.default, tuple(layers))
+        return dataclasses.replace(self, layers=tuple(layers))
 
     def for_layer(self, path: str) -> Method:
         """The Method of the temporal layer at ``path`` (a resolved plan: index keys are refused)."""
@@ -451,6 +452,7 @@ class MethodPlan:
 FREELOC_WAN_TSA_LAYERS = (0, 1, 4, 6, 7, 9, 10, 11, 13, 14, 15, 16, 18, 22, 23, 24, 25)
 PLAN_PRESETS: dict[str, MethodPlan] = {
     "freeloc-wan": MethodPlan(
+        name="freeloc-wan",
         default=Method("freeloc-wan-vrpr", positions=VRPR(None, None, None, None)),
         layers=tuple((i, Method("freeloc-wan-tsa", positions=VRPR(None, None, None, None), mask=Tiered()))
                      for i in FREELOC_WAN_TSA_LAYERS)),
@@ -703,4 +705,4 @@ def plan_from_probe_file(path: str) -> MethodPlan:
         method = PROBE_ROUTES.get(name) or get_method(name)
         if method != PRESETS["direct"]:
             layers.append((layer, method))
-    return MethodPlan(default=PRESETS["direct"], layers=tuple(layers))
+    return MethodPlan(default=PRESETS["direct"], layers=tuple(layers), name=os.path.basename(path))

@@ -16,7 +16,7 @@ import pytest
 
 import jaxlongvid
 from jaxlongvid.bench import metrics, runner
-from jaxlongvid.methods import IFS, PRESETS, GroupShift, Method
+from jaxlongvid.methods import IFS, PRESETS, GroupShift, Method, MethodPlan
 from jaxlongvid.tiny import data
 
 FRAMES = 16
@@ -72,6 +72,17 @@ def test_method_lists_parse_each_spec():
         runner.parse_methods("direct,longdiff:window=4.5")
     with pytest.raises(ValueError, match="no methods"):
         runner.parse_methods(" , ")
+
+
+def test_per_layer_plans_are_named_by_their_preset_or_file(tmp_path):
+    """Two probe files with the same default are two rows: a plan's label is its preset name or its file's name."""
+    routes = {"down_blocks_1/attentions_0/transformer_blocks_0/attn_temp": "longdiff"}
+    for stem, route in (("a", "longdiff"), ("b", "freeloc")):
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"routes": {k: route for k in routes}}))
+    listed = runner.parse_methods(f"{tmp_path / 'a.json'},{tmp_path / 'b.json'},freeloc-wan")
+    assert [runner.method_label(x) for x in listed] == ["a.json", "b.json", "freeloc-wan"]
+    assert [x.resolve(tuple(routes)).name for x in listed[:2]] == ["a.json", "b.json"]  # kept by resolve
+    assert runner.method_label(MethodPlan(default=PRESETS["longdiff"])) == "plan[longdiff]"
 
 
 def test_overridden_method_reaches_the_sampler_and_names_the_rows(tmp_path):

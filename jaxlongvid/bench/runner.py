@@ -118,11 +118,12 @@ def parse_methods(text: str) -> list[Method | MethodPlan]:
 
 
 def method_label(method) -> str:
-    """The method's name in the CSV and the table: a preset's name, or the ``PRESET[...]`` of a spec."""
+    """The method's name in the CSV and the table: a preset's name, the ``PRESET[...]`` of a spec, a probe file's
+    name, or ``plan[DEFAULT]`` for an unnamed per-layer plan."""
     if isinstance(method, str):  # "auto"
         return method
     if isinstance(method, MethodPlan):
-        return f"plan[{method.default.name}]"
+        return method.name or f"plan[{method.default.name}]"
     return method.name
 
 
