@@ -76,12 +76,12 @@ def test_method_lists_parse_each_spec():
 
 def test_per_layer_plans_are_named_by_their_preset_or_file(tmp_path):
     """Two probe files with the same default are two rows: a plan's label is its preset name or its file's name."""
-    routes = {"down_blocks_1/attentions_0/transformer_blocks_0/attn_temp": "longdiff"}
+    layer = "down_blocks_1/attentions_0/transformer_blocks_0/attn_temp"
     for stem, route in (("a", "longdiff"), ("b", "freeloc")):
-        (tmp_path / f"{stem}.json").write_text(json.dumps({"routes": {k: route for k in routes}}))
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"routes": {layer: route}}))
     listed = runner.parse_methods(f"{tmp_path / 'a.json'},{tmp_path / 'b.json'},freeloc-wan")
     assert [runner.method_label(x) for x in listed] == ["a.json", "b.json", "freeloc-wan"]
-    assert [x.resolve(tuple(routes)).name for x in listed[:2]] == ["a.json", "b.json"]  # kept by resolve
+    assert [x.resolve((layer,)).name for x in listed[:2]] == ["a.json", "b.json"]  # kept by resolve
     assert runner.method_label(MethodPlan(default=PRESETS["longdiff"])) == "plan[longdiff]"
 
 
