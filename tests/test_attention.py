@@ -392,6 +392,76 @@ def _pallas(enc, method, map_average):
         map_average=map_average))
 
 
+def test_pallas_kernel_over_key_blocks_equals_one_block():
+    """Keys taken 16 at a time (two passes: row maxima and sums, then P @ V) against the kernel's one block and the
+    float64 reference: LongDiff's slot average and one softmax per map under IFS, with padded keys in the last
+    block; FreeLOC's tiered mask; token-level maps (2 tokens a frame: the slot table is indexed by frame distance);
+    the underflow fallback; and a query row that sees no key (NaN either way)."""
+    from jaxlongvid.attention.kernels.plane import pallas_forward
+    from jaxlongvid.attention.maps import token_maps
+
+    enc, dim = ENCODINGS["rope_t5"]
+
+    def kernel(method, n, average, key_block, tokens=1):
+        positions, frames = method.positions, n // tokens
+        info = info_of_positions(positions, frames, 16).for_tokens(tokens) if tokens > 1 else \
+            info_of_positions(positions, n, 16)
+        maps = positions.maps(frames, 16)
+        maps = token_maps(maps, tokens) if tokens > 1 else maps
+        return jax.jit(lambda q, k, v, t5, mask: pallas_forward(q, k, v, t5, mask, maps, info, enc, interpret=True,
+                                                                  average=average, key_block=key_block))
+
+    longdiff = PRESETS["longdiff"]
+    q, k, v, tables = _inputs(48, dim, seed=11)
+    kf = _keyframes(longdiff, 48, 2, 11)
+    mask = masks.ifs_mask(48, kf, 8)
+    ref = _reference(longdiff, enc, q, k, v, tables, kf)
+    for average in ("slots", "per_map"):
+        blocks, one = (kernel(longdiff, 48, average, kb)(q, k, v, tables["t5_table"], mask) for kb in (16, 256))
+        assert _rel_err(blocks, ref) <= RTOL and _rel_err(blocks, one) <= 2e-6, average
+    freeloc = PRESETS["freeloc"]
+    q, k, v, tables = _inputs(40, dim, seed=12)
+    tiers = jnp.asarray(freeloc.mask.static(40, np))
+    blocks, one = (kernel(freeloc, 40, "per_map", kb)(q, k, v, tables["t5_table"], tiers)
+                   for kb in (16, 256))
+    assert _rel_err(blocks, _reference(freeloc, enc, q, k, v, tables, None)) <= RTOL
+    assert _rel_err(blocks, one) <= 2e-6
+    q, k, v, tables = _inputs(48, dim, seed=13)  # 24 frames x 2 tokens
+    blocks, one = (kernel(longdiff.replace(mask=None), 48, "slots", kb, tokens=2)(q, k, v, tables["t5_table"], None)
+                   for kb in (16, 256))
+    assert _rel_err(blocks, one) <= 2e-6
+    # the fallback: copies 4 and 5 of rows 0 and 1 lie ~100 below the others (the underflow test's input)
+    method, n = Method("g", positions=GroupShift(4)), 17
+    q, k, v, tables = _inputs(n, dim)
+    t5 = tables["t5_table"].copy()
+    t5[int(t5_bucket(np.array(3), 32, 32))] = 100.0
+    ref = reference.attention(q, k, v, _maps(method, n), rope_dim=enc.rope_dim, t5_table=t5)
+    assert _rel_err(kernel(method, n, "slots", 16)(q, k, v, t5, None), ref) <= RTOL
+    # query 5 of sequence 0 sees no key
+    q, k, v, tables = _inputs(40, dim, seed=14)
+    hidden = np.ones((2, 1, 40, 40), bool)
+    hidden[0, 0, 5] = False
+    for average in ("slots", "per_map"):
+        out = np.asarray(kernel(longdiff, 40, average, 16)(q, k, v, tables["t5_table"], jnp.asarray(hidden)))
+        assert np.isnan(out[0, 5]).all() and np.isfinite(np.delete(out[0], 5, axis=0)).all() \
+            and np.isfinite(out[1]).all(), average
+
+
+def test_slot_rows_over_frame_distance_equal_the_dense_table():
+    """``distance_rows``: entry (i, j) of a map that depends on the frame distance alone is row ``d + F - 1``; the
+    slot choice computed on the rows is the dense one's, at frame and at token level."""
+    from jaxlongvid.attention.maps import distance_rows, slot_maps, token_maps
+
+    for frames, tokens in [(40, 1), (12, 3)]:
+        maps = token_maps(PRESETS["longdiff"].positions.maps(frames, 16), tokens)
+        n = frames * tokens
+        rows = np.asarray(distance_rows(maps, tokens))
+        d = np.arange(n)[None, :] // tokens - np.arange(n)[:, None] // tokens + frames - 1
+        np.testing.assert_array_equal(rows[:, d], np.asarray(maps))
+        dense = np.asarray(slot_maps(maps, 2)[1])
+        np.testing.assert_array_equal(np.asarray(slot_maps(jnp.asarray(rows)[:, None, :], 2)[1])[:, 0][:, d], dense)
+
+
 def test_pallas_kernel_lowers_to_triton_for_gpus():
     """No GPU here: check that the kernel lowers for CUDA through Triton (block shapes, ops), not that it runs."""
     from jaxlongvid.attention.kernels.plane import pallas_forward
@@ -399,12 +469,13 @@ def test_pallas_kernel_lowers_to_triton_for_gpus():
     enc = Encoding(rope_dim=32, t5_buckets=32, native_frames=16)
     positions = PRESETS["longdiff"].positions
     shape = jax.ShapeDtypeStruct((2, 3, 128, 2, 40), jnp.bfloat16)
-    forward = lambda q, k, v, t5, mask: pallas_forward(q, k, v, t5, mask, positions.maps(128, 16),
-                                                       info_of_positions(positions, 128, 16), enc,
-                                                       interpret=False, average="slots")
-    lowered = jax.jit(forward).trace(shape, shape, shape, jax.ShapeDtypeStruct((32, 2), jnp.float32),
-                                     jax.ShapeDtypeStruct((2, 1, 128, 128), jnp.bool_))
-    assert "__gpu$xla.gpu.triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+    for key_block in (256, 32):  # one block of keys; four, in two passes with the slot table gathered by distance
+        forward = lambda q, k, v, t5, mask: pallas_forward(q, k, v, t5, mask, positions.maps(128, 16),
+                                                           info_of_positions(positions, 128, 16), enc,
+                                                           interpret=False, average="slots", key_block=key_block)
+        lowered = jax.jit(forward).trace(shape, shape, shape, jax.ShapeDtypeStruct((32, 2), jnp.float32),
+                                         jax.ShapeDtypeStruct((2, 1, 128, 128), jnp.bool_))
+        assert "__gpu$xla.gpu.triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("name", ["direct", "interpolate", "sliding-window", "freenoise"])
@@ -677,6 +748,9 @@ def test_auto_plan_picks_kernels_per_backend():
     assert plan(longdiff, "gpu", rel=(True, True)).kernel == "jnp"  # the kernel has no relative tables
     long = info_of_positions(PRESETS["longdiff"].positions, 1024, 16)
     assert plan(long, "gpu").kernel == "jnp" and plan(long, "gpu").chunk > 0  # beyond the kernel's measured range
+    chosen = lambda info, impl: make_plan(info, lavie, 4096, 8, 40, "bfloat16", (False, False), impl, backend="gpu")
+    assert chosen(long, "pallas").kernel == "pallas"  # asked for: at any length
+    assert (chosen(direct, "pallas").kernel, chosen(direct, "pallas").implementation) == ("fused", "cudnn")
     assert (plan(longdiff, "tpu").kernel, plan(longdiff, "tpu").implementation) == ("pallas", "tpu")
     assert plan(direct, "tpu").kernel == plan(longdiff, "cpu").kernel == "jnp"
     assert (plan(longdiff, "cpu").rope, plan(longdiff, "cpu").average) == ("planes", "slots")

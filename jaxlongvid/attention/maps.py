@@ -209,6 +209,14 @@ def plane_index(maps: jnp.ndarray, planes: tuple) -> jnp.ndarray:
     return index
 
 
+def distance_rows(maps: jnp.ndarray, tokens_per_frame: int = 1) -> jnp.ndarray:
+    """Maps ``[..., N, N]`` that depend on the frame distance alone (every positions part's) as rows ``[..., 2F - 1]``
+    over ``d = frame(j) - frame(i)`` from ``-(F - 1)`` to ``F - 1``, F = N / T frames: entry ``(i, j)`` is row
+    ``d + F - 1``."""
+    frames = maps[..., ::tokens_per_frame, ::tokens_per_frame]
+    return jnp.concatenate([frames[..., :0:-1, 0], frames[..., 0, :]], axis=-1)
+
+
 def slot_maps(maps: jnp.ndarray, num_slots: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """:func:`map_slots` in the program: ``slots [V, N, N]`` (values in order of first appearance over the maps,
     an entry with fewer values repeating its last) and ``sel`` int32 ``[M, N, N]`` (the first slot of each map's

@@ -27,8 +27,9 @@ IMPLEMENTATIONS = (None, "auto", "xla", "cudnn", "pallas")
 ACCELERATOR_CHUNK_BYTES = 1 << 30
 CPU_CHUNK_BYTES = 16 << 20
 # "auto" takes the plane kernel up to this many frames: the range it was measured to win in (128 and 256 frames
-# on an H200, docs/benchmarks.md). Each program holds its query block's map selection tables, which grow with
-# N x M (LongDiff: M ~ N / 15), so longer videos take the chunked jnp path until the kernel is measured there.
+# on an H200, docs/benchmarks.md). Past it the kernel loops over blocks of keys (kernels.plane.KEY_BLOCK) with its
+# slot table as rows over the frame distance; until that is measured on a GPU, longer videos take the chunked jnp
+# path, which LongDiff ran at 3.44x direct's LaVie step at 512 frames (H200).
 PALLAS_AUTO_MAX_FRAMES = 256
 # Token-level attention (video DiTs): whether "auto" on GPUs takes the block-sparse Pallas kernel
 # (``kernels.sparse``). Off until a GPU benchmark shows it ahead of today's choice (``benchmarks/wan_methods.py
@@ -154,12 +155,12 @@ def make_plan(info: MapInfo, encoding: Encoding, sequences: int, heads: int, hea
     in ``dtype`` (a NumPy dtype name).
 
     Kernels: "pallas" takes the plane kernel where RoPE is mapped, maps are integer and there are no relative
-    K/V tables (else the jnp path: nothing for the kernel to save); "xla"/"cudnn" take
-    ``jax.nn.dot_product_attention`` where RoPE is an absolute rotation and there is no relative V table.
-    "auto" picks per backend: on GPUs the plane kernel where it applies (up to ``PALLAS_AUTO_MAX_FRAMES``),
-    cuDNN fused attention for the rest
-    where cuDNN takes the input (bfloat16/float16, head dim a multiple of 8), else jnp; on TPUs the plane
-    kernel (Mosaic) where it applies, else jnp; jnp on CPUs.
+    K/V tables, at any length (else the jnp path: nothing for the kernel to save; on GPUs, calls without mapped
+    RoPE take cuDNN as under "auto"); "xla"/"cudnn" take ``jax.nn.dot_product_attention`` where RoPE is an
+    absolute rotation and there is no relative V table. "auto" picks per backend: on GPUs the plane kernel where
+    it applies (up to ``PALLAS_AUTO_MAX_FRAMES``), cuDNN fused attention for the rest where cuDNN takes the input
+    (bfloat16/float16, head dim a multiple of 8), else jnp; on TPUs the plane kernel (Mosaic) where it applies,
+    else jnp; jnp on CPUs.
     The jnp path under mapped RoPE is chunked over sequences so that its intermediate (L planes, U values or
     ``rope_dim`` per map, plus the slot average's exps and weights) stays under ``chunk_bytes`` (None: 1 GiB
     on accelerators, 16 MiB on a CPU)."""
@@ -178,6 +179,8 @@ def make_plan(info: MapInfo, encoding: Encoding, sequences: int, heads: int, hea
             implementation = ("pallas" if kernel_fits else None) if mapped else "cudnn" if cudnn_input else None
         elif backend == "tpu":
             implementation = "pallas" if mapped and info.num_frames <= PALLAS_AUTO_MAX_FRAMES else None
+    if implementation == "pallas" and not mapped and backend == "gpu" and cudnn_takes(dtype, head_dim):
+        implementation = "cudnn"  # the kernel is for mapped positions: the rest runs as under "auto"
     if implementation == "pallas" and mapped and info.integer and not (rel_k or rel_v):
         return AttentionPlan(rope, average, "pallas", "tpu" if backend == "tpu" else "gpu")
     if implementation in ("xla", "cudnn") and not rel_v and not mapped:

@@ -1,7 +1,8 @@
 """The plane kernel: LongDiff-style mapped-RoPE attention in one Pallas kernel (Triton on GPUs, Mosaic on TPUs,
-interpreted on a CPU; the TPU build uses 128-query blocks and is checked to lower, not yet run on a TPU). For a block of queries it computes the plane-cover logits on chip (q and k pre-rotated per plane),
-selects each map's (or each slot's, with the slot average and its checked fallback, as on the jnp path),
-averages the M softmaxes and takes one ``P @ V``, never writing logits to memory. Forward pass only: its
+interpreted on a CPU; the TPU build uses 128-query blocks and is checked to lower, not yet run on a TPU). For a
+block of queries it computes the plane-cover logits on chip (q and k pre-rotated per plane), selects each map's
+(or each slot's, with the slot average and its checked fallback, as on the jnp path), averages the M softmaxes
+and multiplies by V, a block of keys at a time, never writing logits to memory. Forward pass only: its
 gradient is the jnp plane path's (recomputed in the backward pass)."""
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from jaxlongvid.attention.average import SLOT_GAP_LIMIT, pick
 from jaxlongvid.attention.encoding import Encoding, plane_rotations, rotate, t5_bias
-from jaxlongvid.attention.maps import MapInfo, plane_index, slot_maps
+from jaxlongvid.attention.maps import MapInfo, distance_rows, plane_index, slot_maps
 
-BLOCK_Q = 16  # query rows per program; each program holds M logit tiles of [block, padded N] float32
+BLOCK_Q = 16  # query rows per program; each program holds its logit tiles of [block, key block] float32
 BLOCK_Q_TPU = 128  # Mosaic tiles: a block's last dim is a multiple of 128 (or the whole padded N)
+# Keys per tile: the widest tile measured (256 frames, H200, docs/benchmarks.md); longer videos loop over key blocks
+KEY_BLOCK = 256
 NUM_WARPS = 4
 
 
@@ -44,13 +48,21 @@ def mask_rows(mask, lead: tuple, n: int, n_pad: int):
     return full.astype(jnp.int32), math.prod(lead[split:])
 
 
-def plane_kernel(*refs, num_planes, num_logits, num_maps, head_dim, has_plain, has_bias, has_mask):
+def plane_kernel(*refs, num_planes, num_logits, num_maps, head_dim, has_plain, has_bias, has_mask, key_block,
+                 distance_sel):
     """One (sequence, head, query block): the cover's plane logits, per-map (or per-slot) selection, the average
-    of the maps' softmaxes, one P @ V.
+    of the maps' softmaxes, P @ V.
 
     ``num_logits`` logit maps are formed: the maps themselves (``num_maps`` = 0: one softmax each), or the slots
     (then ``sel_ref`` says which slot each of the ``num_maps`` maps takes, the average is the slot average, and
-    ``fits_ref`` gets, per query row, whether its sums cleared the floor)."""
+    ``fits_ref`` gets, per query row, whether its sums cleared the floor). ``sel_ref`` is dense ``[M, N, N]``, or
+    with ``distance_sel`` one row per map over the frame distance ``[M, 2F - 1]`` (``maps.distance_rows``: M rows
+    instead of M N x N tables, read from cache at any length).
+
+    Keys are taken ``key_block`` at a time, so no tile is wider. With one block the logits are formed once; with
+    more, a first pass over the blocks gathers each row's maxima and softmax sums (rescaled to the running maximum)
+    and a second forms the logits again and accumulates the averaged probabilities times V. The order of
+    operations is the jnp path's, so that with one block both round alike."""
     qr_ref, kr_ref, v_ref, idx_ref, *optional = refs
     optional = iter(optional)
     sel_ref = next(optional) if num_maps else None
@@ -59,39 +71,84 @@ def plane_kernel(*refs, num_planes, num_logits, num_maps, head_dim, has_plain, h
     mask_ref = next(optional) if has_mask else None
     out_ref = next(optional)
     fits_ref = next(optional) if num_maps else None
+    block, num_blocks = qr_ref.shape[1], kr_ref.shape[1] // key_block
     dot_t = lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    logits = [None] * num_logits
-    for p in range(num_planes):  # q and k rotated for plane p: its logits for every key
-        s_p = dot_t(qr_ref[p].astype(jnp.float32), kr_ref[p].astype(jnp.float32))
-        for m in range(num_logits):
-            logits[m] = jnp.where(idx_ref[m] == p, s_p, 0.0 if logits[m] is None else logits[m])
-    plain = dot_t(qp_ref[...].astype(jnp.float32), kp_ref[...].astype(jnp.float32)) if has_plain else None
-    visible = mask_ref[...] != 0 if has_mask else None
     scale = math.sqrt(head_dim)
-    for m in range(num_logits):  # the jnp path's order of operations, so both round alike
-        x = logits[m] if plain is None else logits[m] + plain
-        x = x / scale if bias_ref is None else x / scale + bias_ref[m]
-        logits[m] = x if visible is None else jnp.where(visible, x, -jnp.inf)
-    probs = 0.0
-    if num_maps:  # slot average: one exp per slot against the rows' common maximum
-        top = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1) for x in logits])  # [block]
-        exps = [jnp.exp(x - top[:, None]) for x in logits]
+
+    def key_slice(b):
+        return slice(None) if num_blocks == 1 else pl.ds(b * key_block, key_block)
+
+    def logit_tiles(b) -> list:  # [block, key_block] per logit map, masked
+        keys = key_slice(b)
+        logits = [None] * num_logits
+        for p in range(num_planes):  # q and k rotated for plane p: its logits for these keys
+            s_p = dot_t(qr_ref[p].astype(jnp.float32), kr_ref[p, keys, :].astype(jnp.float32))
+            for m in range(num_logits):
+                logits[m] = jnp.where(idx_ref[m, :, keys] == p, s_p, 0.0 if logits[m] is None else logits[m])
+        plain = dot_t(qp_ref[...].astype(jnp.float32), kp_ref[keys, :].astype(jnp.float32)) if has_plain else None
+        visible = mask_ref[:, keys] != 0 if has_mask else None
+        for m in range(num_logits):
+            x = logits[m] if plain is None else logits[m] + plain
+            x = x / scale if bias_ref is None else x / scale + bias_ref[m, :, keys]
+            logits[m] = x if visible is None else jnp.where(visible, x, -jnp.inf)
+        return logits
+
+    if distance_sel:  # each tile entry's frame distance, as a row index (padding clipped into the table)
+        tokens, frames = distance_sel
+        query_frame = (pl.program_id(2) * block + jax.lax.broadcasted_iota(jnp.int32, (block, key_block), 0)) // tokens
+        key_index = jax.lax.broadcasted_iota(jnp.int32, (block, key_block), 1)
+
+    def slot_of(m, b):  # which slot map m takes on this tile
+        if not distance_sel:
+            return sel_ref[m, :, key_slice(b)]
+        d = (b * key_block + key_index) // tokens - query_frame + frames - 1
+        return sel_ref[m, jnp.clip(d, 0, 2 * frames - 2)]
+
+    # pass 1: per row, the maximum and the softmax sums against it (slots: one maximum, a sum per map)
+    def gather(b, stats, logits=None):
+        logits = logit_tiles(b) if logits is None else logits
+        tops, sums = stats
+        if num_maps:
+            top = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1) for x in logits], tops)
+            safe = jnp.where(top == -jnp.inf, 0.0, top)
+            exps = [jnp.exp(x - safe[:, None]) for x in logits]
+            rescale = jnp.exp(tops - safe)
+            return top, tuple(s * rescale + jnp.sum(pick(slot_of(m, b), exps), axis=-1) for m, s in enumerate(sums))
+        top = tuple(jnp.maximum(t, jnp.max(x, axis=-1)) for t, x in zip(tops, logits))
+        safe = [jnp.where(t == -jnp.inf, 0.0, t) for t in top]
+        return top, tuple(s * jnp.exp(t0 - t) + jnp.sum(jnp.exp(x - t[:, None]), axis=-1)
+                          for s, t0, t, x in zip(sums, tops, safe, logits))
+
+    rows_of = lambda value, count: tuple(jnp.full((block,), value, jnp.float32) for _ in range(count))
+    init = (jnp.full((block,), -jnp.inf, jnp.float32), rows_of(0.0, num_maps)) if num_maps else \
+        (rows_of(-jnp.inf, num_logits), rows_of(0.0, num_logits))
+    first = logit_tiles(0) if num_blocks == 1 else None
+    one = first is not None
+    tops, sums = gather(0, init, first) if one else jax.lax.fori_loop(0, num_blocks, gather, init)
+    if num_maps:  # the slot average holds if every map's sum clears the floor (else the call reruns per map)
         floor = math.exp(-SLOT_GAP_LIMIT)
-        no_key = top == -jnp.inf  # rows that see no key: NaN either way
-        cleared = None  # every map's sum >= floor
-        for m in range(num_maps):
-            x = pick(sel_ref[m], exps)
-            total = jnp.sum(x, axis=-1)  # map m's softmax sum
-            ok = total >= floor
-            cleared = ok if cleared is None else cleared & ok
-            probs = probs + x * (1.0 / (num_maps * jnp.where(ok, total, 1.0)))[:, None]
+        no_key = tops == -jnp.inf  # rows that see no key: NaN either way
+        cleared = functools.reduce(jnp.logical_and, [s >= floor for s in sums])
+        weights = [1.0 / (num_maps * jnp.where(s >= floor, s, 1.0)) for s in sums]
         fits_ref[...] = (no_key | cleared).astype(jnp.int32)[None, :]
-    else:
-        for x in logits:
-            e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-            probs = probs + e / jnp.sum(e, axis=-1, keepdims=True) / num_logits
-    v = v_ref[...]
-    out = jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    # pass 2: the averaged probabilities of each key block times its values
+    def accumulate(b, out, logits=None):
+        logits = logit_tiles(b) if logits is None else logits
+        probs = 0.0
+        if num_maps:
+            exps = [jnp.exp(x - tops[:, None]) for x in logits]
+            for m in range(num_maps):
+                probs = probs + pick(slot_of(m, b), exps) * weights[m][:, None]
+        else:
+            for x, t, s in zip(logits, tops, sums):
+                probs = probs + jnp.exp(x - t[:, None]) / s[:, None] / num_logits
+        v = v_ref[key_slice(b), :]
+        return out + jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    zero = jnp.zeros(out_ref.shape, jnp.float32)
+    out = accumulate(0, zero, first) if one else jax.lax.fori_loop(0, num_blocks, accumulate, zero)
     out_ref[...] = out.astype(out_ref.dtype)
 
 
@@ -107,18 +164,18 @@ def compiler_params(target: str):
 
 
 def pallas_forward(q, k, v, t5_table, mask, maps, info: MapInfo, encoding: Encoding, interpret: bool, average: str,
-                   target: str = "gpu"):
+                   target: str = "gpu", key_block: int = KEY_BLOCK):
     """The plane kernel over every (sequence, head, query block); [..., N, H, D] -> [..., N, H, Dv].
 
     With ``average="slots"`` the kernel forms the slot logits and takes the slot average; if a row's sums fall
     under the floor it says so, and the call reruns with one softmax per map (a run-time branch, as on the jnp
-    path)."""
-    from jax.experimental import pallas as pl  # imported here: only this path needs it
-
+    path). On GPUs each map's slot choice goes in as one row over the frame distance (the maps depend on it
+    alone), gathered in the kernel; Mosaic has no such gather, so TPUs take the dense ``[M, N, N]`` table."""
     lead, (n, h, d), dv, r = q.shape[:-3], q.shape[-3:], v.shape[-1], encoding.rope_dim
     count = math.prod(lead)
     n_pad, r_pad, dv_pad = pow2(n), pow2(r), pow2(dv)
     block = min(BLOCK_Q_TPU if target == "tpu" else BLOCK_Q, n_pad)
+    key_block = min(key_block, n_pad)
     slot_average = average == "slots"
     logit_maps, sel = slot_maps(maps, info.num_slots) if slot_average else (maps, None)
     planes = info.planes
@@ -146,7 +203,15 @@ def pallas_forward(q, k, v, t5_table, mask, maps, info: MapInfo, encoding: Encod
     specs = [pl.BlockSpec((None, None, p_pad, block, r_pad), lambda s, hh, i: (s, hh, 0, i, 0)),
              pl.BlockSpec((None, None, p_pad, n_pad, r_pad), lambda s, hh, i: (s, hh, 0, 0, 0)),
              whole(dv_pad), pl.BlockSpec((l_pad, block, n_pad), lambda s, hh, i: (0, i, 0))]
-    if slot_average:
+    distance_sel = None
+    if slot_average and target == "gpu":
+        t = info.tokens_per_frame
+        distance_sel = (t, n // t)
+        sel = slot_maps(distance_rows(maps, t)[:, None, :], info.num_slots)[1][:, 0, :]  # [M, 2F - 1]
+        sel = jnp.pad(sel, ((0, pow2(len(sel), 1) - len(sel)), (0, pow2(sel.shape[1]) - sel.shape[1])))
+        operands.append(sel)
+        specs.append(pl.BlockSpec(sel.shape, lambda s, hh, i: (0, 0)))
+    elif slot_average:
         operands.append(padded(sel))
         specs.append(pl.BlockSpec((pow2(len(sel), 1), block, n_pad), lambda s, hh, i: (0, i, 0)))
     has_plain = r < d
@@ -166,7 +231,7 @@ def pallas_forward(q, k, v, t5_table, mask, maps, info: MapInfo, encoding: Encod
         specs.append(pl.BlockSpec((None, block, n_pad), lambda s, hh, i: (jax.lax.div(s, shared), i, 0)))
     kernel = functools.partial(plane_kernel, num_planes=len(planes), num_logits=num_logits,
                                num_maps=len(maps) if slot_average else 0, head_dim=d, has_plain=has_plain,
-                               has_bias=has_bias, has_mask=has_mask)
+                               has_bias=has_bias, has_mask=has_mask, key_block=key_block, distance_sel=distance_sel)
     out_specs, out_shape = [seq_head(dv_pad, block)], [jax.ShapeDtypeStruct((count, h, n_pad, dv_pad), v.dtype)]
     if slot_average:  # per query row: did the slot sums clear the floor
         out_specs.append(pl.BlockSpec((None, None, 1, block), lambda s, hh, i: (s, hh, 0, i)))
@@ -178,5 +243,6 @@ def pallas_forward(q, k, v, t5_table, mask, maps, info: MapInfo, encoding: Encod
     out = jnp.swapaxes(out[:, :, :n, :dv], 1, 2).reshape(lead + (n, h, dv))
     if not slot_average:
         return out
-    per_map = lambda: pallas_forward(q, k, v, t5_table, mask, maps, info, encoding, interpret, "per_map", target)
+    per_map = lambda: pallas_forward(q, k, v, t5_table, mask, maps, info, encoding, interpret, "per_map", target,
+                                     key_block)
     return jax.lax.cond(jnp.all(fits[0][:, :, 0, :n] != 0), lambda: out, per_map)
