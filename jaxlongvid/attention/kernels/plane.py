@@ -59,10 +59,10 @@ def plane_kernel(*refs, num_planes, num_logits, num_maps, head_dim, has_plain, h
     with ``distance_sel`` one row per map over the frame distance ``[M, 2F - 1]`` (``maps.distance_rows``: M rows
     instead of M N x N tables, read from cache at any length).
 
-    Keys are taken ``key_block`` at a time, so no tile is wider. With one block the logits are formed once; with
-    more, a first pass over the blocks gathers each row's maxima and softmax sums (rescaled to the running maximum)
-    and a second forms the logits again and accumulates the averaged probabilities times V. The order of
-    operations is the jnp path's, so that with one block both round alike."""
+    Keys are taken ``key_block`` at a time, so no tile is wider. With one block the logits are formed once, in the
+    jnp path's order of operations, so both round alike; with more, a first pass over the blocks gathers each
+    row's maxima and softmax sums (rescaled to the running maximum) and a second forms the logits again and
+    accumulates the averaged probabilities times V."""
     qr_ref, kr_ref, v_ref, idx_ref, *optional = refs
     optional = iter(optional)
     sel_ref = next(optional) if num_maps else None
@@ -104,13 +104,36 @@ def plane_kernel(*refs, num_planes, num_logits, num_maps, head_dim, has_plain, h
         d = (b * key_block + key_index) // tokens - query_frame + frames - 1
         return sel_ref[m, jnp.clip(d, 0, 2 * frames - 2)]
 
-    # pass 1: per row, the maximum and the softmax sums against it (slots: one maximum, a sum per map)
-    def gather(b, stats, logits=None):
-        logits = logit_tiles(b) if logits is None else logits
-        tops, sums = stats
+    floor = math.exp(-SLOT_GAP_LIMIT)
+
+    def times_v(b, logits, tops, sums):
+        """The averaged probabilities of key block ``b`` times its values, and per map whether its sum cleared the
+        floor; ``sums`` None: this block holds every key, and each sum is taken here (as on the jnp path)."""
+        probs, cleared = 0.0, []
+        if num_maps:  # slot average: one exp per slot against the rows' common maximum
+            exps = [jnp.exp(x - tops[:, None]) for x in logits]
+            for m in range(num_maps):
+                x = pick(slot_of(m, b), exps)
+                total = jnp.sum(x, axis=-1) if sums is None else sums[m]  # map m's softmax sum
+                ok = total >= floor
+                cleared.append(ok)
+                probs = probs + x * (1.0 / (num_maps * jnp.where(ok, total, 1.0)))[:, None]
+        else:
+            for m, x in enumerate(logits):
+                e = jnp.exp(x - tops[m][:, None])
+                probs = probs + e / (jnp.sum(e, axis=-1, keepdims=True) if sums is None else sums[m][:, None]) \
+                    / num_logits
+        v = v_ref[key_slice(b), :]
+        return jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32), cleared
+
+    def gather(b, stats):
+        """Pass 1 over the key blocks: per row the running maximum and the softmax sums against it (slots: one
+        maximum, a sum per map), rescaled as the maximum grows."""
+        logits, (tops, sums) = logit_tiles(b), stats
         if num_maps:
             top = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1) for x in logits], tops)
-            safe = jnp.where(top == -jnp.inf, 0.0, top)
+            safe = jnp.where(top == -jnp.inf, 0.0, top)  # rows that see no key yet
             exps = [jnp.exp(x - safe[:, None]) for x in logits]
             rescale = jnp.exp(tops - safe)
             return top, tuple(s * rescale + jnp.sum(pick(slot_of(m, b), exps), axis=-1) for m, s in enumerate(sums))
@@ -119,36 +142,21 @@ def plane_kernel(*refs, num_planes, num_logits, num_maps, head_dim, has_plain, h
         return top, tuple(s * jnp.exp(t0 - t) + jnp.sum(jnp.exp(x - t[:, None]), axis=-1)
                           for s, t0, t, x in zip(sums, tops, safe, logits))
 
-    rows_of = lambda value, count: tuple(jnp.full((block,), value, jnp.float32) for _ in range(count))
-    init = (jnp.full((block,), -jnp.inf, jnp.float32), rows_of(0.0, num_maps)) if num_maps else \
-        (rows_of(-jnp.inf, num_logits), rows_of(0.0, num_logits))
-    first = logit_tiles(0) if num_blocks == 1 else None
-    one = first is not None
-    tops, sums = gather(0, init, first) if one else jax.lax.fori_loop(0, num_blocks, gather, init)
-    if num_maps:  # the slot average holds if every map's sum clears the floor (else the call reruns per map)
-        floor = math.exp(-SLOT_GAP_LIMIT)
-        no_key = tops == -jnp.inf  # rows that see no key: NaN either way
-        cleared = functools.reduce(jnp.logical_and, [s >= floor for s in sums])
-        weights = [1.0 / (num_maps * jnp.where(s >= floor, s, 1.0)) for s in sums]
-        fits_ref[...] = (no_key | cleared).astype(jnp.int32)[None, :]
-
-    # pass 2: the averaged probabilities of each key block times its values
-    def accumulate(b, out, logits=None):
-        logits = logit_tiles(b) if logits is None else logits
-        probs = 0.0
-        if num_maps:
-            exps = [jnp.exp(x - tops[:, None]) for x in logits]
-            for m in range(num_maps):
-                probs = probs + pick(slot_of(m, b), exps) * weights[m][:, None]
-        else:
-            for x, t, s in zip(logits, tops, sums):
-                probs = probs + jnp.exp(x - t[:, None]) / s[:, None] / num_logits
-        v = v_ref[key_slice(b), :]
-        return out + jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
-
-    zero = jnp.zeros(out_ref.shape, jnp.float32)
-    out = accumulate(0, zero, first) if one else jax.lax.fori_loop(0, num_blocks, accumulate, zero)
+    if num_blocks == 1:  # the logits once
+        logits = logit_tiles(0)
+        row_max = [jnp.max(x, axis=-1) for x in logits]
+        tops = functools.reduce(jnp.maximum, row_max) if num_maps else row_max
+        out, cleared = times_v(0, logits, tops, None)
+    else:  # pass 1 for the maxima and sums, pass 2 for P @ V
+        rows = lambda value, count: tuple(jnp.full((block,), value, jnp.float32) for _ in range(count))
+        init = (jnp.full((block,), -jnp.inf, jnp.float32), rows(0.0, num_maps)) if num_maps else \
+            (rows(-jnp.inf, num_logits), rows(0.0, num_logits))
+        tops, sums = jax.lax.fori_loop(0, num_blocks, gather, init)
+        out = jax.lax.fori_loop(0, num_blocks, lambda b, acc: acc + times_v(b, logit_tiles(b), tops, sums)[0],
+                                jnp.zeros(out_ref.shape, jnp.float32))
+        cleared = [s >= floor for s in sums] if num_maps else []
+    if num_maps:  # rows that see no key are NaN either way; else the slot average holds if every sum cleared
+        fits_ref[...] = ((tops == -jnp.inf) | functools.reduce(jnp.logical_and, cleared)).astype(jnp.int32)[None, :]
     out_ref[...] = out.astype(out_ref.dtype)
 
 
