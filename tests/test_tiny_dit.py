@@ -145,6 +145,21 @@ def test_small_dit_overfits_a_fixed_batch():
     assert 0 < moved(state["ema"]) < moved(state["params"])  # the EMA trails the weights
 
 
+def test_training_batches_cut_long_captions_without_a_warning_per_batch():
+    """Two-object captions pass the text context (the last words are cut, as the shipped UNet was trained): the
+    training batches stay quiet about it, while a user's prompt still gets the tokenizer's warning."""
+    import warnings
+
+    cfg = dataclasses.replace(SMALL_CFG, batch=48, caption_dropout=0.0)
+    tok = train.tokenizer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, tokens = train.batch_for_step(cfg, tok, 0)
+    assert caught == [] and (tokens[:, -1] != tok.pad_id).any()  # some captions fill the whole context
+    with pytest.warns(UserWarning, match="the model reads the first 14"):
+        tok.encode(["a blue circle moving left and a red triangle moving right on a black background"])
+
+
 def test_attention_option_reaches_the_denoiser():
     """``--attention xla`` runs the DiT's self- and cross-attention through ``jax.nn.dot_product_attention`` (the
     default is the core's jnp path) with the same loss; ``cudnn`` reaches the kernels too: refused on this CPU."""
