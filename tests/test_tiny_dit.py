@@ -314,3 +314,16 @@ def test_package_data_ships_the_tiny_dit_directory():
     assert "tiny_dit/weights/**/*" in globs
     assert os.path.relpath(pipeline_lib.TINY_DIT_DIR, os.path.dirname(jaxlongvid.__file__)) == \
         os.path.join("tiny_dit", "weights")
+
+
+def test_the_dit_run_in_progress_loads_with_this_code():
+    """``jaxlongvid/tiny_dit/checkpoint`` is the tiny DiT's training so far, continued on each device session with
+    ``--resume --init``: it must keep loading as the code changes, and it is not the bundled model."""
+    path = os.path.join(os.path.dirname(jaxlongvid.__file__), "tiny_dit", "checkpoint")
+    pipe = jaxlongvid.load(path)
+    assert pipe.config.extra["train"]["steps"] > 0 and pipe.config.scheduler.prediction_type == "flow"
+    latents = jax.random.normal(jax.random.key(0), (1, 4, 32, 32, 3))
+    out = pipe.denoiser(latents, jnp.array([500.0]), pipe.encode_prompts(["a red circle bouncing"]))
+    assert out.shape == latents.shape and bool(jnp.isfinite(out).all())
+    with pytest.raises(FileNotFoundError, match="not shipped yet"):
+        jaxlongvid.load("tiny-dit")

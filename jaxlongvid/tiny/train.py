@@ -25,31 +25,42 @@ Batches are drawn from a seed per step, so a resumed run sees the same data as a
 pipeline directory ``--init`` (EMA weights; the optimizer moments are not shipped, so they restart at zero).
 
 Training the tiny DiT (not done yet; the tiny UNet needed about 70k steps at batch 64 to reach issue 5's 90%).
-A first device command starts from scratch; ``runs/`` is ignored by git, so the checkpoint and the exported EMA
-weights stay on a warm machine between commands, and later commands add ``--resume``::
+Its run so far is kept in the repository, ``jaxlongvid/tiny_dit/checkpoint`` (the EMA weights as a pipeline
+directory, the step count in its ``pipeline.json``; not part of the installed package), so each device session
+continues it: the working tree travels to the device, ``runs/`` stays on a warm machine between commands::
 
-    python -m jaxlongvid.tiny.train --model dit --workdir runs/tiny-dit --batch 64 --learning-rate 3e-4 \
-        --high-noise-fraction 0 --max-minutes 8.5 --export runs/tiny-dit-export [--text-from tiny | --resume] \
+    python -m jaxlongvid.tiny.train --model dit --attention cudnn --batch 128 --learning-rate 3e-4 \
+        --high-noise-fraction 0 --max-minutes 8.5 --resume --init jaxlongvid/tiny_dit/checkpoint \
+        --workdir runs/tiny-dit --export runs/tiny-dit-export \
         && cp runs/tiny-dit/loss.csv $OUT/ && tar cf - -C runs tiny-dit-export | gzip -1 | split -b 4m - $OUT/export.
 
-``--text-from tiny`` (first command only) starts the text encoder from the shipped UNet's, which already tells
-the prompts' colours, shapes and motions apart; the first run, from scratch, had learnt the colours (98% of
-frames) but not the shapes (22%) or the motions (18%) after 8,234 steps (below). Not yet measured with it.
-
 (The device returns neither the orbax folder's nested directories nor one 19 MB file: hence the 4 MB pieces;
-``cat export.* | tar xzf -`` here.) On a fresh machine, carry the last export (about 21 MB) into the tree and start
-from it (fresh optimizer moments, the step count kept): ``--resume --init runs/tiny-dit-export --workdir
-runs/tiny-dit-2``. No high-noise share is added: Wan's shift 3 already puts a quarter of the steps at sigma >= 0.9.
-Evaluation with the tiny model's prompt criterion (``jaxlongvid/tiny/evaluate.py``)::
+``cat export.* | tar xzf -`` here, then the export replaces ``jaxlongvid/tiny_dit/checkpoint``.) ``--resume
+--init`` starts from the EMA weights with fresh optimizer moments and the step count kept; later commands on the
+same warm machine resume from ``runs/tiny-dit`` itself. ``--text-from tiny`` (a fresh start only) takes the
+shipped UNet's text encoder, which already tells the prompts' colours, shapes and motions apart. No high-noise
+share is needed: Wan's shift 3 already puts a quarter of the steps at sigma >= 0.9. Evaluation with the tiny
+model's prompt criterion (``jaxlongvid/tiny/evaluate.py``)::
 
     python -m jaxlongvid.tiny.evaluate --model runs/tiny-dit-export --prompts 50 --frames 16 --batch 50 \
         --long-frames 0 --sheet-rows 0 --out $OUT/eval_dit [--guidance-sweep 1,2,4]
 
-Measured on one H100, 2026-12-06 (``docs/tiny_dit_training_loss.csv``): the first command above (default jnp
-attention) ran 8,234 steps in 7.64 minutes, about 18 steps/s after compilation; the loss fell from 1.38 (step 100)
-to 0.155 (1k), 0.082 (4k) and 0.066 (8k), still falling. Those weights, evaluated on a CPU (50 prompts, prompt seed
-0, 16 frames, guidance 1): the prompted colour in 98% of frames, the shape in 22%, the prompted motion in 18% of
-clips, the criterion 0% -- blobs of the right colour that jump between positions; far from shippable, and not kept.
+Measured so far:
+
+* One H100, 2026-12-06 (``docs/tiny_dit_training_loss.csv``): from scratch, batch 64, learning rate 3e-4, jnp
+  attention: 8,234 steps in 7.64 minutes (about 18 steps/s after compilation); loss 1.38 (step 100), 0.155 (1k),
+  0.082 (4k), 0.066 (8k). On a CPU (50 prompts, prompt seed 0, 16 frames, guidance 1): colour in 98% of frames,
+  shape in 22%, prompted motion in 18% of clips, criterion 0%. Not kept.
+* One H200, 2026-12-07 (``docs/tiny_dit_training_loss_2.csv``; the kept checkpoint): ``--text-from tiny``, batch
+  128, cuDNN attention, but the UNet's defaults for the rest (learning rate 1e-4, a high-noise share of 0.05):
+  5,130 steps in 7.0 minutes, the first 4 of them sharing the GPU with a ShapesBench run, then 3,619 more in 4.5 minutes
+  alone (18.2 steps/s at batch 128 after compilation; another card and kernel than the run above); loss 1.42 (step
+  100), 0.106 (5k), 0.090 (8.7k). At step 8,749 on a CPU, the same evaluation: colour in 93% of frames, shape in
+  20%, every clip's motion read as bouncing, criterion 0%. One-step denoising of 8 rendered clips shows where it
+  stands: at sigma 0.1-0.5 its clean-clip estimate is within 0.0015-0.011 MSE (pixels in [-1, 1]; a mean image
+  scores 0.355), but at sigma 0.9 its estimate of the frame-to-frame change is no better than none (MSE 0.0249
+  against the clips' 0.0235): layout and motion, which are decided at high noise, are not learnt yet
+  (``benchmarks/one_step_denoising.py``).
 """
 
 from __future__ import annotations
