@@ -160,6 +160,17 @@ def test_training_batches_cut_long_captions_without_a_warning_per_batch():
         tok.encode(["a blue circle moving left and a red triangle moving right on a black background"])
 
 
+def test_command_line_trains_each_denoiser_with_its_recipe():
+    """``--model dit`` without options takes the DiT's recipe (batch 128, learning rate 3e-4, no high-noise share),
+    ``--model unet`` TinyConfig's defaults; options given win."""
+    config = lambda *argv: train.config_from_args(train.build_parser().parse_args(list(argv)))
+    dit, unet = config("--model", "dit"), config("--model", "unet")
+    assert (dit.batch, dit.learning_rate, dit.high_noise_fraction) == (128, 3e-4, 0.0)
+    assert unet == train.TinyConfig()
+    tuned = config("--model", "dit", "--learning-rate", "1e-4", "--batch", "64", "--high-noise-fraction", "0.05")
+    assert (tuned.batch, tuned.learning_rate, tuned.high_noise_fraction) == (64, 1e-4, 0.05)
+
+
 def test_attention_option_reaches_the_denoiser():
     """``--attention xla`` runs the DiT's self- and cross-attention through ``jax.nn.dot_product_attention`` (the
     default is the core's jnp path) with the same loss; ``cudnn`` reaches the kernels too: refused on this CPU."""

@@ -29,12 +29,12 @@ Its run so far is kept in the repository, ``jaxlongvid/tiny_dit/checkpoint`` (th
 directory, the step count in its ``pipeline.json``; not part of the installed package), so each device session
 continues it: the working tree travels to the device, ``runs/`` stays on a warm machine between commands::
 
-    python -m jaxlongvid.tiny.train --model dit --attention cudnn --batch 128 --learning-rate 3e-4 \
-        --high-noise-fraction 0 --max-minutes 8.5 --resume --init jaxlongvid/tiny_dit/checkpoint \
-        --workdir runs/tiny-dit --export runs/tiny-dit-export \
+    python -m jaxlongvid.tiny.train --model dit --attention cudnn --max-minutes 8.5 \
+        --resume --init jaxlongvid/tiny_dit/checkpoint --workdir runs/tiny-dit --export runs/tiny-dit-export \
         && cp runs/tiny-dit/loss.csv $OUT/ && tar cf - -C runs tiny-dit-export | gzip -1 | split -b 4m - $OUT/export.
 
-(The device returns neither the orbax folder's nested directories nor one 19 MB file: hence the 4 MB pieces;
+(``--model dit`` trains with the DiT's recipe: batch 128, learning rate 3e-4, no high-noise share,
+``COMMAND_LINE_RECIPES``.) (The device returns neither the orbax folder's nested directories nor one 19 MB file: hence the 4 MB pieces;
 ``cat export.* | tar xzf -`` here, then the export replaces ``jaxlongvid/tiny_dit/checkpoint``.) ``--resume
 --init`` starts from the EMA weights with fresh optimizer moments and the step count kept; later commands on the
 same warm machine resume from ``runs/tiny-dit`` itself. ``--text-from tiny`` (a fresh start only) takes the
@@ -92,6 +92,10 @@ from jaxlongvid.tiny.vocab import WORDS
 
 CONTEXT_LENGTH = 16
 DENOISERS = ("unet", "dit")
+# What a command line trains with unless told otherwise, per denoiser: the UNet's continues the shipped run
+# (TinyConfig's defaults); the DiT's is the recipe of its run in progress (jaxlongvid/tiny_dit/checkpoint), which
+# a run on the UNet's defaults (learning rate 1e-4, a high-noise share) slowed (the module doc).
+COMMAND_LINE_RECIPES = {"unet": {}, "dit": {"learning_rate": 3e-4, "high_noise_fraction": 0.0, "batch": 128}}
 
 
 class Denoiser(NamedTuple):
@@ -421,17 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true", help="continue from the workdir, else the shipped weights")
     ap.add_argument("--export", default=None, help="write the EMA weights as a pipeline directory at the end")
     ap.add_argument("--dtype", default="bfloat16" if jax.default_backend() == "gpu" else "float32")
-    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None, help="clips per step (default: the --model's recipe)")
     ap.add_argument("--init", default=None,
                     help="pipeline that --resume starts from when the workdir has no checkpoint (default: the "
                          "bundled one of --model, tiny or tiny-dit)")
     defaults = TinyConfig()
     ap.add_argument("--temporal-conv", action=argparse.BooleanOptionalAction, default=defaults.temporal_conv,
                     help="temporal conv blocks after every ResNet (--model unet)")
-    ap.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
-                    help="AdamW step size after the warmup (constant)")
-    ap.add_argument("--high-noise-fraction", type=float, default=defaults.high_noise_fraction,
-                    help="share of timesteps drawn from [--high-noise-from, T)")
+    ap.add_argument("--learning-rate", type=float, default=None,
+                    help="AdamW step size after the warmup (constant; default: the --model's recipe, "
+                         f"{defaults.learning_rate} for the UNet, see COMMAND_LINE_RECIPES)")
+    ap.add_argument("--high-noise-fraction", type=float, default=None,
+                    help="share of timesteps drawn from [--high-noise-from, T) (default: the --model's recipe)")
     ap.add_argument("--high-noise-from", type=int, default=defaults.high_noise_from)
     ap.add_argument("--text-from", default=None,
                     help="when starting from fresh weights: take the text encoder from this pipeline (tiny: the "
@@ -449,10 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> TinyConfig:
-    cfg = TinyConfig(denoiser=args.model, temporal_conv=args.temporal_conv, learning_rate=args.learning_rate,
-                     high_noise_fraction=args.high_noise_fraction, high_noise_from=args.high_noise_from,
-                     attention=args.attention)
-    return cfg if args.batch is None else dataclasses.replace(cfg, batch=args.batch)
+    """The run's config: the options given, else the ``--model``'s recipe, else TinyConfig's defaults."""
+    given = dict(learning_rate=args.learning_rate, high_noise_fraction=args.high_noise_fraction, batch=args.batch)
+    chosen = {**COMMAND_LINE_RECIPES[args.model], **{k: v for k, v in given.items() if v is not None}}
+    return TinyConfig(denoiser=args.model, temporal_conv=args.temporal_conv, high_noise_from=args.high_noise_from,
+                      attention=args.attention, **chosen)
 
 
 def main(argv=None) -> dict:
