@@ -33,14 +33,14 @@ continues it: the working tree travels to the device, ``runs/`` stays on a warm 
         --resume --init jaxlongvid/tiny_dit/checkpoint --workdir runs/tiny-dit --export runs/tiny-dit-export \
         && cp runs/tiny-dit/loss.csv $OUT/ && tar cf - -C runs tiny-dit-export | gzip -1 | split -b 4m - $OUT/export.
 
-(``--model dit`` trains with the DiT's recipe: batch 128, learning rate 3e-4, no high-noise share,
-``COMMAND_LINE_RECIPES``.) (The device returns neither the orbax folder's nested directories nor one 19 MB file: hence the 4 MB pieces;
-``cat export.* | tar xzf -`` here, then the export replaces ``jaxlongvid/tiny_dit/checkpoint``.) ``--resume
---init`` starts from the EMA weights with fresh optimizer moments and the step count kept; later commands on the
-same warm machine resume from ``runs/tiny-dit`` itself. ``--text-from tiny`` (a fresh start only) takes the
-shipped UNet's text encoder, which already tells the prompts' colours, shapes and motions apart. No high-noise
-share is needed: Wan's shift 3 already puts a quarter of the steps at sigma >= 0.9. Evaluation with the tiny
-model's prompt criterion (``jaxlongvid/tiny/evaluate.py``)::
+``--model dit`` trains with the DiT's recipe (batch 128, learning rate 3e-4, no high-noise share:
+``COMMAND_LINE_RECIPES``). The device returns neither the orbax folder's nested directories nor one 19 MB file,
+hence the 4 MB pieces: ``cat export.* | tar xzf -`` here, then the export replaces
+``jaxlongvid/tiny_dit/checkpoint``. ``--resume --init`` starts from the EMA weights with fresh optimizer moments and
+the step count kept; later commands on the same warm machine resume from ``runs/tiny-dit`` itself. ``--text-from
+tiny`` (a fresh start only) takes the shipped UNet's text encoder, which already tells the prompts' colours, shapes
+and motions apart. No high-noise share is needed: Wan's shift 3 already puts a quarter of the steps at sigma >= 0.9.
+Evaluation with the tiny model's prompt criterion (``jaxlongvid/tiny/evaluate.py``)::
 
     python -m jaxlongvid.tiny.evaluate --model runs/tiny-dit-export --prompts 50 --frames 16 --batch 50 \
         --long-frames 0 --sheet-rows 0 --out $OUT/eval_dit [--guidance-sweep 1,2,4]
@@ -53,13 +53,13 @@ Measured so far:
   shape in 22%, prompted motion in 18% of clips, criterion 0%. Not kept.
 * One H200, 2026-12-07 (``docs/tiny_dit_training_loss_2.csv``; the kept checkpoint): ``--text-from tiny``, batch
   128, cuDNN attention, but the UNet's defaults for the rest (learning rate 1e-4, a high-noise share of 0.05):
-  5,130 steps in 7.0 minutes, the first 4 of them sharing the GPU with a ShapesBench run, then 3,619 more in 4.5 minutes
-  alone (18.2 steps/s at batch 128 after compilation; another card and kernel than the run above); loss 1.42 (step
-  100), 0.106 (5k), 0.090 (8.7k). At step 8,749 on a CPU, the same evaluation: colour in 93% of frames, shape in
-  20%, every clip's motion read as bouncing, criterion 0%. One-step denoising of 8 rendered clips shows where it
-  stands: at sigma 0.1-0.5 its clean-clip estimate is within 0.0015-0.011 MSE (pixels in [-1, 1]; a mean image
-  scores 0.355), but at sigma 0.9 its estimate of the frame-to-frame change is no better than none (MSE 0.0249
-  against the clips' 0.0235): layout and motion, which are decided at high noise, are not learnt yet
+  5,130 steps in 7.0 minutes, the first 4 of them sharing the GPU with a ShapesBench run, then 3,619 more in 4.5
+  minutes alone (18.2 steps/s at batch 128 after compilation; another card and kernel than the run above); loss
+  1.42 (step 100), 0.106 (5k), 0.090 (8.7k). At step 8,749 on a CPU, the same evaluation: colour in 93% of frames,
+  shape in 20%, every clip's motion read as bouncing, criterion 0%. One-step denoising of 8 rendered clips shows
+  where it stands: at sigma 0.1-0.5 its clean-clip estimate is within 0.0015-0.011 MSE (pixels in [-1, 1]; a mean
+  image scores 0.355), but at sigma 0.9 its estimate of the frame-to-frame change is no better than none (MSE
+  0.0249 against the clips' 0.0235): layout and motion, which are decided at high noise, are not learnt yet
   (``benchmarks/one_step_denoising.py``).
 """
 

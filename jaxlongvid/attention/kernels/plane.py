@@ -95,8 +95,8 @@ def plane_kernel(*refs, num_planes, num_logits, num_maps, head_dim, has_plain, h
 
     if distance_sel:  # each tile entry's frame distance, as a row index (padding clipped into the table)
         tokens, frames = distance_sel
-        query_frame = (pl.program_id(2) * block + jax.lax.broadcasted_iota(jnp.int32, (block, key_block), 0)) // tokens
-        key_index = jax.lax.broadcasted_iota(jnp.int32, (block, key_block), 1)
+        tile = lambda axis: jax.lax.broadcasted_iota(jnp.int32, (block, key_block), axis)
+        query_frame, key_index = (pl.program_id(2) * block + tile(0)) // tokens, tile(1)
 
     def slot_of(m, b):  # which slot map m takes on this tile
         if not distance_sel:
